@@ -1,0 +1,482 @@
+"""``DeltaBase``: the lifecycle every delta method shares.
+
+A delta object plans its sites (matching, type checks, shape inference, building the per-site modules) without
+touching the backbone, then attaches them: each per-site module becomes a child of its host module under this
+delta's child name and a function of it runs in the host's deltakit hook (see :mod:`deltakit.hooks`).
+
+States and transitions::
+
+    detached --attach()--> attached --merge()--> merged
+    detached <--detach()-- attached <--unmerge()-- merged
+
+Every other transition raises :class:`~deltakit.errors.DeltaStateError` and changes nothing.
+
+To add a method, subclass :class:`DeltaBase` in a new file of ``deltakit/deltas/``: set ``delta_type``,
+``config_class`` and ``default_modified_modules``, and implement :meth:`DeltaBase.build_site` returning a
+:class:`~deltakit.hooks.DeltaSite` with a ``forward_hook`` (and optionally ``merge_deltas``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .addressing import find_modules
+from .config import DeltaConfig
+from .errors import DeltaError, DeltaStateError, ModuleMatchError
+from .hooks import DeltaSite, add_hook, hook_keys, remove_hook
+
+#: delta_type -> delta class, filled by :meth:`DeltaBase.__init_subclass__`.
+DELTA_REGISTRY: dict[str, type[DeltaBase]] = {}
+
+# Order keys: deltas on the same host apply in the order they were created, whatever the attach/detach history.
+_ORDER_KEYS = itertools.count()
+
+ATTACHED, DETACHED, MERGED = "attached", "detached", "merged"
+
+
+@dataclass
+class Site:
+    """One modified host: its full name in the backbone, the host module and the delta's per-site module."""
+
+    name: str
+    host: nn.Module
+    module: DeltaSite
+
+
+def factory_kwargs(host: nn.Module) -> dict[str, Any]:
+    """``device``/``dtype`` of the host's own parameters, so a delta is created where its host lives."""
+    param = next(host.parameters(recurse=False), None)
+    if param is None:
+        param = next(host.parameters(), None)
+    if param is None:
+        return {}
+    return {"device": param.device, "dtype": param.dtype}
+
+
+def _delta_site_prefixes(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, DeltaSite)]
+
+
+class DeltaBase:
+    """Base class of all delta objects (``LoraModel``, ``BitFitModel``, ...).
+
+    Args:
+        backbone_model: The model to modify; any ``nn.Module`` (a transformers model or one wrapping it).
+        config: The method's :class:`~deltakit.config.DeltaConfig`.
+        name: Child-module name of this delta's per-site modules (default: the delta type, e.g. ``"lora"``,
+            with a numeric suffix when another module already uses it).
+    """
+
+    delta_type: ClassVar[str] = ""
+    config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
+    #: Positions used when ``modified_modules`` is ``None`` (role names resolved per architecture).
+    default_modified_modules: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.delta_type:
+            DELTA_REGISTRY[cls.delta_type] = cls
+
+    def __init__(self, backbone_model: nn.Module, config: DeltaConfig, *, name: str | None = None) -> None:
+        self._setup(backbone_model, config, name, None)
+        self.attach()
+
+    def _setup(
+        self,
+        backbone_model: nn.Module,
+        config: DeltaConfig,
+        name: str | None,
+        matches: list[tuple[str, nn.Module]] | None,
+    ) -> None:
+        if not isinstance(backbone_model, nn.Module):
+            raise DeltaError(
+                f"{type(self).__name__} needs an nn.Module as backbone_model, got {type(backbone_model).__name__}."
+            )
+        if not isinstance(config, self.config_class):
+            raise DeltaError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}.")
+        self.backbone_model = backbone_model
+        self.config = config
+        self._order_key = next(_ORDER_KEYS)
+        self._state = DETACHED
+        self._state_dict_handle: Any = None
+        self._set_state_dict = False
+        self._merge_backup: dict[int, dict[str, torch.Tensor]] = {}
+        self._merge_versions: dict[int, dict[str, int]] = {}
+        self._merge_exact = True
+        self.unfrozen_parameter_names: list[str] = []
+        if matches is None:
+            matches = self._match_sites()
+        sites = [Site(n, host, self.build_site(n, host)) for n, host in matches]
+        self.child_name = self._pick_child_name(name, sites)
+        self.sites: list[Site] = sites
+
+    @classmethod
+    def _build_detached(
+        cls, backbone_model: nn.Module, config: DeltaConfig, matches: list[tuple[str, nn.Module]], name: str | None = None
+    ) -> DeltaBase:
+        """A detached delta on exactly the given hosts (used by the checkpoint loader); the model is not touched."""
+        obj = cls.__new__(cls)
+        obj._setup(backbone_model, config, name, matches)
+        return obj
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
+        """Build and attach a delta from a config object or dict (OpenDelta's ``from_config``)."""
+        if isinstance(config, dict):
+            config = cls.config_class.from_dict(config)
+        obj = cls.__new__(cls)
+        obj._setup(backbone_model, config, kwargs.pop("name", None), None)
+        if kwargs:
+            raise DeltaError(f"Unexpected keyword arguments for from_config: {sorted(kwargs)}.")
+        return obj.attach()
+
+    @classmethod
+    def from_finetuned(
+        cls, path: str | os.PathLike[str], backbone_model: nn.Module, *, check_backbone: bool = True, **kwargs: Any
+    ) -> DeltaBase:
+        """Load a delta saved by :meth:`save_finetuned` onto ``backbone_model`` and attach it.
+
+        Everything (config, sites, tensor names and shapes, backbone fingerprint) is validated before the model
+        is touched; a bad checkpoint raises :class:`~deltakit.errors.CheckpointError` and changes nothing.
+
+        Args:
+            path: The checkpoint directory.
+            backbone_model: The model to load into (the same architecture the delta was trained on).
+            check_backbone: Compare the backbone fingerprint recorded at save time (model type, config essentials);
+                pass ``False`` to load into a backbone that differs there but has the same site shapes.
+        """
+        from .checkpoint import load_delta
+
+        return load_delta(path, backbone_model, expected_type=cls, check_backbone=check_backbone, **kwargs)
+
+    def _match_sites(self) -> list[tuple[str, nn.Module]]:
+        """Resolve ``modified_modules`` (or the default positions) to host modules; the backbone is not modified."""
+        patterns = self.config.modified_modules
+        use_defaults = patterns is None
+        if use_defaults:
+            patterns = list(self.default_modified_modules)
+            if not patterns:
+                raise ModuleMatchError(f"{type(self).__name__} has no default positions: pass modified_modules=[...].")
+        try:
+            matches = find_modules(
+                self.backbone_model,
+                patterns,
+                self.config.exclude_modules,
+                skip_types=(DeltaSite,),
+                allow_unmatched_roles=use_defaults,
+            )
+        except ModuleMatchError as exc:
+            if not use_defaults:
+                raise
+            raise ModuleMatchError(
+                f"{type(self).__name__} could not find its default positions {patterns} in this backbone "
+                f"({type(self.backbone_model).__name__}): {exc} Pass modified_modules explicitly, e.g. "
+                f"{type(self).__name__}(model, modified_modules=['query', 'value'])."
+            ) from None
+        return matches
+
+    def _pick_child_name(self, name: str | None, sites: list[Site]) -> str:
+        def free(candidate: str) -> bool:
+            return all(not hasattr(site.host, candidate) for site in sites)
+
+        if name is not None:
+            if not isinstance(name, str) or not name.isidentifier() or "." in name:
+                raise DeltaError(f"Delta name {name!r} must be a Python identifier (it becomes a child module name).")
+            if not free(name):
+                taken = [s.name for s in sites if hasattr(s.host, name)]
+                raise DeltaError(
+                    f"Delta name {name!r} is already used by an attribute of {taken[0]!r}"
+                    f"{f' and {len(taken) - 1} more' if len(taken) > 1 else ''}; choose another name."
+                )
+            return name
+        base = self.delta_type or "delta"
+        for k in itertools.count():
+            candidate = base if k == 0 else f"{base}_{k}"
+            if free(candidate):
+                return candidate
+        raise AssertionError("unreachable")
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        """Build the per-site module for ``host`` (full name ``name``) without modifying it.
+
+        Raise :class:`~deltakit.errors.UnsupportedModuleError` naming the type when the host cannot be handled.
+        """
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def state(self) -> str:
+        """``"attached"``, ``"detached"`` or ``"merged"``."""
+        return self._state
+
+    @property
+    def modified_modules(self) -> list[str]:
+        """Full names of the modified host modules, in model order."""
+        return [site.name for site in self.sites]
+
+    def _require(self, action: str, *allowed: str) -> None:
+        if self._state in allowed:
+            return
+        hints = {
+            (ATTACHED, "attach"): "it is already attached; call detach() first",
+            (MERGED, "attach"): "it is merged into the weights (and therefore active); call unmerge() to get hooks back",
+            (MERGED, "detach"): "it is merged into the weights; call unmerge() first, then detach()",
+            (DETACHED, "detach"): "it is not attached",
+            (DETACHED, "merge"): "it is detached; attach() it first",
+            (MERGED, "merge"): "it is already merged",
+            (ATTACHED, "unmerge"): "it is not merged",
+            (DETACHED, "unmerge"): "it is not merged (it is detached)",
+        }
+        hint = hints.get((self._state, action), f"it is {self._state}")
+        raise DeltaStateError(f"Cannot {action}() {self._describe()}: {hint}.")
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__} '{self.child_name}' ({len(self.sites)} sites)"
+
+    def attach(self) -> DeltaBase:
+        """Insert the delta into the backbone (again); outputs become exactly the attached ones."""
+        self._require("attach", DETACHED)
+        for site in self.sites:
+            existing = getattr(site.host, self.child_name, None)
+            if hasattr(site.host, self.child_name) and existing is not site.module:
+                raise DeltaStateError(
+                    f"Cannot attach {self._describe()}: module {site.name!r} already has an attribute "
+                    f"{self.child_name!r} (another delta created while this one was detached?). Detach that delta "
+                    f"first, or create this delta with another name=."
+                )
+        for site in self.sites:
+            kwargs = factory_kwargs(site.host)
+            if kwargs:
+                site.module.to(**kwargs)  # follows a model.to(...) done while this delta was detached
+            site.host.add_module(self.child_name, site.module)
+            self._add_site_hooks(site)
+        self._state = ATTACHED
+        if self._set_state_dict:
+            self._install_state_dict_hook()
+        return self
+
+    def _add_site_hooks(self, site: Site) -> None:
+        pre = getattr(site.module, "forward_pre_hook", None)
+        if pre is not None:
+            add_hook(site.host, self._order_key, pre, pre=True)
+        post = getattr(site.module, "forward_hook", None)
+        if post is not None:
+            add_hook(site.host, self._order_key, post)
+
+    def _remove_site_hooks(self, site: Site) -> None:
+        remove_hook(site.host, self._order_key, pre=True)
+        remove_hook(site.host, self._order_key)
+
+    def detach(self) -> DeltaBase:
+        """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left)."""
+        self._require("detach", ATTACHED)
+        for site in self.sites:
+            self._remove_site_hooks(site)
+            delattr(site.host, self.child_name)
+        self._remove_state_dict_hook()
+        self._state = DETACHED
+        return self
+
+    def merge(self, exact_unmerge: bool = True) -> DeltaBase:
+        """Fold the delta into the host weights and remove its hooks (zero inference overhead).
+
+        Args:
+            exact_unmerge: Keep a copy of the touched host tensors so :meth:`unmerge` restores them bit-for-bit
+                (costs their memory). With ``False``, unmerge subtracts the delta again (equal up to rounding).
+
+        Raises:
+            DeltaStateError: the method is not linear in the weights, the delta is not attached, or another
+                delta applied before this one on the same module would make the merged result different.
+        """
+        self._require("merge", ATTACHED)
+        merger = getattr(type(self.sites[0].module), "merge_deltas", None) if self.sites else None
+        if merger is None:
+            raise DeltaStateError(f"{type(self).__name__} cannot be merged: its delta is not a change of host weights.")
+        for site in self.sites:
+            keys = hook_keys(site.host)
+            if keys and keys[0] != self._order_key:
+                raise DeltaStateError(
+                    f"Cannot merge {self._describe()}: on {site.name!r} another delta is applied before it, so folding "
+                    f"this one into the weight would change the result. Merge or detach the earlier delta first."
+                )
+        with torch.no_grad():
+            planned = [(site, site.module.merge_deltas(site.host)) for site in self.sites]  # may raise: no change yet
+            for site, deltas in planned:
+                backup, versions = {}, {}
+                for pname, delta in deltas.items():
+                    param = getattr(site.host, pname)
+                    if exact_unmerge:
+                        backup[pname] = param.detach().clone()
+                    param.add_(delta.to(param.dtype))
+                    versions[pname] = param._version
+                self._merge_backup[id(site.module)] = backup
+                self._merge_versions[id(site.module)] = versions
+                self._remove_site_hooks(site)
+        self._merge_exact = exact_unmerge
+        self._state = MERGED
+        return self
+
+    def unmerge(self) -> DeltaBase:
+        """Undo :meth:`merge`: restore the host weights and put the hooks back."""
+        self._require("unmerge", MERGED)
+        if self._merge_exact:
+            for site in self.sites:
+                for pname, version in self._merge_versions[id(site.module)].items():
+                    if getattr(site.host, pname)._version != version:
+                        raise DeltaStateError(
+                            f"Cannot unmerge {self._describe()} exactly: {site.name}.{pname} was modified after the "
+                            f"merge (another delta merged later, or an optimizer step). Unmerge deltas in reverse "
+                            f"merge order, or merge with exact_unmerge=False."
+                        )
+        with torch.no_grad():
+            for site in self.sites:
+                if self._merge_exact:
+                    for pname, original in self._merge_backup[id(site.module)].items():
+                        getattr(site.host, pname).copy_(original)
+                else:
+                    for pname, delta in site.module.merge_deltas(site.host).items():
+                        param = getattr(site.host, pname)
+                        param.sub_(delta.to(param.dtype))
+                self._add_site_hooks(site)
+        self._merge_backup.clear()
+        self._merge_versions.clear()
+        self._state = ATTACHED
+        return self
+
+    # ------------------------------------------------------------------ parameters
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This delta's own parameters, named as in the backbone while attached (``<host>.<child>.<param>``)."""
+        seen: set[int] = set()
+        for site in self.sites:
+            for pname, param in site.module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{site.name}.{self.child_name}.{pname}", param
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This delta's own parameters (pass them to an optimizer)."""
+        for _, param in self.named_parameters():
+            yield param
+
+    def num_delta_parameters(self) -> int:
+        """Number of scalar parameters this delta adds."""
+        return sum(p.numel() for p in self.parameters())
+
+    def delta_state_dict(self) -> dict[str, torch.Tensor]:
+        """This delta's tensors keyed as in its checkpoint: ``<host>.<delta_type>.<param>``."""
+        out: dict[str, torch.Tensor] = {}
+        for site in self.sites:
+            for pname, tensor in site.module.state_dict().items():
+                out[f"{site.name}.{self.delta_type}.{pname}"] = tensor
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Alias of :meth:`delta_state_dict` (what :meth:`save_finetuned` stores, besides unfrozen tensors)."""
+        return self.delta_state_dict()
+
+    def num_trainable_parameters(self, module: nn.Module | None = None) -> int:
+        """Number of trainable scalars in ``module`` (default: the whole backbone, deltas included)."""
+        module = self.backbone_model if module is None else module
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+    def num_total_parameters(self, module: nn.Module | None = None) -> int:
+        """Number of scalars in ``module`` (default: the whole backbone, attached deltas included)."""
+        module = self.backbone_model if module is None else module
+        return sum(p.numel() for p in module.parameters())
+
+    def trainable_parameters_names(self, module: nn.Module | None = None) -> list[str]:
+        """Names of the trainable parameters of ``module`` (default: the backbone)."""
+        module = self.backbone_model if module is None else module
+        return [n for n, p in module.named_parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ freezing
+    def freeze_module(
+        self,
+        module: nn.Module | None = None,
+        exclude: Iterable[str] | None = None,
+        set_state_dict: bool = False,
+    ) -> None:
+        """Freeze every parameter of the backbone except those named in ``exclude``.
+
+        Trainability is decided by parameter identity, so tied or shared parameters are handled consistently, and
+        calling it again with the same arguments changes nothing.
+
+        Args:
+            module: The module to freeze (default: the backbone).
+            exclude: What stays trainable: ``"deltas"`` (this delta's parameters) and module name patterns in the
+                ``modified_modules`` syntax (e.g. ``"classifier"``). Default: the config's ``unfrozen_modules``
+                (``["deltas"]``). Parameters of modules kept trainable here are saved by :meth:`save_finetuned`.
+            set_state_dict: Make ``backbone_model.state_dict()`` return only the trainable tensors (through a
+                removable state-dict hook, undone by :meth:`detach`), so tools that save ``state_dict()`` save
+                only the delta.
+        """
+        module = self.backbone_model if module is None else module
+        exclude = list(self.config.unfrozen_modules if exclude is None else [exclude] if isinstance(exclude, str) else exclude)
+        keep: set[int] = set()
+        backbone_keep: set[int] = set()
+        for pattern in exclude:
+            if pattern == "deltas":
+                keep.update(id(p) for p in self.parameters())
+                continue
+            for _, matched in find_modules(module, [pattern], what="freeze_module exclude", skip_types=(DeltaSite,)):
+                ids = {id(p) for p in matched.parameters()}
+                keep.update(ids)
+                backbone_keep.update(ids)
+        for param in module.parameters():
+            param.requires_grad_(id(param) in keep)
+        site_prefixes = _delta_site_prefixes(self.backbone_model)
+        self.unfrozen_parameter_names = [
+            n
+            for n, p in self.backbone_model.named_parameters()
+            if id(p) in backbone_keep and not any(n.startswith(s + ".") for s in site_prefixes)
+        ]
+        self._set_state_dict = bool(set_state_dict)
+        self._remove_state_dict_hook()
+        if self._set_state_dict and self._state != DETACHED:
+            self._install_state_dict_hook()
+
+    def _install_state_dict_hook(self) -> None:
+        backbone = self.backbone_model
+
+        def keep_trainable_only(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            trainable = {prefix + n for n, p in backbone.named_parameters(remove_duplicate=False) if p.requires_grad}
+            for key in [k for k in state_dict if k.startswith(prefix) and k not in trainable]:
+                del state_dict[key]
+
+        self._remove_state_dict_hook()
+        self._state_dict_handle = backbone.register_state_dict_post_hook(keep_trainable_only)
+
+    def _remove_state_dict_hook(self) -> None:
+        if self._state_dict_handle is not None:
+            self._state_dict_handle.remove()
+            self._state_dict_handle = None
+
+    # ------------------------------------------------------------------ saving and showing
+    def save_finetuned(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> str:
+        """Write ``delta_config.json`` + ``delta_model.safetensors`` (only delta and explicitly unfrozen tensors).
+
+        Files are written to temporary names and renamed into place. Returns the directory path.
+        """
+        from .checkpoint import save_delta
+
+        return save_delta(self, path, overwrite=overwrite)
+
+    def log(self, visualization: bool = True, delta_ratio: bool = True, trainable_ratio: bool = True) -> None:
+        """Print the backbone's structure tree (delta parameters highlighted) and a parameter-count table."""
+        from .visualization import log_delta
+
+        log_delta(self, visualization=visualization, delta_ratio=delta_ratio, trainable_ratio=trainable_ratio)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.child_name!r}, state={self._state!r}, sites={len(self.sites)}, "
+            f"parameters={self.num_delta_parameters()})"
+        )

@@ -1,0 +1,290 @@
+"""Delta-only checkpoints: ``delta_config.json`` + ``delta_model.safetensors``.
+
+The weights file holds this delta's tensors, keyed ``<host module>.<delta_type>.<param>`` relative to the backbone,
+plus the backbone tensors the user explicitly kept trainable through ``freeze_module`` (e.g. a classifier head),
+under their own names. Never pickle. Both files are written to temporary names in the target directory and renamed
+into place, so a crash leaves either the old or the new file, never half of one.
+
+Loading validates everything first: the config, the delta type, the file's integrity, that every saved site
+resolves to exactly one module of the new backbone, that tensor names and shapes fit, and that the backbone
+fingerprint (model type and config essentials, host shapes) agrees. Only then is the model touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .config import CONFIG_NAME, CONFIG_REGISTRY, AutoDeltaConfig, load_json
+from .errors import CheckpointError, DeltaError
+from .hooks import DeltaSite
+from .structures import find_config
+
+if TYPE_CHECKING:
+    from .base import DeltaBase
+
+WEIGHTS_NAME = "delta_model.safetensors"
+FORMAT = "deltakit-delta"
+FORMAT_VERSION = 1
+
+_ESSENTIALS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "is_encoder_decoder",
+)
+
+
+def _host_shapes(backbone: nn.Module, names: list[str]) -> dict[str, dict[str, list[int]]]:
+    modules = dict(backbone.named_modules())
+    return {
+        n: {p: list(t.shape) for p, t in modules[n].named_parameters(recurse=False)}
+        for n in names
+    }
+
+
+def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str, Any]:
+    """A cheap structural fingerprint: class, config essentials and a hash of the hosts' own parameter shapes.
+
+    Host names are not part of the hash, so a backbone wrapped in another module still matches.
+    """
+    config = find_config(backbone)
+    essentials = {}
+    if config is not None:
+        for key in _ESSENTIALS:
+            value = getattr(config, key, None)
+            if isinstance(value, (bool, int, float, str)):
+                essentials[key] = value
+    shapes = list(_host_shapes(backbone, site_names).values())
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
+
+
+def _atomic_write(directory: str, final_name: str, write: Any) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, final_name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: bool = True) -> str:
+    """Write ``delta``'s checkpoint to the directory ``path`` (created if needed); see the module docstring."""
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"Cannot save the delta to {path!r}: it exists and is not a directory.")
+    if not overwrite and any(os.path.exists(os.path.join(path, n)) for n in (CONFIG_NAME, WEIGHTS_NAME)):
+        raise CheckpointError(f"{path!r} already holds a delta checkpoint; pass overwrite=True to replace it.")
+
+    tensors: dict[str, torch.Tensor] = dict(delta.delta_state_dict())
+    backbone_params = dict(delta.backbone_model.named_parameters())
+    for name in delta.unfrozen_parameter_names:
+        if name in tensors:
+            raise CheckpointError(f"Backbone tensor name {name!r} collides with a delta tensor name; rename the delta.")
+        if name not in backbone_params:
+            raise CheckpointError(
+                f"Parameter {name!r} kept trainable by freeze_module() no longer exists in the backbone; call "
+                f"freeze_module() again."
+            )
+        tensors[name] = backbone_params[name]
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise CheckpointError(
+                f"Cannot save {name!r}: it is on the meta device (no data). Materialise the model (e.g. "
+                f"model.to_empty(device='cpu') and load weights) before saving."
+            )
+    # Own, contiguous CPU copies: safetensors refuses shared storage (tied weights) and non-CPU memory.
+    payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deltakit_version": __version__,
+        "delta_type": delta.delta_type,
+        "config": delta.config.to_dict(),
+        "sites": delta.modified_modules,
+        "backbone_tensors": list(delta.unfrozen_parameter_names),
+        "fingerprint": backbone_fingerprint(delta.backbone_model, delta.modified_modules),
+    }
+    os.makedirs(path, exist_ok=True)
+    _atomic_write(path, WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": FORMAT}))
+    text = json.dumps(meta, indent=2) + "\n"
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(path, CONFIG_NAME, write_config)
+    return path
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``delta_config.json`` of the checkpoint directory ``path``."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"No delta checkpoint directory at {path!r} (deltakit loads local directories written by save_finetuned)."
+        )
+    meta = load_json(os.path.join(path, CONFIG_NAME))
+    where = os.path.join(path, CONFIG_NAME)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where!r} is not a deltakit delta config (format {meta.get('format')!r}).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where!r} has format_version {version!r}; this deltakit ({__version__}) reads up to {FORMAT_VERSION}. "
+            f"Upgrade deltakit."
+        )
+    for key, kind in (("delta_type", str), ("config", dict), ("sites", list), ("backbone_tensors", list)):
+        if not isinstance(meta.get(key), kind):
+            raise CheckpointError(f"{where!r} lacks a valid {key!r} entry; the file is corrupt.")
+    if meta["delta_type"] not in CONFIG_REGISTRY:
+        raise CheckpointError(
+            f"{where!r} holds delta_type {meta['delta_type']!r}, unknown to this deltakit "
+            f"(known: {sorted(CONFIG_REGISTRY)})."
+        )
+    return meta
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    file = os.path.join(path, WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise CheckpointError(f"The delta checkpoint {path!r} has no {WEIGHTS_NAME}.")
+    try:
+        return load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
+
+
+def _resolve_name(saved: str, names: list[str], what: str, source: str) -> str:
+    """Map a name saved from one backbone to the unique name in another that ends with its longest suffix."""
+    parts = saved.split(".")
+    for i in range(len(parts)):
+        suffix = ".".join(parts[i:])
+        found = [n for n in names if n == suffix or n.endswith("." + suffix)]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise CheckpointError(
+                f"{what} {saved!r} saved in {source!r} is ambiguous in this backbone: it matches {found[:4]}. "
+                f"Load into the same model class the delta was trained on."
+            )
+    raise CheckpointError(
+        f"{what} {saved!r} saved in {source!r} does not exist in this backbone "
+        f"({len(names)} modules searched). The checkpoint was made for another architecture."
+    )
+
+
+def load_delta(
+    path: str | os.PathLike[str],
+    backbone_model: nn.Module,
+    *,
+    expected_type: type[DeltaBase] | None = None,
+    check_backbone: bool = True,
+    name: str | None = None,
+) -> DeltaBase:
+    """Load a checkpoint onto ``backbone_model`` after validating it; see :meth:`DeltaBase.from_finetuned`."""
+    from .base import DELTA_REGISTRY, DeltaBase
+
+    path = os.fspath(path)
+    if not isinstance(backbone_model, nn.Module):
+        raise DeltaError(f"backbone_model must be an nn.Module, got {type(backbone_model).__name__}.")
+    meta = read_checkpoint_meta(path)
+    config = AutoDeltaConfig.from_dict(meta["config"])
+    cls = DELTA_REGISTRY[meta["delta_type"]]
+    if expected_type is not None and expected_type is not DeltaBase and not issubclass(cls, expected_type):
+        raise CheckpointError(
+            f"{path!r} holds a {cls.__name__} ({meta['delta_type']!r}) delta, not a {expected_type.__name__}; "
+            f"load it with {cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned."
+        )
+    tensors = _read_tensors(path)
+
+    modules = dict(backbone_model.named_modules())
+    site_prefixes = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
+    names = [
+        n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in site_prefixes)
+    ]
+    resolved = [_resolve_name(s, names, "Delta site", path) for s in meta["sites"]]
+    if len(set(resolved)) != len(resolved):
+        raise CheckpointError(f"Several saved sites of {path!r} map to the same module of this backbone: {resolved}.")
+    delta = cls._build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
+
+    # Tensor names: delta tensors (saved site names -> resolved names), then backbone tensors.
+    expected = delta.delta_state_dict()
+    rename = dict(zip(meta["sites"], resolved))
+    delta_keys = {k for k in tensors if k not in set(meta["backbone_tensors"])}
+    mapped: dict[str, torch.Tensor] = {}
+    for key in delta_keys:
+        site = next((s for s in sorted(rename, key=len, reverse=True) if key.startswith(s + ".")), None)
+        if site is None:
+            raise CheckpointError(f"{path!r} holds tensor {key!r}, which belongs to no saved site; the file is corrupt.")
+        mapped[rename[site] + key[len(site) :]] = tensors[key]
+    missing = sorted(set(expected) - set(mapped))
+    unexpected = sorted(set(mapped) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path!r} does not fit a {cls.__name__} with this config on this backbone: missing tensors "
+            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected tensors {unexpected[:3]}"
+            f"{' ...' if len(unexpected) > 3 else ''}."
+        )
+    for key, tensor in mapped.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"Shape mismatch for {key!r}: the checkpoint {path!r} has {tuple(tensor.shape)}, this backbone needs "
+                f"{tuple(expected[key].shape)}. The delta was trained on a backbone of another size or with other "
+                f"hyper-parameters."
+            )
+    backbone_params = dict(backbone_model.named_parameters())
+    param_names = list(backbone_params)
+    backbone_tensors: dict[str, torch.Tensor] = {}
+    for saved in meta["backbone_tensors"]:
+        if saved not in tensors:
+            raise CheckpointError(f"{path!r} lists backbone tensor {saved!r} but does not contain it; file corrupt.")
+        target = _resolve_name(saved, param_names, "Backbone tensor", path)
+        if tuple(backbone_params[target].shape) != tuple(tensors[saved].shape):
+            raise CheckpointError(
+                f"Shape mismatch for backbone tensor {target!r}: checkpoint {tuple(tensors[saved].shape)}, "
+                f"backbone {tuple(backbone_params[target].shape)} (e.g. another num_labels for a classifier head)."
+            )
+        backbone_tensors[target] = tensors[saved]
+    if check_backbone and isinstance(meta.get("fingerprint"), dict):
+        saved_fp = meta["fingerprint"]
+        fresh_fp = backbone_fingerprint(backbone_model, resolved)
+        for key in ("config", "host_shapes_sha256"):
+            if saved_fp.get(key) != fresh_fp.get(key):
+                raise CheckpointError(
+                    f"The backbone does not match the one {path!r} was saved from ({key}: saved {saved_fp.get(key)!r}, "
+                    f"this backbone {fresh_fp.get(key)!r}; saved from a {saved_fp.get('class')}). Pass "
+                    f"check_backbone=False to load anyway."
+                )
+
+    # Every check passed: now change things.
+    with torch.no_grad():
+        for site in delta.sites:
+            prefix = f"{site.name}.{delta.delta_type}."
+            state = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
+            own = site.module.state_dict()
+            site.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+    delta.attach()
+    with torch.no_grad():
+        for target, tensor in backbone_tensors.items():
+            backbone_params[target].copy_(tensor.to(backbone_params[target].dtype))
+    delta.unfrozen_parameter_names = list(backbone_tensors)
+    return delta

@@ -1,0 +1,92 @@
+"""BitFit: Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+Language-models" (arXiv:2106.10199).
+
+``h = f(x) + b`` with a trainable delta bias ``b`` (zero at init) on the *output* of each modified Linear,
+Conv1D, LayerNorm or RMSNorm-like module. A separate delta bias (rather than training the host's own bias) works
+on hosts without a bias (Llama's projections, RMSNorm), detaches exactly and saves only the delta. Merging adds
+``b`` to the host's existing bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig
+from ..errors import DeltaStateError, UnsupportedModuleError
+from ..hooks import DeltaSite
+from ..structures import linear_dims, norm_shape
+
+
+@dataclass
+class BitFitConfig(DeltaConfig):
+    """BitFit settings; the method has no hyper-parameters of its own."""
+
+    delta_type: ClassVar[str] = "bitfit"
+
+
+class BitFitSite(DeltaSite):
+    """The delta bias of one host."""
+
+    def __init__(self, shape: tuple[int, ...], **factory: Any) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(shape, **factory))
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        return output + self.bias
+
+    def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        if getattr(host, "bias", None) is None:
+            raise DeltaStateError(
+                f"Cannot merge BitFit into a {type(host).__name__} without a bias: there is no host bias to fold the "
+                f"delta bias into. Keep this delta unmerged (attached)."
+            )
+        return {"bias": self.bias.detach()}
+
+
+class BitFitModel(DeltaBase):
+    """BitFit: a trainable bias added after each modified module.
+
+    Args:
+        backbone_model: The model to modify.
+        modified_modules: Module patterns; default: every attention and feed-forward projection and every layer
+            norm of the transformer layers (roles ``attn.q/k/v/o``, ``ff.w1/gate/w2``, ``attn.norm``, ``ff.norm``).
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name of the per-site modules (default ``"bitfit"``).
+    """
+
+    delta_type: ClassVar[str] = "bitfit"
+    config_class = BitFitConfig
+    default_modified_modules: ClassVar[tuple[str, ...]] = (
+        "attn.q", "attn.k", "attn.v", "attn.o", "ff.w1", "ff.gate", "ff.w2", "attn.norm", "ff.norm",
+    )
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = BitFitConfig(
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        dims = linear_dims(host)
+        shape = (dims[1],) if dims is not None else norm_shape(host)
+        if shape is None:
+            raise UnsupportedModuleError(
+                f"BitFit cannot modify {name!r} of type {type(host).__name__}: it supports nn.Linear, transformers "
+                f"Conv1D, LayerNorm and RMSNorm-like modules. Point modified_modules at those."
+            )
+        return BitFitSite(shape, **factory_kwargs(host))

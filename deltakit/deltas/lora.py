@@ -1,0 +1,155 @@
+"""LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
+
+``h = W x + (alpha / r) * B A dropout(x)`` with ``A`` (r x in) Kaiming-uniform and ``B`` (out x r) zero, so a fresh
+LoRA is the identity. Hooks the *output* of ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``nn.Embedding``
+hosts; merging folds ``(alpha / r) * B A`` into the host weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig, check_positive_int, check_probability
+from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..hooks import DeltaSite
+from ..structures import is_conv1d, linear_dims
+
+
+@dataclass
+class LoraConfig(DeltaConfig):
+    """LoRA settings: rank ``lora_r``, scale ``lora_alpha / lora_r``, dropout on the LoRA branch's input."""
+
+    delta_type: ClassVar[str] = "lora"
+
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+
+    def validate(self) -> None:
+        check_positive_int(self, "lora_r")
+        check_probability(self, "lora_dropout")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise DeltaConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}.")
+
+
+def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    return args[0] if args else next(iter(kwargs.values()))
+
+
+class LoraSite(DeltaSite):
+    """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host."""
+
+    def __init__(
+        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, transposed: bool, **factory: Any
+    ) -> None:
+        super().__init__()
+        self.scaling = alpha / r
+        self.transposed = transposed  # Conv1D stores its weight as (in, out)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        x = _first_input(args, kwargs)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return torch.add(output, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scaling)
+
+    def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        delta = (self.lora_B @ self.lora_A) * self.scaling
+        return {"weight": delta.T if self.transposed else delta}
+
+
+class LoraEmbeddingSite(DeltaSite):
+    """LoRA of an ``nn.Embedding``: ``E[x] + (alpha / r) * A[:, x]^T B^T``.
+
+    ``A`` (r x num_embeddings) is drawn from N(0, 1) rather than Kaiming-uniform: an embedding's "fan-in" is the
+    vocabulary size, which would make ``A`` tiny and ``B`` learn very slowly. ``B`` is zero, as for linear hosts.
+    """
+
+    def __init__(self, host: nn.Embedding, r: int, alpha: float, dropout: float, **factory: Any) -> None:
+        super().__init__()
+        self.scaling = alpha / r
+        self.padding_idx = host.padding_idx
+        self.lora_A = nn.Parameter(torch.empty(r, host.num_embeddings, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(host.embedding_dim, r, **factory))
+        nn.init.normal_(self.lora_A)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(_first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
+        if self.dropout is not None:
+            rows = self.dropout(rows)
+        return torch.add(output, F.linear(rows, self.lora_B), alpha=self.scaling)
+
+    def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        return {"weight": (self.lora_B @ self.lora_A).T * self.scaling}
+
+
+class LoraModel(DeltaBase):
+    """Low-rank adaptation of Linear, Conv1D and Embedding modules.
+
+    Example:
+        >>> delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
+        >>> delta.freeze_module(exclude=["deltas", "classifier"])
+
+    Args:
+        backbone_model: The model to modify.
+        lora_r: Rank of the update.
+        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / lora_r``.
+        lora_dropout: Dropout probability on the LoRA branch's input (training mode only).
+        modified_modules: Module patterns; default ``["attn.q", "attn.v"]`` (query and value projections).
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name of the per-site modules (default ``"lora"``).
+    """
+
+    delta_type: ClassVar[str] = "lora"
+    config_class = LoraConfig
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        lora_r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        modified_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = LoraConfig(
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: LoraConfig = self.config  # type: ignore[assignment]
+        factory = factory_kwargs(host)
+        if isinstance(host, nn.Embedding):
+            if host.max_norm is not None:
+                raise UnsupportedModuleError(
+                    f"LoRA cannot modify {name!r}: nn.Embedding with max_norm renormalises its weight in place."
+                )
+            return LoraEmbeddingSite(host, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, **factory)
+        dims = linear_dims(host)
+        if dims is None:
+            raise UnsupportedModuleError(
+                f"LoRA cannot modify {name!r} of type {type(host).__name__}: it supports nn.Linear, transformers "
+                f"Conv1D and nn.Embedding. Point modified_modules at the linear layers inside it."
+            )
+        return LoraSite(*dims, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, transposed=is_conv1d(host), **factory)

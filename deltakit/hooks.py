@@ -1,0 +1,93 @@
+"""Hook plumbing: one dispatcher hook per host module, applying the attached deltas in a stable order.
+
+Several deltas may modify the same host. Each host gets at most one deltakit forward hook (and at most one
+forward pre-hook): a :class:`_Dispatch` object holding ordered entries ``(order_key, fn)``. A delta keeps its
+order key for life, so detaching and re-attaching it puts it back in the same place and the outputs are
+bit-for-bit what they were. When the last entry leaves, the hook itself is removed, so a detached model carries
+no deltakit hook at all. The dispatcher lives only in the host's hook table: nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+ForwardFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
+PreFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+class DeltaSite(nn.Module):
+    """Base class of the per-site modules that deltas register as children of their hosts.
+
+    Addressing never matches a module inside a :class:`DeltaSite`, so one delta cannot modify another by accident.
+    """
+
+
+class _Dispatch:
+    """A forward hook (or pre-hook) that runs the attached delta functions of one host in order."""
+
+    def __init__(self, host: nn.Module, pre: bool) -> None:
+        self.pre = pre
+        self.keys: list[int] = []
+        self.fns: list[Any] = []
+        if pre:
+            self.handle: RemovableHandle = host.register_forward_pre_hook(self, with_kwargs=True)
+        else:
+            self.handle = host.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *rest: Any) -> Any:
+        if self.pre:
+            for fn in self.fns:
+                args, kwargs = fn(module, args, kwargs)
+            return args, kwargs
+        output = rest[0]
+        for fn in self.fns:
+            output = fn(module, args, kwargs, output)
+        return output
+
+    def insert(self, key: int, fn: Any) -> None:
+        index = bisect.bisect_left(self.keys, key)
+        self.keys.insert(index, key)
+        self.fns.insert(index, fn)
+
+    def remove(self, key: int) -> None:
+        index = self.keys.index(key)
+        del self.keys[index]
+        del self.fns[index]
+
+    def position(self, key: int) -> int:
+        return self.keys.index(key)
+
+
+def _find(host: nn.Module, pre: bool) -> _Dispatch | None:
+    table = host._forward_pre_hooks if pre else host._forward_hooks
+    for hook in table.values():
+        if isinstance(hook, _Dispatch):
+            return hook
+    return None
+
+
+def add_hook(host: nn.Module, key: int, fn: Any, *, pre: bool = False) -> None:
+    """Insert ``fn`` into the host's deltakit (pre-)hook at the position given by ``key``."""
+    dispatch = _find(host, pre) or _Dispatch(host, pre)
+    dispatch.insert(key, fn)
+
+
+def remove_hook(host: nn.Module, key: int, *, pre: bool = False) -> None:
+    """Remove the entry ``key``; the hook itself goes when its last entry does."""
+    dispatch = _find(host, pre)
+    if dispatch is None or key not in dispatch.keys:
+        return
+    dispatch.remove(key)
+    if not dispatch.keys:
+        dispatch.handle.remove()
+
+
+def hook_keys(host: nn.Module, *, pre: bool = False) -> list[int]:
+    """The order keys of the deltas hooked on ``host``, in application order."""
+    dispatch = _find(host, pre)
+    return list(dispatch.keys) if dispatch is not None else []
