@@ -309,6 +309,7 @@ class DeltaBase:
                 )
         with torch.no_grad():
             planned = [(site, site.module.merge_deltas(site.host)) for site in self.sites]  # may raise: no change yet
+            self._check_not_tied(planned)
             for site, deltas in planned:
                 backup, versions = {}, {}
                 for pname, delta in deltas.items():
@@ -323,6 +324,21 @@ class DeltaBase:
         self._merge_exact = exact_unmerge
         self._state = MERGED
         return self
+
+    def _check_not_tied(self, planned: list[tuple[Site, dict[str, torch.Tensor]]]) -> None:
+        """Refuse to merge into a tensor shared with another module (tied embeddings): both would change."""
+        names_by_id: dict[int, list[str]] = {}
+        for pname, param in self.backbone_model.named_parameters(remove_duplicate=False):
+            names_by_id.setdefault(id(param), []).append(pname)
+        for site, deltas in planned:
+            for pname in deltas:
+                names = names_by_id.get(id(getattr(site.host, pname)), [])
+                if len(names) > 1:
+                    raise DeltaStateError(
+                        f"Cannot merge {self._describe()}: {site.name}.{pname} is shared with "
+                        f"{[n for n in names if n != f'{site.name}.{pname}']} (tied weights), so merging would change "
+                        f"those modules too. Keep this delta unmerged, or exclude {site.name!r} from it."
+                    )
 
     def unmerge(self) -> DeltaBase:
         """Undo :meth:`merge`: restore the host weights and put the hooks back."""

@@ -82,7 +82,8 @@ _T5: dict[str, list[str]] = {
     "ff.w2": ["DenseReluDense.wo"],
     "attn.norm": [r"[r]block\.\d+\.layer\.0\.layer_norm", r"[r]decoder\.block\.\d+\.layer\.1\.layer_norm"],
     "ff.norm": [r"[r]encoder\.block\.\d+\.layer\.1\.layer_norm", r"[r]decoder\.block\.\d+\.layer\.2\.layer_norm"],
-    "embed": ["shared"],
+    # `shared` holds the tied weight, but the encoder and decoder call their own `embed_tokens` modules.
+    "embed": ["encoder.embed_tokens", "decoder.embed_tokens"],
 }
 
 _LLAMA_LIKE: dict[str, list[str]] = {

@@ -1,0 +1,199 @@
+"""The DESIGN §4 contract, for every delta method and variant, over tiny BERT, RoBERTa, GPT-2, T5 and Llama."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from deltakit import AutoDeltaModel, BitFitModel, DeltaBase, DeltaStateError, LoraModel
+from deltakit.checkpoint import WEIGHTS_NAME
+
+from .conftest import Arch, assert_state_equal, hook_counts, perturb, snapshot
+
+VARIANTS: dict[str, Callable[[nn.Module], DeltaBase]] = {
+    "lora-default": lambda m: LoraModel(m, lora_r=4, lora_alpha=8),
+    "lora-embed-ff": lambda m: LoraModel(m, modified_modules=["embed", "ff.w1", "ff.w2"], lora_r=2),
+    "bitfit-default": lambda m: BitFitModel(m),
+}
+
+
+def _embeddings_tied(model: nn.Module) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+@pytest.fixture(params=list(VARIANTS))
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def test_fresh_attach_is_identity_and_perturbation_changes_output(arch: Arch, variant: str) -> None:
+    model = arch.build()
+    base = arch.run(model)
+    delta = VARIANTS[variant](model)
+    assert delta.sites, "the default positions must match something"
+    assert torch.equal(arch.run(model), base)
+    perturb(delta)
+    assert not torch.allclose(arch.run(model), base)
+
+
+def test_gradients_reach_exactly_the_trainable_set(arch: Arch, variant: str) -> None:
+    model = arch.build()
+    delta = VARIANTS[variant](model)
+    perturb(delta)
+    delta.freeze_module(exclude=["deltas"])
+    arch.run(model).float().pow(2).mean().backward()
+    own = {id(p) for p in delta.parameters()}
+    for name, param in model.named_parameters():
+        if id(param) in own:
+            assert param.requires_grad and param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert not param.requires_grad and param.grad is None, name
+    assert delta.num_trainable_parameters() == delta.num_delta_parameters() > 0
+
+
+def test_detach_and_attach_are_exact_and_repeatable(arch: Arch, variant: str) -> None:
+    model = arch.build()
+    base = arch.run(model)
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    delta = VARIANTS[variant](model)
+    perturb(delta)
+    attached = arch.run(model)
+    for _ in range(3):
+        delta.detach()
+        assert torch.equal(arch.run(model), base)
+        assert list(model.state_dict()) == keys
+        assert hook_counts(model) == hooks
+        assert_state_equal(model, state)
+        delta.attach()
+        assert torch.equal(arch.run(model), attached)
+
+
+@pytest.mark.parametrize("order", ["first-first", "second-first"])
+def test_two_deltas_on_the_same_modules_detach_in_any_order(arch: Arch, order: str) -> None:
+    model = arch.build()
+    base = arch.run(model)
+    keys, hooks = list(model.state_dict()), hook_counts(model)
+    first = LoraModel(model, lora_r=4)
+    perturb(first, seed=1)
+    only_first = arch.run(model)
+    second = LoraModel(model, lora_r=2)  # same default positions: two LoRAs on each host
+    perturb(second, seed=2)
+    both = arch.run(model)
+    assert first.child_name != second.child_name
+    a, b = (first, second) if order == "first-first" else (second, first)
+    a.detach()
+    a.attach()  # re-attaching puts it back in its original place: exact
+    assert torch.equal(arch.run(model), both)
+    a.detach()
+    b.detach()
+    assert torch.equal(arch.run(model), base)
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    first.attach()
+    assert torch.equal(arch.run(model), only_first)
+    second.attach()
+    assert torch.equal(arch.run(model), both)
+
+
+def test_save_then_load_into_a_fresh_backbone(arch: Arch, variant: str, tmp_path) -> None:
+    model = arch.build()
+    delta = VARIANTS[variant](model)
+    perturb(delta)
+    attached = arch.run(model)
+    delta.save_finetuned(tmp_path / "ckpt")
+    stored = load_file(tmp_path / "ckpt" / WEIGHTS_NAME)
+    assert set(stored) == set(delta.delta_state_dict())
+    assert sum(t.numel() for t in stored.values()) == delta.num_delta_parameters()
+    fresh = arch.build()
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "ckpt", backbone_model=fresh)
+    assert type(loaded) is type(delta)
+    assert loaded.modified_modules == delta.modified_modules
+    assert torch.equal(arch.run(fresh), attached)
+
+
+def test_merge_is_close_and_unmerge_restores_weights(arch: Arch, variant: str) -> None:
+    model = arch.build()
+    delta = VARIANTS[variant](model)
+    perturb(delta, scale=0.1)
+    attached = arch.run(model)
+    weights = snapshot(model)
+    hosts_without_bias = [s.name for s in delta.sites if getattr(s.host, "bias", None) is None]
+    tied = variant == "lora-embed-ff" and _embeddings_tied(model)
+    if (variant.startswith("bitfit") and hosts_without_bias) or tied:
+        with pytest.raises(DeltaStateError, match="tied weights" if tied else "without a bias"):
+            delta.merge()
+        assert delta.state == "attached"
+        assert_state_equal(model, weights)
+        assert torch.equal(arch.run(model), attached)
+        return
+    delta.merge()
+    assert delta.state == "merged"
+    assert all(not s.host._forward_hooks for s in delta.sites)
+    torch.testing.assert_close(arch.run(model), attached, rtol=1e-4, atol=1e-5)
+    delta.unmerge()
+    assert_state_equal(model, weights)
+    assert torch.equal(arch.run(model), attached)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_model_to_moves_the_delta(arch: Arch, variant: str, dtype: torch.dtype) -> None:
+    model = arch.build()
+    delta = VARIANTS[variant](model)
+    perturb(delta)
+    model.to(dtype)
+    assert all(p.dtype == dtype for p in delta.parameters())
+    if dtype == torch.float64:
+        out = arch.run(model)
+        assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    delta.detach()
+    model.to(torch.float32)
+    delta.attach()  # a model moved while the delta was detached: attach follows the host
+    assert all(p.dtype == torch.float32 for p in delta.parameters())
+
+
+def test_delta_created_in_host_dtype_and_bf16_round_trip(arch: Arch, variant: str, tmp_path) -> None:
+    model = arch.build().to(torch.bfloat16)
+    delta = VARIANTS[variant](model)
+    assert all(p.dtype == torch.bfloat16 for p in delta.parameters())
+    perturb(delta)
+    out = arch.run(model)
+    delta.save_finetuned(tmp_path)
+    fresh = arch.build().to(torch.bfloat16)
+    AutoDeltaModel.from_finetuned(tmp_path, backbone_model=fresh)
+    assert torch.equal(arch.run(fresh), out)
+
+
+def test_illegal_transitions_raise_and_change_nothing(arch: Arch, variant: str) -> None:
+    model = arch.build()
+    delta = VARIANTS[variant](model)
+    perturb(delta, scale=0.1)
+    attached = arch.run(model)
+    state = snapshot(model)
+    for action in ("attach", "unmerge"):
+        with pytest.raises(DeltaStateError):
+            getattr(delta, action)()
+        assert_state_equal(model, state)
+        assert torch.equal(arch.run(model), attached)
+    delta.detach()
+    detached = arch.run(model)
+    for action in ("detach", "merge", "unmerge"):
+        with pytest.raises(DeltaStateError):
+            getattr(delta, action)()
+        assert torch.equal(arch.run(model), detached)
+    delta.attach()
+    unmergeable = (variant.startswith("bitfit") and any(getattr(s.host, "bias", None) is None for s in delta.sites)) or (
+        variant == "lora-embed-ff" and _embeddings_tied(model)
+    )
+    if not unmergeable:
+        delta.merge()
+        merged_state = snapshot(model)
+        for action in ("merge", "detach", "attach"):
+            with pytest.raises(DeltaStateError):
+                getattr(delta, action)()
+            assert_state_equal(model, merged_state)
+        delta.unmerge()
+        assert_state_equal(model, state)
