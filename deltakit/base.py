@@ -108,7 +108,6 @@ class DeltaBase:
         self._state_dict_handle: Any = None
         self._set_state_dict = False
         self._merge_backup: dict[int, dict[str, torch.Tensor]] = {}
-        self._merge_versions: dict[int, dict[str, int]] = {}
         self._merge_exact = True
         self.unfrozen_parameter_names: list[str] = []
         if matches is None:
@@ -316,10 +315,11 @@ class DeltaBase:
                     param = getattr(site.host, pname)
                     if exact_unmerge:
                         backup[pname] = param.detach().clone()
+                    before = param._version
                     param.add_(delta.to(param.dtype))
-                    versions[pname] = param._version
+                    versions[pname] = (before, param._version)
                 self._merge_backup[id(site.module)] = backup
-                self._merge_versions[id(site.module)] = versions
+                site.module.merge_versions = versions
                 self._remove_site_hooks(site)
         self._merge_exact = exact_unmerge
         self._state = MERGED
@@ -345,8 +345,8 @@ class DeltaBase:
         self._require("unmerge", MERGED)
         if self._merge_exact:
             for site in self.sites:
-                for pname, version in self._merge_versions[id(site.module)].items():
-                    if getattr(site.host, pname)._version != version:
+                for pname, (_, after) in site.module.merge_versions.items():
+                    if getattr(site.host, pname)._version != after:
                         raise DeltaStateError(
                             f"Cannot unmerge {self._describe()} exactly: {site.name}.{pname} was modified after the "
                             f"merge (another delta merged later, or an optimizer step). Unmerge deltas in reverse "
@@ -356,16 +356,28 @@ class DeltaBase:
             for site in self.sites:
                 if self._merge_exact:
                     for pname, original in self._merge_backup[id(site.module)].items():
-                        getattr(site.host, pname).copy_(original)
+                        param = getattr(site.host, pname)
+                        param.copy_(original)
+                        self._hand_back_version(site, pname, site.module.merge_versions[pname][0], param._version)
                 else:
                     for pname, delta in site.module.merge_deltas(site.host).items():
                         param = getattr(site.host, pname)
                         param.sub_(delta.to(param.dtype))
+                site.module.merge_versions = {}
                 self._add_site_hooks(site)
         self._merge_backup.clear()
-        self._merge_versions.clear()
         self._state = ATTACHED
         return self
+
+    @staticmethod
+    def _hand_back_version(site: Site, pname: str, before: int, now: int) -> None:
+        """After an exact unmerge the tensor is bit-for-bit what the previous merge on this host left; tell that
+        merge, so it can be unmerged exactly in turn (``_version`` counts every in-place write)."""
+        for other in site.host.children():
+            versions = getattr(other, "merge_versions", None)
+            if other is not site.module and isinstance(other, DeltaSite) and versions and pname in versions:
+                if versions[pname][1] == before:
+                    versions[pname] = (versions[pname][0], now)
 
     # ------------------------------------------------------------------ parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -24,7 +24,15 @@ class DeltaSite(nn.Module):
     """Base class of the per-site modules that deltas register as children of their hosts.
 
     Addressing never matches a module inside a :class:`DeltaSite`, so one delta cannot modify another by accident.
+    While merged, ``merge_versions`` maps each host tensor the delta was folded into to its in-place version
+    counter before and after the merge (used to unmerge exactly, in the right order).
     """
+
+    merge_versions: dict[str, tuple[int, int]]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.merge_versions = {}
 
 
 class _Dispatch:

@@ -1,0 +1,200 @@
+"""Delta-only checkpoints: contents, atomic writes, and every bad input leaving the backbone unchanged."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltakit.checkpoint as checkpoint
+from deltakit import (
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    BitFitModel,
+    CheckpointError,
+    DeltaConfigError,
+    LoraConfig,
+    LoraModel,
+)
+from deltakit.checkpoint import WEIGHTS_NAME
+from deltakit.config import CONFIG_NAME
+
+from .conftest import assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """A LoRA on tiny BERT with a trainable classifier head, saved to tmp_path/ckpt."""
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query", "value"], lora_r=4)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    perturb(delta)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    x = torch.randint(2, 100, (2, 6))
+    out = model(x).logits
+    path = delta.save_finetuned(tmp_path / "ckpt")
+    return delta, path, x, out
+
+
+def test_checkpoint_holds_only_delta_and_unfrozen_tensors(trained) -> None:
+    delta, path, x, out = trained
+    assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]
+    stored = load_file(os.path.join(path, WEIGHTS_NAME))
+    assert set(stored) == set(delta.delta_state_dict()) | {"classifier.weight", "classifier.bias"}
+    meta = json.loads(open(os.path.join(path, CONFIG_NAME)).read())
+    assert meta["delta_type"] == "lora" and meta["config"]["lora_r"] == 4
+    assert meta["backbone_tensors"] == ["classifier.weight", "classifier.bias"]
+    assert meta["fingerprint"]["config"]["hidden_size"] == 32
+    fresh = tiny_bert()
+    loaded = LoraModel.from_finetuned(path, backbone_model=fresh)
+    assert torch.equal(fresh(x).logits, out)
+    assert loaded.unfrozen_parameter_names == ["classifier.weight", "classifier.bias"]
+
+
+def test_from_finetuned_works_for_a_wrapped_backbone(trained) -> None:
+    _, path, x, out = trained
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_bert()
+
+    wrapper = Wrapper()
+    AutoDeltaModel.from_finetuned(path, backbone_model=wrapper)
+    assert torch.equal(wrapper.inner(x).logits, out)
+
+
+def _assert_untouched(model, keys, hooks, state) -> None:
+    assert list(model.state_dict()) == keys
+    assert hook_counts(model) == hooks
+    assert_state_equal(model, state)
+
+
+@pytest.fixture
+def fresh():
+    model = tiny_bert()
+    return model, list(model.state_dict()), hook_counts(model), snapshot(model)
+
+
+def test_loading_into_another_architecture_fails_cleanly(trained) -> None:
+    _, path, _, _ = trained
+    for build in (tiny_gpt2, tiny_llama):
+        model = build()
+        keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+        with pytest.raises(CheckpointError, match="does not exist in this backbone"):
+            AutoDeltaModel.from_finetuned(path, backbone_model=model)
+        _assert_untouched(model, keys, hooks, state)
+
+
+def test_shape_mismatch_fails_cleanly(trained) -> None:
+    _, path, _, _ = trained
+    model = tiny_bert(hidden=48)
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    with pytest.raises(CheckpointError, match="Shape mismatch"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    _assert_untouched(model, keys, hooks, state)
+
+
+def test_missing_and_corrupt_files_fail_cleanly(trained, fresh, tmp_path) -> None:
+    _, path, _, _ = trained
+    model, keys, hooks, state = fresh
+    with pytest.raises(CheckpointError, match="No delta checkpoint directory"):
+        AutoDeltaModel.from_finetuned(tmp_path / "nope", backbone_model=model)
+    weights = os.path.join(path, WEIGHTS_NAME)
+    data = open(weights, "rb").read()
+    with open(weights, "wb") as handle:
+        handle.write(data[: len(data) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    os.remove(weights)
+    with pytest.raises(CheckpointError, match="has no delta_model.safetensors"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    with open(os.path.join(path, CONFIG_NAME), "w") as handle:
+        handle.write("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    os.remove(os.path.join(path, CONFIG_NAME))
+    with pytest.raises(CheckpointError, match="No delta_config.json"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    _assert_untouched(model, keys, hooks, state)
+
+
+def test_wrong_delta_type_and_tampered_tensors_fail_cleanly(trained, fresh, tmp_path) -> None:
+    _, path, _, _ = trained
+    model, keys, hooks, state = fresh
+    with pytest.raises(CheckpointError, match="not a BitFitModel"):
+        BitFitModel.from_finetuned(path, backbone_model=model)
+    other = tiny_bert()
+    bitfit = BitFitModel(other, modified_modules=["query"])
+    bitfit.save_finetuned(tmp_path / "bitfit")
+    # a weights file from another delta under a lora config: tensor names do not fit
+    os.replace(tmp_path / "bitfit" / WEIGHTS_NAME, os.path.join(path, WEIGHTS_NAME))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    _assert_untouched(model, keys, hooks, state)
+
+
+def test_fingerprint_mismatch_is_an_error_with_an_opt_out(trained, tmp_path) -> None:
+    delta, path, x, _ = trained
+    meta_path = os.path.join(path, CONFIG_NAME)
+    meta = json.loads(open(meta_path).read())
+    meta["fingerprint"]["config"]["vocab_size"] = 12345
+    open(meta_path, "w").write(json.dumps(meta))
+    model = tiny_bert()
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    with pytest.raises(CheckpointError, match="check_backbone=False"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    _assert_untouched(model, keys, hooks, state)
+    loaded = AutoDeltaModel.from_finetuned(path, backbone_model=model, check_backbone=False)
+    assert loaded.state == "attached"
+
+
+def test_save_is_atomic_when_writing_fails(trained, monkeypatch) -> None:
+    delta, path, _, _ = trained
+    before = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+    perturb(delta, seed=99)
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        delta.save_finetuned(path)
+    after = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}
+    assert after == before  # old checkpoint intact, no temporary file left behind
+
+
+def test_save_refuses_to_overwrite_when_asked_and_meta_tensors(trained, tmp_path) -> None:
+    delta, path, _, _ = trained
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        delta.save_finetuned(path, overwrite=False)
+    with torch.device("meta"):
+        meta_model = tiny_llama()
+    meta_delta = LoraModel(meta_model)
+    assert all(p.is_meta for p in meta_delta.parameters())
+    with pytest.raises(CheckpointError, match="meta device"):
+        meta_delta.save_finetuned(tmp_path / "meta")
+    assert not (tmp_path / "meta" / WEIGHTS_NAME).exists()
+
+
+def test_auto_config_round_trip_and_errors(trained) -> None:
+    _, path, _, _ = trained
+    config = AutoDeltaConfig.from_finetuned(path)
+    assert isinstance(config, LoraConfig) and config.lora_r == 4 and config.modified_modules == ["query", "value"]
+    config = AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_r": 2, "modified_modules": ["key"]})
+    model = tiny_bert()
+    delta = AutoDeltaModel.from_config(config, backbone_model=model)
+    assert isinstance(delta, LoraModel) and delta.sites[0].module.lora_A.shape == (2, 32)
+    assert LoraModel.from_config({"lora_r": 3}, backbone_model=tiny_bert()).config.lora_r == 3
+    with pytest.raises(DeltaConfigError, match="Unknown delta_type 'nope'"):
+        AutoDeltaConfig.from_dict({"delta_type": "nope"})
+    with pytest.raises(DeltaConfigError, match="lora_rank"):
+        AutoDeltaConfig.from_dict({"delta_type": "lora", "lora_rank": 4})
+    with pytest.raises(DeltaConfigError, match="positive integer"):
+        LoraModel(tiny_bert(), lora_r=0)
+    with pytest.raises(DeltaConfigError, match=r"\[0, 1\)"):
+        LoraModel(tiny_bert(), lora_dropout=1.5)

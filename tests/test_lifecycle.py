@@ -1,0 +1,186 @@
+"""freeze_module, parameters, set_state_dict, merging beside other deltas, names, visualization, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deltakit import BitFitModel, DeltaError, DeltaStateError, LoraModel, ModuleMatchError, Visualization
+from deltakit.cli import main as cli_main
+
+from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2
+
+
+def test_parameters_are_exactly_this_deltas_own() -> None:
+    model = tiny_bert()
+    first = LoraModel(model, modified_modules=["query"], lora_r=4)
+    second = BitFitModel(model, modified_modules=["query", "key"])
+    names = [n for n, _ in first.named_parameters()]
+    assert names == [
+        f"bert.encoder.layer.{i}.attention.self.query.lora.lora_{ab}" for i in range(2) for ab in "AB"
+    ]
+    model_params = dict(model.named_parameters())
+    for name, param in first.named_parameters():
+        assert model_params[name] is param  # names are the backbone's names while attached
+    assert {id(p) for p in first.parameters()}.isdisjoint({id(p) for p in second.parameters()})
+    assert first.num_delta_parameters() == 2 * (4 * 32 + 32 * 4)
+    assert second.num_delta_parameters() == 4 * 32
+
+
+def test_freeze_module_by_identity_idempotent_and_deltas_means_this_delta() -> None:
+    model = tiny_bert()
+    first = LoraModel(model, modified_modules=["query"])
+    second = LoraModel(model, modified_modules=["value"])
+    second.freeze_module(exclude=["deltas", "classifier"])
+    trainable = set(second.trainable_parameters_names())
+    assert trainable == {n for n, _ in second.named_parameters()} | {"classifier.weight", "classifier.bias"}
+    assert not any(p.requires_grad for p in first.parameters())  # "deltas" is the caller's own delta
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    second.freeze_module(exclude=["deltas", "classifier"])
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert second.unfrozen_parameter_names == ["classifier.weight", "classifier.bias"]
+    with pytest.raises(ModuleMatchError, match="freeze_module exclude pattern 'clasifier'"):
+        second.freeze_module(exclude=["deltas", "clasifier"])
+    first.freeze_module()  # default: the config's unfrozen_modules == ["deltas"]
+    assert set(first.trainable_parameters_names()) == {n for n, _ in first.named_parameters()}
+
+
+def test_set_state_dict_keeps_only_trainable_tensors_until_detach() -> None:
+    model = tiny_bert()
+    full_keys = list(model.state_dict())
+    delta = LoraModel(model)
+    attached_keys = list(model.state_dict())
+    delta.freeze_module(exclude=["deltas", "classifier"], set_state_dict=True)
+    assert list(model.state_dict()) == delta.trainable_parameters_names()
+    assert "classifier.weight" in model.state_dict()
+    delta.detach()
+    assert list(model.state_dict()) == full_keys and hook_counts(model) == hook_counts(tiny_bert())
+    delta.attach()  # the flag is remembered
+    assert list(model.state_dict()) == delta.trainable_parameters_names()
+    delta.freeze_module(exclude=["deltas"], set_state_dict=False)
+    assert list(model.state_dict()) == attached_keys
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+    delta.freeze_module(set_state_dict=True)
+    assert list(Wrapper(model).state_dict()) == [f"inner.{n}" for n in delta.trainable_parameters_names()]
+
+
+def test_merge_beside_other_deltas_is_well_defined() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    base_weights = snapshot(model)
+    first = LoraModel(model, lora_r=4)
+    second = LoraModel(model, lora_r=2)
+    perturb(first, seed=1, scale=0.1)
+    perturb(second, seed=2, scale=0.1)
+    both = arch.run(model)
+    with pytest.raises(DeltaStateError, match="applied before it"):
+        second.merge()  # first is applied before second on the same hosts
+    first.merge()
+    torch.testing.assert_close(arch.run(model), both, rtol=1e-4, atol=1e-5)
+    second.merge()
+    torch.testing.assert_close(arch.run(model), both, rtol=1e-4, atol=1e-5)
+    with pytest.raises(DeltaStateError, match="reverse"):
+        first.unmerge()  # exact unmerge must go in reverse order
+    second.unmerge()
+    first.unmerge()
+    assert torch.equal(arch.run(model), both)
+    second.detach()
+    first.detach()
+    assert_state_equal(model, base_weights)
+
+
+def test_inexact_unmerge_subtracts() -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    delta = LoraModel(model)
+    perturb(delta, scale=0.1)
+    weights = snapshot(model)
+    delta.merge(exact_unmerge=False)
+    delta.unmerge()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6)
+
+
+def test_name_collisions_and_explicit_names() -> None:
+    model = tiny_bert()
+    named = LoraModel(model, modified_modules=["query"], name="sentiment")
+    assert named.child_name == "sentiment" and hasattr(model.bert.encoder.layer[0].attention.self.query, "sentiment")
+    with pytest.raises(DeltaError, match="already used"):
+        LoraModel(model, modified_modules=["query"], name="sentiment")
+    with pytest.raises(DeltaError, match="identifier"):
+        LoraModel(model, modified_modules=["query"], name="a.b")
+    named.detach()
+    squatter = LoraModel(model, modified_modules=["query"], name="sentiment")
+    with pytest.raises(DeltaStateError, match="already has an attribute"):
+        named.attach()
+    assert named.state == "detached" and squatter.state == "attached"
+
+
+def test_lora_matches_peft_given_the_same_factors() -> None:
+    peft = pytest.importorskip("peft")
+    cases = [
+        (tiny_bert, ["query", "value", "word_embeddings"], lambda m: m(torch.randint(2, 100, (2, 6))).logits),
+        (tiny_gpt2, ["c_attn", "c_fc", "wte"], lambda m: m(torch.randint(2, 100, (2, 6))).logits),
+    ]
+    for build, targets, run in cases:
+        ours = build()
+        delta = LoraModel(ours, modified_modules=targets, lora_r=4, lora_alpha=8)
+        perturb(delta, scale=0.3)
+        theirs = peft.get_peft_model(
+            build(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+        ).eval()
+        with torch.no_grad():
+            for site in delta.sites:
+                layer = theirs.base_model.model.get_submodule(site.name)
+                if isinstance(site.host, nn.Embedding):
+                    layer.lora_embedding_A["default"].copy_(site.module.lora_A)
+                    layer.lora_embedding_B["default"].copy_(site.module.lora_B)
+                else:
+                    layer.lora_A["default"].weight.copy_(site.module.lora_A)
+                    layer.lora_B["default"].weight.copy_(site.module.lora_B)
+        torch.manual_seed(0)
+        x = run(ours)
+        torch.manual_seed(0)
+        y = run(theirs)
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        assert not torch.allclose(x, run(build()), atol=1e-3)
+
+
+def test_visualization_marks_deltas_and_works_on_a_meta_7b(capsys) -> None:
+    model = tiny_bert()
+    delta = LoraModel(model)
+    tree = Visualization(model).structure_graph(printTree=False)
+    text = str(tree.children[0].children)  # rich trees render labels lazily; check the content directly
+    delta.log()
+    out = capsys.readouterr().out
+    assert "lora (LoraSite)" in out and "lora_A:[8, 32]" in out
+    assert "this delta" in out and "trainable" in out and text
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    with torch.device("meta"):
+        big = LlamaForCausalLM(config)
+    big_delta = LoraModel(big, lora_r=16)
+    assert all(p.is_meta for p in big_delta.parameters())
+    assert big_delta.num_delta_parameters() == 32 * 2 * 16 * (4096 + 4096)
+    big_delta.log()
+    out = capsys.readouterr().out
+    assert "0-31" in out and "6.74B" in out
+
+
+def test_cli_usage_errors_exit_2(capsys) -> None:
+    assert cli_main([]) == 2
+    with pytest.raises(SystemExit) as info:
+        cli_main(["frobnicate"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--version"])
+    assert info.value.code == 0
+    assert "deltakit" in capsys.readouterr().out
