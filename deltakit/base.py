@@ -255,6 +255,7 @@ class DeltaBase:
             kwargs = factory_kwargs(site.host)
             if kwargs:
                 site.module.to(**kwargs)  # follows a model.to(...) done while this delta was detached
+            site.module.train(site.host.training)  # a new module starts in training mode; follow the host
             site.host.add_module(self.child_name, site.module)
             self._add_site_hooks(site)
         self._state = ATTACHED

@@ -184,3 +184,32 @@ def test_cli_usage_errors_exit_2(capsys) -> None:
         cli_main(["--version"])
     assert info.value.code == 0
     assert "deltakit" in capsys.readouterr().out
+
+
+def test_lora_initialisation_and_dropout_only_in_training() -> None:
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query"], lora_r=4, lora_dropout=0.5)
+    for site in delta.sites:
+        assert torch.equal(site.module.lora_B, torch.zeros(32, 4))
+        bound = 1 / 32**0.5  # Kaiming-uniform with a=sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert site.module.lora_A.abs().max() <= bound and site.module.lora_A.std() > bound / 4
+    perturb(delta)
+    x = torch.randint(2, 100, (2, 6))
+    assert torch.equal(model(x).logits, model(x).logits)  # eval: no dropout
+    model.train()
+    torch.manual_seed(0)
+    first = model.bert(x).last_hidden_state
+    torch.manual_seed(1)
+    assert not torch.equal(first, model.bert(x).last_hidden_state)
+
+
+def test_exact_unmerge_refuses_after_the_merged_weight_was_trained() -> None:
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query"])
+    perturb(delta)
+    delta.merge()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)  # e.g. an optimizer step
+    with pytest.raises(DeltaStateError, match="modified after the merge"):
+        delta.unmerge()
+    assert delta.state == "merged"
