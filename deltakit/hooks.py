@@ -13,6 +13,7 @@ import bisect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -22,6 +23,9 @@ PreFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, 
 
 class DeltaSite(nn.Module):
     """Base class of the per-site modules that deltas register as children of their hosts.
+
+    ``forward_hook(host, args, kwargs, output)`` returns the new output and may update ``output`` in place (the
+    dispatcher guarantees nobody else holds it); ``forward_pre_hook(host, args, kwargs)`` returns ``(args, kwargs)``.
 
     Addressing never matches a module inside a :class:`DeltaSite`, so one delta cannot modify another by accident.
     While merged, ``merge_versions`` maps each host tensor the delta was folded into to its in-place version
@@ -53,6 +57,10 @@ class _Dispatch:
                 args, kwargs = fn(module, args, kwargs)
             return args, kwargs
         output = rest[0]
+        if next(iter(module._forward_hooks.values())) is not self and isinstance(output, torch.Tensor):
+            # A hook registered before ours may have kept a reference to the output: deltas may update the
+            # output in place, so give them a copy.
+            output = output.clone()
         for fn in self.fns:
             output = fn(module, args, kwargs, output)
         return output

@@ -213,3 +213,30 @@ def test_exact_unmerge_refuses_after_the_merged_weight_was_trained() -> None:
     with pytest.raises(DeltaStateError, match="modified after the merge"):
         delta.unmerge()
     assert delta.state == "merged"
+
+
+def test_in_place_update_never_changes_an_output_a_user_hook_kept() -> None:
+    model = tiny_bert()
+    host = model.bert.encoder.layer[0].attention.self.query
+    kept = []
+    host.register_forward_hook(lambda m, a, out: kept.append(out))  # registered before the delta's hook
+    x = torch.randint(2, 100, (2, 6))
+    base = model(x).logits
+    reference = kept[-1].clone()
+    delta = LoraModel(model, modified_modules=["query"])
+    perturb(delta)
+    attached = model(x).logits
+    assert torch.equal(kept[-1], reference)  # the user's tensor is the host's own output, untouched
+    assert not torch.allclose(attached, base)
+    delta.detach()
+    assert torch.equal(model(x).logits, base)
+
+
+def test_lora_under_autocast_matches_the_out_of_place_formula() -> None:
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query", "value"])
+    perturb(delta)
+    x = torch.randint(2, 100, (2, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed.float(), model(x).logits, rtol=0.05, atol=0.05)

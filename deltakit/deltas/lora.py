@@ -43,6 +43,21 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
+def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``output + scaling * projected @ lora_B.T``.
+
+    When the dtypes agree and ``output`` is contiguous, this is one in-place GEMM that accumulates into the host's
+    output (``addmm_`` with ``alpha=scaling``): no extra output-sized tensor is allocated and no separate add or
+    scale kernel runs, forward or backward. The host's output is a fresh tensor that nothing else holds (the
+    dispatcher hands over a copy when a user hook ran before ours), and its autograd function does not save it.
+    """
+    if output.dtype == projected.dtype == lora_B.dtype and output.is_contiguous() and output.dim() >= 1:
+        output.view(-1, output.shape[-1]).addmm_(projected.reshape(-1, projected.shape[-1]), lora_B.t(), alpha=scaling)
+        return output
+    # Mixed dtypes (autocast) or unusual layouts: the plain, out-of-place form.
+    return output + (F.linear(projected, lora_B) * scaling).to(output.dtype)
+
+
 class LoraSite(DeltaSite):
     """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host."""
 
@@ -61,7 +76,7 @@ class LoraSite(DeltaSite):
         x = _first_input(args, kwargs)
         if self.dropout is not None:
             x = self.dropout(x)
-        return torch.add(output, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scaling)
+        return add_low_rank(output, F.linear(x, self.lora_A), self.lora_B, self.scaling)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
         delta = (self.lora_B @ self.lora_A) * self.scaling
@@ -88,7 +103,7 @@ class LoraEmbeddingSite(DeltaSite):
         rows = F.embedding(_first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
         if self.dropout is not None:
             rows = self.dropout(rows)
-        return torch.add(output, F.linear(rows, self.lora_B), alpha=self.scaling)
+        return add_low_rank(output, rows, self.lora_B, self.scaling)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": (self.lora_B @ self.lora_A).T * self.scaling}
