@@ -51,12 +51,18 @@ class Site:
 
 
 def factory_kwargs(host: nn.Module) -> dict[str, Any]:
-    """``device``/``dtype`` of the host's own parameters, so a delta is created where its host lives."""
+    """``device``/``dtype`` of the host's own parameters, so a delta is created where its host lives.
+
+    A non-floating host weight (a quantized model's int8 storage) sets only the device: the delta stays in the
+    default floating dtype.
+    """
     param = next(host.parameters(recurse=False), None)
     if param is None:
         param = next(host.parameters(), None)
     if param is None:
         return {}
+    if not param.dtype.is_floating_point:
+        return {"device": param.device}
     return {"device": param.device, "dtype": param.dtype}
 
 
@@ -276,7 +282,11 @@ class DeltaBase:
         remove_hook(site.host, self._order_key)
 
     def detach(self) -> DeltaBase:
-        """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left)."""
+        """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left).
+
+        Only the delta's own changes are undone: backbone parameters you unfroze and trained yourself (e.g. a
+        classifier head kept trainable by ``freeze_module(exclude=[..., "classifier"])``) keep their values.
+        """
         self._require("detach", ATTACHED)
         for site in self.sites:
             self._remove_site_hooks(site)

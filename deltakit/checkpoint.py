@@ -78,6 +78,9 @@ def _atomic_write(directory: str, final_name: str, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual file mode
         os.replace(tmp, os.path.join(directory, final_name))
     except BaseException:
         if os.path.exists(tmp):

@@ -198,3 +198,11 @@ def test_auto_config_round_trip_and_errors(trained) -> None:
         LoraModel(tiny_bert(), lora_r=0)
     with pytest.raises(DeltaConfigError, match=r"\[0, 1\)"):
         LoraModel(tiny_bert(), lora_dropout=1.5)
+
+
+def test_checkpoint_files_get_the_usual_file_mode(trained) -> None:
+    _, path, _, _ = trained
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(path):
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o666 & ~umask
