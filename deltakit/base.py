@@ -118,6 +118,7 @@ class DeltaBase:
         self.unfrozen_parameter_names: list[str] = []
         if matches is None:
             matches = self._match_sites()
+        self.shared: DeltaSite | None = self.build_shared(matches)
         sites = [Site(n, host, self.build_site(n, host)) for n, host in matches]
         self.child_name = self._pick_child_name(name, sites)
         self.sites: list[Site] = sites
@@ -188,8 +189,15 @@ class DeltaBase:
             ) from None
         return matches
 
+    @property
+    def shared_name(self) -> str:
+        """Child name, on the backbone root, of the parameters shared by all sites (see :meth:`build_shared`)."""
+        return f"{self.child_name}_shared"
+
     def _pick_child_name(self, name: str | None, sites: list[Site]) -> str:
         def free(candidate: str) -> bool:
+            if self.shared is not None and hasattr(self.backbone_model, f"{candidate}_shared"):
+                return False
             return all(not hasattr(site.host, candidate) for site in sites)
 
         if name is not None:
@@ -208,6 +216,14 @@ class DeltaBase:
             if free(candidate):
                 return candidate
         raise AssertionError("unreachable")
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
+        """Parameters shared by all sites (Compacter's PHM rules), or ``None`` (the default).
+
+        The module is registered once, on the backbone root under :attr:`shared_name`, while the delta is attached,
+        and saved once; sites reference it without registering it (so it is not duplicated in ``state_dict``).
+        """
+        return None
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         """Build the per-site module for ``host`` (full name ``name``) without modifying it.
@@ -257,6 +273,15 @@ class DeltaBase:
                     f"{self.child_name!r} (another delta created while this one was detached?). Detach that delta "
                     f"first, or create this delta with another name=."
                 )
+        if self.shared is not None and hasattr(self.backbone_model, self.shared_name):
+            raise DeltaStateError(
+                f"Cannot attach {self._describe()}: the backbone already has an attribute {self.shared_name!r}. Detach "
+                f"the delta that uses it first, or create this delta with another name=."
+            )
+        if self.shared is not None:
+            self.shared.to(**factory_kwargs(self.sites[0].host))
+            self.shared.train(self.backbone_model.training)
+            self.backbone_model.add_module(self.shared_name, self.shared)
         for site in self.sites:
             kwargs = factory_kwargs(site.host)
             if kwargs:
@@ -276,10 +301,17 @@ class DeltaBase:
         post = getattr(site.module, "forward_hook", None)
         if post is not None:
             add_hook(site.host, self._order_key, post)
+        # A site may also read another module's input (a parallel adapter spanning a block).
+        source = getattr(site.module, "input_source", None)
+        if source is not None:
+            add_hook(source, self._order_key, site.module.capture_input, pre=True)
 
     def _remove_site_hooks(self, site: Site) -> None:
         remove_hook(site.host, self._order_key, pre=True)
         remove_hook(site.host, self._order_key)
+        source = getattr(site.module, "input_source", None)
+        if source is not None:
+            remove_hook(source, self._order_key, pre=True)
 
     def detach(self) -> DeltaBase:
         """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left).
@@ -291,6 +323,8 @@ class DeltaBase:
         for site in self.sites:
             self._remove_site_hooks(site)
             delattr(site.host, self.child_name)
+        if self.shared is not None:
+            delattr(self.backbone_model, self.shared_name)
         self._remove_state_dict_hook()
         self._state = DETACHED
         return self
@@ -399,6 +433,11 @@ class DeltaBase:
                 if id(param) not in seen:
                     seen.add(id(param))
                     yield f"{site.name}.{self.child_name}.{pname}", param
+        if self.shared is not None:
+            for pname, param in self.shared.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{self.shared_name}.{pname}", param
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This delta's own parameters (pass them to an optimizer)."""
@@ -410,11 +449,15 @@ class DeltaBase:
         return sum(p.numel() for p in self.parameters())
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """This delta's tensors keyed as in its checkpoint: ``<host>.<delta_type>.<param>``."""
+        """This delta's tensors keyed as in its checkpoint: ``<host>.<delta_type>.<param>``, and shared tensors
+        (stored once) as ``<delta_type>_shared.<param>``."""
         out: dict[str, torch.Tensor] = {}
         for site in self.sites:
             for pname, tensor in site.module.state_dict().items():
                 out[f"{site.name}.{self.delta_type}.{pname}"] = tensor
+        if self.shared is not None:
+            for pname, tensor in self.shared.state_dict().items():
+                out[f"{self.delta_type}_shared.{pname}"] = tensor
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -234,6 +234,10 @@ def load_delta(
     rename = dict(zip(meta["sites"], resolved))
     delta_keys = {k for k in tensors if k not in set(meta["backbone_tensors"])}
     mapped: dict[str, torch.Tensor] = {}
+    shared_prefix = f"{delta.delta_type}_shared."
+    for key in sorted(k for k in delta_keys if k.startswith(shared_prefix)):
+        mapped[key] = tensors[key]
+        delta_keys.discard(key)
     for key in delta_keys:
         site = next((s for s in sorted(rename, key=len, reverse=True) if key.startswith(s + ".")), None)
         if site is None:
@@ -285,6 +289,10 @@ def load_delta(
             state = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
             own = site.module.state_dict()
             site.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+        if delta.shared is not None:
+            own = delta.shared.state_dict()
+            state = {k[len(shared_prefix) :]: v for k, v in mapped.items() if k.startswith(shared_prefix)}
+            delta.shared.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     delta.attach()
     with torch.no_grad():
         for target, tensor in backbone_tensors.items():
