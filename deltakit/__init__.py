@@ -14,7 +14,20 @@ from .addressing import find_modules  # noqa: E402
 from .auto import AutoDeltaModel  # noqa: E402
 from .base import DeltaBase  # noqa: E402
 from .config import AutoDeltaConfig, DeltaConfig  # noqa: E402
-from .deltas import BitFitConfig, BitFitModel, LoraConfig, LoraModel  # noqa: E402
+from .deltas import (  # noqa: E402
+    AdapterConfig,
+    AdapterModel,
+    BitFitConfig,
+    BitFitModel,
+    CompacterConfig,
+    CompacterModel,
+    LoraConfig,
+    LoraModel,
+    LowRankAdapterConfig,
+    LowRankAdapterModel,
+    ParallelAdapterConfig,
+    ParallelAdapterModel,
+)
 from .errors import (  # noqa: E402
     CheckpointError,
     DeltaConfigError,
@@ -26,11 +39,15 @@ from .errors import (  # noqa: E402
 from .visualization import Visualization  # noqa: E402
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterModel",
     "AutoDeltaConfig",
     "AutoDeltaModel",
     "BitFitConfig",
     "BitFitModel",
     "CheckpointError",
+    "CompacterConfig",
+    "CompacterModel",
     "DeltaBase",
     "DeltaConfig",
     "DeltaConfigError",
@@ -38,7 +55,11 @@ __all__ = [
     "DeltaStateError",
     "LoraConfig",
     "LoraModel",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
     "ModuleMatchError",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
     "UnsupportedModuleError",
     "Visualization",
     "__version__",

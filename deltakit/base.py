@@ -294,24 +294,30 @@ class DeltaBase:
             self._install_state_dict_hook()
         return self
 
+    def _hook_key(self, site: Site) -> tuple[int, int]:
+        # (creation order, site slot): unique per site, so sites sharing a source module never collide.
+        return (self._order_key, id(site.module))
+
     def _add_site_hooks(self, site: Site) -> None:
+        key = self._hook_key(site)
         pre = getattr(site.module, "forward_pre_hook", None)
         if pre is not None:
-            add_hook(site.host, self._order_key, pre, pre=True)
+            add_hook(site.host, key, pre, pre=True)
         post = getattr(site.module, "forward_hook", None)
         if post is not None:
-            add_hook(site.host, self._order_key, post)
+            add_hook(site.host, key, post)
         # A site may also read another module's input (a parallel adapter spanning a block).
         source = getattr(site.module, "input_source", None)
         if source is not None:
-            add_hook(source, self._order_key, site.module.capture_input, pre=True)
+            add_hook(source, key, site.module.capture_input, pre=True)
 
     def _remove_site_hooks(self, site: Site) -> None:
-        remove_hook(site.host, self._order_key, pre=True)
-        remove_hook(site.host, self._order_key)
+        key = self._hook_key(site)
+        remove_hook(site.host, key, pre=True)
+        remove_hook(site.host, key)
         source = getattr(site.module, "input_source", None)
         if source is not None:
-            remove_hook(source, self._order_key, pre=True)
+            remove_hook(source, key, pre=True)
 
     def detach(self) -> DeltaBase:
         """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left).
@@ -346,7 +352,7 @@ class DeltaBase:
             raise DeltaStateError(f"{type(self).__name__} cannot be merged: its delta is not a change of host weights.")
         for site in self.sites:
             keys = hook_keys(site.host)
-            if keys and keys[0] != self._order_key:
+            if keys and keys[0] != self._hook_key(site):
                 raise DeltaStateError(
                     f"Cannot merge {self._describe()}: on {site.name!r} another delta is applied before it, so folding "
                     f"this one into the weight would change the result. Merge or detach the earlier delta first."

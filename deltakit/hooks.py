@@ -1,7 +1,7 @@
 """Hook plumbing: one dispatcher hook per host module, applying the attached deltas in a stable order.
 
 Several deltas may modify the same host. Each host gets at most one deltakit forward hook (and at most one
-forward pre-hook): a :class:`_Dispatch` object holding ordered entries ``(order_key, fn)``. A delta keeps its
+forward pre-hook): a :class:`_Dispatch` object holding entries ``fn`` ordered by ``(delta order, site)`` keys. A delta keeps its
 order key for life, so detaching and re-attaching it puts it back in the same place and the outputs are
 bit-for-bit what they were. When the last entry leaves, the hook itself is removed, so a detached model carries
 no deltakit hook at all. The dispatcher lives only in the host's hook table: nothing global is patched.
@@ -44,7 +44,7 @@ class _Dispatch:
 
     def __init__(self, host: nn.Module, pre: bool) -> None:
         self.pre = pre
-        self.keys: list[int] = []
+        self.keys: list[tuple[int, int]] = []
         self.fns: list[Any] = []
         if pre:
             self.handle: RemovableHandle = host.register_forward_pre_hook(self, with_kwargs=True)
@@ -65,17 +65,17 @@ class _Dispatch:
             output = fn(module, args, kwargs, output)
         return output
 
-    def insert(self, key: int, fn: Any) -> None:
+    def insert(self, key: tuple[int, int], fn: Any) -> None:
         index = bisect.bisect_left(self.keys, key)
         self.keys.insert(index, key)
         self.fns.insert(index, fn)
 
-    def remove(self, key: int) -> None:
+    def remove(self, key: tuple[int, int]) -> None:
         index = self.keys.index(key)
         del self.keys[index]
         del self.fns[index]
 
-    def position(self, key: int) -> int:
+    def position(self, key: tuple[int, int]) -> int:
         return self.keys.index(key)
 
 
@@ -87,13 +87,13 @@ def _find(host: nn.Module, pre: bool) -> _Dispatch | None:
     return None
 
 
-def add_hook(host: nn.Module, key: int, fn: Any, *, pre: bool = False) -> None:
+def add_hook(host: nn.Module, key: tuple[int, int], fn: Any, *, pre: bool = False) -> None:
     """Insert ``fn`` into the host's deltakit (pre-)hook at the position given by ``key``."""
     dispatch = _find(host, pre) or _Dispatch(host, pre)
     dispatch.insert(key, fn)
 
 
-def remove_hook(host: nn.Module, key: int, *, pre: bool = False) -> None:
+def remove_hook(host: nn.Module, key: tuple[int, int], *, pre: bool = False) -> None:
     """Remove the entry ``key``; the hook itself goes when its last entry does."""
     dispatch = _find(host, pre)
     if dispatch is None or key not in dispatch.keys:
@@ -103,7 +103,7 @@ def remove_hook(host: nn.Module, key: int, *, pre: bool = False) -> None:
         dispatch.handle.remove()
 
 
-def hook_keys(host: nn.Module, *, pre: bool = False) -> list[int]:
+def hook_keys(host: nn.Module, *, pre: bool = False) -> list[tuple[int, int]]:
     """The order keys of the deltas hooked on ``host``, in application order."""
     dispatch = _find(host, pre)
     return list(dispatch.keys) if dispatch is not None else []

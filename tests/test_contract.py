@@ -9,7 +9,17 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from deltakit import AutoDeltaModel, BitFitModel, DeltaBase, DeltaStateError, LoraModel
+from deltakit import (
+    AdapterModel,
+    AutoDeltaModel,
+    BitFitModel,
+    CompacterModel,
+    DeltaBase,
+    DeltaStateError,
+    LoraModel,
+    LowRankAdapterModel,
+    ParallelAdapterModel,
+)
 from deltakit.checkpoint import WEIGHTS_NAME
 
 from .conftest import Arch, assert_state_equal, hook_counts, perturb, snapshot
@@ -18,7 +28,17 @@ VARIANTS: dict[str, Callable[[nn.Module], DeltaBase]] = {
     "lora-default": lambda m: LoraModel(m, lora_r=4, lora_alpha=8),
     "lora-embed-ff": lambda m: LoraModel(m, modified_modules=["embed", "ff.w1", "ff.w2"], lora_r=2),
     "bitfit-default": lambda m: BitFitModel(m),
+    "adapter-default": lambda m: AdapterModel(m, bottleneck_dim=6),
+    "adapter-ffw1": lambda m: AdapterModel(m, modified_modules=["ff.w1"], bottleneck_dim=4, non_linearity="relu"),
+    "parallel-default": lambda m: ParallelAdapterModel(m, bottleneck_dim=6, scaled=2.0),
+    "parallel-same-module": lambda m: ParallelAdapterModel(m, modified_modules=["attn.o"], bottleneck_dim=4),
+    "low-rank-adapter-default": lambda m: LowRankAdapterModel(m, reduction_factor=4, low_rank_rank=2),
+    "compacter-default": lambda m: CompacterModel(m, reduction_factor=4),
+    "compacter++-unshared": lambda m: CompacterModel(
+        m, modified_modules=["ff.w2"], reduction_factor=4, phm_rank=2, shared_phm_rule=False, factorized_phm_rule=True
+    ),
 }
+MERGEABLE = ("lora", "bitfit")
 
 
 def _embeddings_tied(model: nn.Module) -> bool:
@@ -121,6 +141,13 @@ def test_merge_is_close_and_unmerge_restores_weights(arch: Arch, variant: str) -
     perturb(delta, scale=0.1)
     attached = arch.run(model)
     weights = snapshot(model)
+    if not variant.startswith(MERGEABLE):
+        with pytest.raises(DeltaStateError, match="cannot be merged"):
+            delta.merge()
+        assert delta.state == "attached"
+        assert_state_equal(model, weights)
+        assert torch.equal(arch.run(model), attached)
+        return
     hosts_without_bias = [s.name for s in delta.sites if getattr(s.host, "bias", None) is None]
     tied = variant == "lora-embed-ff" and _embeddings_tied(model)
     if (variant.startswith("bitfit") and hosts_without_bias) or tied:
@@ -185,7 +212,7 @@ def test_illegal_transitions_raise_and_change_nothing(arch: Arch, variant: str) 
             getattr(delta, action)()
         assert torch.equal(arch.run(model), detached)
     delta.attach()
-    unmergeable = (variant.startswith("bitfit") and any(getattr(s.host, "bias", None) is None for s in delta.sites)) or (
+    unmergeable = not variant.startswith(MERGEABLE) or (variant.startswith("bitfit") and any(getattr(s.host, "bias", None) is None for s in delta.sites)) or (
         variant == "lora-embed-ff" and _embeddings_tied(model)
     )
     if not unmergeable:

@@ -1,6 +1,23 @@
 """The delta methods, one file each; importing this package registers them."""
 
+from .adapter import AdapterConfig, AdapterModel
 from .bitfit import BitFitConfig, BitFitModel
+from .compacter import CompacterConfig, CompacterModel
 from .lora import LoraConfig, LoraModel
+from .low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
+from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
 
-__all__ = ["BitFitConfig", "BitFitModel", "LoraConfig", "LoraModel"]
+__all__ = [
+    "AdapterConfig",
+    "AdapterModel",
+    "BitFitConfig",
+    "BitFitModel",
+    "CompacterConfig",
+    "CompacterModel",
+    "LoraConfig",
+    "LoraModel",
+    "LowRankAdapterConfig",
+    "LowRankAdapterModel",
+    "ParallelAdapterConfig",
+    "ParallelAdapterModel",
+]

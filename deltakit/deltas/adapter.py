@@ -1,0 +1,93 @@
+"""Adapter: Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP" (arXiv:1902.00751).
+
+``h <- h + up(act(down(h)))`` with a bottleneck of ``bottleneck_dim``, applied to the *output* of each modified
+module (default: the attention output projection and the FFN output projection of every layer, roles ``attn.o``
+and ``ff.w2``). ``up`` starts at zero, so a fresh adapter is the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig, check_positive_int
+from ..hooks import DeltaSite
+from .common import ACTIVATIONS, check_activation, map_hidden, output_dim
+
+
+@dataclass
+class AdapterConfig(DeltaConfig):
+    """Adapter settings: bottleneck width and activation."""
+
+    delta_type: ClassVar[str] = "adapter"
+
+    bottleneck_dim: int = 24
+    non_linearity: str = "gelu_new"
+
+    def validate(self) -> None:
+        check_positive_int(self, "bottleneck_dim")
+        check_activation(self.non_linearity, "AdapterConfig")
+
+
+class AdapterSite(DeltaSite):
+    """A bottleneck MLP added residually to its host's output."""
+
+    def __init__(self, dim: int, bottleneck: int, non_linearity: str, **factory: Any) -> None:
+        super().__init__()
+        self.non_linearity = non_linearity
+        self.down = nn.Linear(dim, bottleneck, **factory)
+        self.up = nn.Linear(bottleneck, dim, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(ACTIVATIONS[self.non_linearity](self.down(hidden)))
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        return map_hidden(output, self.adapt)
+
+
+class AdapterModel(DeltaBase):
+    """Sequential bottleneck adapters (Houlsby et al. 2019).
+
+    Args:
+        backbone_model: The model to modify.
+        modified_modules: Modules whose output is adapted; default ``["attn.o", "ff.w2"]``.
+        bottleneck_dim: Width of the bottleneck.
+        non_linearity: ``"gelu_new"`` (default), ``"gelu"``, ``"relu"``, ``"silu"``, ``"tanh"``, ...
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name of the per-site modules (default ``"adapter"``).
+    """
+
+    delta_type: ClassVar[str] = "adapter"
+    config_class = AdapterConfig
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.o", "ff.w2")
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        bottleneck_dim: int = 24,
+        non_linearity: str = "gelu_new",
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = AdapterConfig(
+            bottleneck_dim=bottleneck_dim,
+            non_linearity=non_linearity,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: AdapterConfig = self.config  # type: ignore[assignment]
+        dim = output_dim(name, host, self.backbone_model, "Adapter")
+        return AdapterSite(dim, cfg.bottleneck_dim, cfg.non_linearity, **factory_kwargs(host))

@@ -1,0 +1,227 @@
+"""Compacter: Mahabadi et al. 2021, "Compacter: Efficient Low-Rank Hypercomplex Adapter Layers"
+(arXiv:2106.04647).
+
+An adapter ``h <- h + up(act(down(h)))`` whose projections are parameterized hypercomplex multiplication (PHM)
+layers: ``W = sum_i A_i (x) B_i`` (Kronecker products, ``i = 1..n``, ``n = hypercomplex_division``). ``B_i`` is a
+rank-``phm_rank`` product ``s_i t_i`` when ``factorized_phm``; the "slow" rules ``A_i`` are shared by every PHM layer
+of the model when ``shared_phm_rule`` (the paper's Compacter; stored and saved once). Hooks the output of each
+modified module: default ``attn.o`` and ``ff.w2``; Compacter++ is ``modified_modules=["ff.w2"]`` (after the FFN only).
+The up projection's ``t_i`` (or ``B_i``) and bias start at zero: identity at init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig, check_positive_int
+from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..hooks import DeltaSite
+from .common import ACTIVATIONS, check_activation, map_hidden, output_dim
+
+
+@dataclass
+class CompacterConfig(DeltaConfig):
+    """Compacter settings (names as in OpenDelta)."""
+
+    delta_type: ClassVar[str] = "compacter"
+
+    reduction_factor: int = 16
+    non_linearity: str = "gelu_new"
+    hypercomplex_division: int = 4
+    phm_rank: int = 1
+    factorized_phm: bool = True
+    shared_phm_rule: bool = True
+    factorized_phm_rule: bool = False
+    phm_init_range: float = 1e-4
+    phm_c_init: str = "normal"
+    use_bias_up_sampler: bool = True
+    use_bias_down_sampler: bool = True
+
+    def validate(self) -> None:
+        for name in ("reduction_factor", "hypercomplex_division", "phm_rank"):
+            check_positive_int(self, name)
+        check_activation(self.non_linearity, "CompacterConfig")
+        if self.phm_c_init not in ("normal", "uniform"):
+            raise DeltaConfigError(f"CompacterConfig.phm_c_init must be 'normal' or 'uniform', got {self.phm_c_init!r}.")
+        if not isinstance(self.phm_init_range, (int, float)) or self.phm_init_range <= 0:
+            raise DeltaConfigError(f"CompacterConfig.phm_init_range must be > 0, got {self.phm_init_range!r}.")
+
+
+class PHMRule(nn.Module):
+    """The ``n`` rule matrices ``A_i`` (n x n), full or factorized as ``left_i @ right_i`` (rank 1)."""
+
+    def __init__(self, n: int, factorized: bool, c_init: str, init_range: float, **factory: Any) -> None:
+        super().__init__()
+        self.factorized = factorized
+        shapes = [(n, n, 1), (n, 1, n)] if factorized else [(n, n, n)]
+        params = [nn.Parameter(torch.empty(shape, **factory)) for shape in shapes]
+        for p in params:
+            if c_init == "normal":
+                nn.init.normal_(p, std=init_range)
+            else:
+                nn.init.uniform_(p, -1.0, 1.0)
+        if factorized:
+            self.phm_rule_left, self.phm_rule_right = params
+        else:
+            self.phm_rule = params[0]
+
+    def forward(self) -> torch.Tensor:
+        if self.factorized:
+            return self.phm_rule_left @ self.phm_rule_right
+        return self.phm_rule
+
+
+class PHMLinear(nn.Module):
+    """``y = x @ (sum_i A_i (x) B_i) + b``: a PHM layer mapping ``in_features`` to ``out_features``."""
+
+    def __init__(
+        self, in_features: int, out_features: int, cfg: CompacterConfig, shared_rule: PHMRule | None, zero: bool,
+        bias: bool, **factory: Any,
+    ) -> None:
+        super().__init__()
+        n, rank = cfg.hypercomplex_division, cfg.phm_rank
+        self.n, self.in_features, self.out_features = n, in_features, out_features
+        p, q = in_features // n, out_features // n
+        self.factorized = cfg.factorized_phm
+        if self.factorized:
+            self.W_left = nn.Parameter(torch.empty(n, p, rank, **factory))
+            self.W_right = nn.Parameter(torch.empty(n, rank, q, **factory))
+            nn.init.xavier_normal_(self.W_left)
+            nn.init.zeros_(self.W_right) if zero else nn.init.xavier_normal_(self.W_right)
+        else:
+            self.W = nn.Parameter(torch.empty(n, p, q, **factory))
+            nn.init.zeros_(self.W) if zero else nn.init.xavier_normal_(self.W)
+        self.b = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        if shared_rule is None:
+            self.rule = PHMRule(n, cfg.factorized_phm_rule, cfg.phm_c_init, cfg.phm_init_range, **factory)
+            self._shared_rule: tuple[PHMRule, ...] = ()
+        else:
+            self._shared_rule = (shared_rule,)  # referenced, not registered: stored once, on the backbone root
+
+    def weight(self) -> torch.Tensor:
+        rule = self._shared_rule[0]() if self._shared_rule else self.rule()
+        blocks = self.W_left @ self.W_right if self.factorized else self.W
+        # kron(A_i, B_i)[a*p + c, b*q + d] = A_i[a, b] * B_i[c, d], summed over i.
+        return torch.einsum("iab,icd->acbd", rule, blocks).reshape(self.in_features, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        out = torch.addmm(self.b, flat, self.weight()) if self.b is not None else flat @ self.weight()
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class CompacterShared(DeltaSite):
+    """The PHM rules shared by every Compacter layer of one delta."""
+
+    def __init__(self, rule: PHMRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+
+class CompacterSite(DeltaSite):
+    """A Compacter adapter (two PHM layers) on one host."""
+
+    def __init__(self, dim: int, bottleneck: int, cfg: CompacterConfig, shared: PHMRule | None, **factory: Any) -> None:
+        super().__init__()
+        self.non_linearity = cfg.non_linearity
+        self.down_sampler = PHMLinear(dim, bottleneck, cfg, shared, zero=False, bias=cfg.use_bias_down_sampler, **factory)
+        self.up_sampler = PHMLinear(bottleneck, dim, cfg, shared, zero=True, bias=cfg.use_bias_up_sampler, **factory)
+
+    def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up_sampler(ACTIVATIONS[self.non_linearity](self.down_sampler(hidden)))
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        return map_hidden(output, self.adapt)
+
+
+class CompacterModel(DeltaBase):
+    """Compacter adapters (Mahabadi et al. 2021); see the module docstring.
+
+    Args:
+        backbone_model: The model to modify.
+        modified_modules: Modules whose output is adapted; default ``["attn.o", "ff.w2"]`` (``["ff.w2"]``:
+            Compacter++).
+        reduction_factor: Bottleneck width is ``hidden // reduction_factor``.
+        non_linearity: Activation (default ``"gelu_new"``).
+        hypercomplex_division: ``n``, the number of Kronecker summands; must divide the hidden size and the
+            bottleneck.
+        phm_rank: Rank of each ``B_i = s_i t_i`` when ``factorized_phm``.
+        factorized_phm: Low-rank ``B_i`` (Compacter) instead of full ``B_i`` (PHM adapter).
+        shared_phm_rule: One set of rules ``A_i`` for every PHM layer of the model (saved once).
+        factorized_phm_rule: Rank-1 rules ``A_i = left_i right_i``.
+        phm_init_range: Standard deviation of the rules' normal init.
+        phm_c_init: ``"normal"`` or ``"uniform"`` init of the rules.
+        use_bias_up_sampler: Bias on the up projection.
+        use_bias_down_sampler: Bias on the down projection.
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name (default ``"compacter"``).
+    """
+
+    delta_type: ClassVar[str] = "compacter"
+    config_class = CompacterConfig
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.o", "ff.w2")
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        reduction_factor: int = 16,
+        non_linearity: str = "gelu_new",
+        hypercomplex_division: int = 4,
+        phm_rank: int = 1,
+        factorized_phm: bool = True,
+        shared_phm_rule: bool = True,
+        factorized_phm_rule: bool = False,
+        phm_init_range: float = 1e-4,
+        phm_c_init: str = "normal",
+        use_bias_up_sampler: bool = True,
+        use_bias_down_sampler: bool = True,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = CompacterConfig(
+            reduction_factor=reduction_factor,
+            non_linearity=non_linearity,
+            hypercomplex_division=hypercomplex_division,
+            phm_rank=phm_rank,
+            factorized_phm=factorized_phm,
+            shared_phm_rule=shared_phm_rule,
+            factorized_phm_rule=factorized_phm_rule,
+            phm_init_range=phm_init_range,
+            phm_c_init=phm_c_init,
+            use_bias_up_sampler=use_bias_up_sampler,
+            use_bias_down_sampler=use_bias_down_sampler,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
+        cfg: CompacterConfig = self.config  # type: ignore[assignment]
+        if not cfg.shared_phm_rule or not matches:
+            return None
+        factory = factory_kwargs(matches[0][1])
+        rule = PHMRule(cfg.hypercomplex_division, cfg.factorized_phm_rule, cfg.phm_c_init, cfg.phm_init_range, **factory)
+        return CompacterShared(rule)
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: CompacterConfig = self.config  # type: ignore[assignment]
+        n = cfg.hypercomplex_division
+        dim = output_dim(name, host, self.backbone_model, "Compacter")
+        bottleneck = dim // cfg.reduction_factor
+        if dim % n or bottleneck < 1 or bottleneck % n:
+            raise UnsupportedModuleError(
+                f"Compacter on {name!r}: hidden size {dim} and bottleneck {bottleneck} (= {dim} // reduction_factor "
+                f"{cfg.reduction_factor}) must both be positive multiples of hypercomplex_division {n}. Choose "
+                f"another hypercomplex_division or reduction_factor."
+            )
+        shared = self.shared.rule if self.shared is not None else None  # type: ignore[union-attr]
+        return CompacterSite(dim, bottleneck, cfg, shared, **factory_kwargs(host))

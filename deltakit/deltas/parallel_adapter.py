@@ -1,0 +1,168 @@
+"""Parallel adapter: He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning"
+(arXiv:2110.04366).
+
+``h_out <- h_out + scaled * up(act(down(x_in)))``: the adapter reads the *input* ``x_in`` of one module (captured
+by a forward pre-hook) and adds to the *output* of the same or a later module (a forward hook). Default: across
+each feed-forward block, from the input of ``ff.w1`` to the output of ``ff.w2``. ``up`` starts at zero: identity at
+init.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..addressing import find_modules
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig, check_positive_int
+from ..errors import DeltaConfigError, DeltaError, ModuleMatchError
+from ..hooks import DeltaSite
+from ..structures import linear_dims
+from .common import ACTIVATIONS, check_activation, first_input, map_hidden, output_dim
+
+
+@dataclass
+class ParallelAdapterConfig(DeltaConfig):
+    """Parallel adapter settings. ``input_modules`` names where each adapter reads its input (``None``: the same
+    module as its output; with default positions, ``ff.w1``)."""
+
+    delta_type: ClassVar[str] = "parallel_adapter"
+
+    bottleneck_dim: int = 24
+    non_linearity: str = "gelu_new"
+    scaled: float = 1.0
+    input_modules: list[str] | None = None
+
+    def validate(self) -> None:
+        check_positive_int(self, "bottleneck_dim")
+        check_activation(self.non_linearity, "ParallelAdapterConfig")
+        if isinstance(self.scaled, bool) or not isinstance(self.scaled, (int, float)):
+            raise DeltaConfigError(f"ParallelAdapterConfig.scaled must be a number, got {self.scaled!r}.")
+        if isinstance(self.input_modules, str):
+            self.input_modules = [self.input_modules]
+
+
+class ParallelAdapterSite(DeltaSite):
+    """Captures ``input_source``'s input, adds the adapted value to the host's output."""
+
+    def __init__(self, in_dim: int, out_dim: int, cfg: ParallelAdapterConfig, source: nn.Module, **factory: Any) -> None:
+        super().__init__()
+        self.non_linearity = cfg.non_linearity
+        self.scaled = float(cfg.scaled)
+        self.down = nn.Linear(in_dim, cfg.bottleneck_dim, **factory)
+        self.up = nn.Linear(cfg.bottleneck_dim, out_dim, **factory)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        # A plain attribute holder, so the source module is not registered as a child of this delta module.
+        self._source = (source,)
+        self._captured: torch.Tensor | None = None
+
+    @property
+    def input_source(self) -> nn.Module:
+        return self._source[0]
+
+    def capture_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+        self._captured = first_input(args, kwargs)
+        return args, kwargs
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        x = self._captured
+        if x is None:
+            raise DeltaError(
+                "ParallelAdapter: the output module ran before its input module in this forward pass; "
+                "input_modules must name a module that runs before (or is) the modified module."
+            )
+        self._captured = None
+        update = self.up(ACTIVATIONS[self.non_linearity](self.down(x)))
+        return map_hidden(output, lambda h: h + self.scaled * update)
+
+
+class ParallelAdapterModel(DeltaBase):
+    """Parallel adapters (He et al. 2022).
+
+    Args:
+        backbone_model: The model to modify.
+        modified_modules: Modules whose output receives the adapter's value; default ``["ff.w2"]``.
+        bottleneck_dim: Width of the bottleneck.
+        non_linearity: Activation (default ``"gelu_new"``).
+        scaled: Factor on the adapter's value.
+        input_modules: Where each adapter reads its input. ``None`` with explicit ``modified_modules``: the input of
+            the same module; with default positions: ``["ff.w1"]`` (spanning the FFN block). Each modified module is
+            paired with the input module sharing the longest dotted name prefix (its own layer).
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name (default ``"parallel_adapter"``).
+    """
+
+    delta_type: ClassVar[str] = "parallel_adapter"
+    config_class = ParallelAdapterConfig
+    default_modified_modules: ClassVar[tuple[str, ...]] = ("ff.w2",)
+    default_input_modules: ClassVar[tuple[str, ...]] = ("ff.w1",)
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        bottleneck_dim: int = 24,
+        non_linearity: str = "gelu_new",
+        scaled: float = 1.0,
+        input_modules: list[str] | None = None,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = ParallelAdapterConfig(
+            bottleneck_dim=bottleneck_dim,
+            non_linearity=non_linearity,
+            scaled=scaled,
+            input_modules=input_modules,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def _input_candidates(self) -> list[tuple[str, nn.Module]] | None:
+        cfg: ParallelAdapterConfig = self.config  # type: ignore[assignment]
+        patterns = cfg.input_modules
+        if patterns is None and cfg.modified_modules is None:
+            patterns = list(self.default_input_modules)
+        if patterns is None:
+            return None
+        if not hasattr(self, "_inputs_cache"):
+            self._inputs_cache = find_modules(
+                self.backbone_model, patterns, what="input_modules", skip_types=(DeltaSite,),
+                allow_unmatched_roles=cfg.input_modules is None,
+            )
+        return self._inputs_cache
+
+    def _source_for(self, name: str, host: nn.Module) -> tuple[str, nn.Module]:
+        candidates = self._input_candidates()
+        if candidates is None:
+            return name, host
+
+        def shared_prefix(other: str) -> int:
+            a, b = name.split("."), other.split(".")
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            return n
+
+        scored = sorted(((shared_prefix(n), n, m) for n, m in candidates), key=lambda t: -t[0])
+        if len(scored) > 1 and scored[0][0] == scored[1][0]:
+            raise ModuleMatchError(
+                f"ParallelAdapter: the input module for {name!r} is ambiguous: {scored[0][1]!r} and {scored[1][1]!r} "
+                f"are equally close. Make input_modules more specific."
+            )
+        return scored[0][1], scored[0][2]
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: ParallelAdapterConfig = self.config  # type: ignore[assignment]
+        source_name, source = self._source_for(name, host)
+        dims = linear_dims(source)
+        in_dim = dims[0] if dims is not None else output_dim(source_name, source, self.backbone_model, "ParallelAdapter")
+        out_dim = output_dim(name, host, self.backbone_model, "ParallelAdapter")
+        return ParallelAdapterSite(in_dim, out_dim, cfg, source, **factory_kwargs(host))
