@@ -209,3 +209,16 @@ def test_parallel_adapter_reads_the_input_and_adds_to_the_output() -> None:
         for h in (h1, h2, h3, h4):
             h.remove()
     assert torch.equal(model(x).logits, base)
+
+
+def test_adapter_on_a_block_with_tuple_output_uses_the_config_hidden_size() -> None:
+    model = tiny_bert()
+    x = torch.randint(2, 100, (2, 6))
+    base = model(x).logits
+    delta = AdapterModel(model, modified_modules=["layer.0.attention"], bottleneck_dim=4)
+    assert delta.sites[0].module.down.in_features == 32
+    assert torch.equal(model(x).logits, base)
+    perturb(delta)
+    assert not torch.allclose(model(x).logits, base)
+    delta.detach()
+    assert torch.equal(model(x).logits, base)
