@@ -240,3 +240,24 @@ def test_lora_under_autocast_matches_the_out_of_place_formula() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(x).logits
     torch.testing.assert_close(mixed.float(), model(x).logits, rtol=0.05, atol=0.05)
+
+
+def test_low_rank_update_gradients_are_exact_in_every_path() -> None:
+    from deltakit.deltas.lora import add_low_rank
+
+    torch.manual_seed(0)
+    for make_view in (False, True):
+        base_x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+        weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(4, dtype=torch.float64)
+        A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+        B = torch.randn(4, 2, dtype=torch.float64, requires_grad=True)
+
+        def fn(x, w, a, b):
+            out = torch.nn.functional.linear(x, w, bias if make_view else None)
+            assert out._is_view() == make_view
+            return add_low_rank(out, torch.nn.functional.linear(x, a), b, 0.7)
+
+        assert torch.autograd.gradcheck(fn, (base_x, weight, A, B))
+        reference = torch.nn.functional.linear(base_x, weight, bias if make_view else None) + 0.7 * (base_x @ A.T) @ B.T
+        torch.testing.assert_close(fn(base_x, weight, A, B), reference)

@@ -43,19 +43,53 @@ def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``output + scaling * projected @ lora_B.T``.
+class _AddLowRankInPlace(torch.autograd.Function):
+    """``output += scaling * projected @ lora_B.T`` in place, for an output that is not a view.
 
-    When the dtypes agree and ``output`` is contiguous, this is one in-place GEMM that accumulates into the host's
-    output (``addmm_`` with ``alpha=scaling``): no extra output-sized tensor is allocated and no separate add or
-    scale kernel runs, forward or backward. The host's output is a fresh tensor that nothing else holds (the
-    dispatcher hands over a copy when a user hook ran before ours), and its autograd function does not save it.
+    A custom function (rather than ``addmm_`` under autograd) avoids autograd's bookkeeping for in-place writes and
+    lets the backward pass pick the fast GEMM layouts: the output's gradient passes through untouched, the scale is
+    folded into the tiny ``lora_B``, and ``lora_B``'s gradient is computed as ``(projected^T g)^T``.
     """
-    if output.dtype == projected.dtype == lora_B.dtype and output.is_contiguous() and output.dim() >= 1:
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
         output.view(-1, output.shape[-1]).addmm_(projected.reshape(-1, projected.shape[-1]), lora_B.t(), alpha=scaling)
+        ctx.mark_dirty(output)
+        ctx.save_for_backward(projected, lora_B)
+        ctx.scaling = scaling
         return output
-    # Mixed dtypes (autocast) or unusual layouts: the plain, out-of-place form.
-    return output + (F.linear(projected, lora_B) * scaling).to(output.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        projected, lora_B = ctx.saved_tensors
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_projected = grad_B = None
+        if ctx.needs_input_grad[1]:
+            grad_projected = (grad2d @ (lora_B * ctx.scaling)).view(projected.shape)
+        if ctx.needs_input_grad[2]:
+            grad_B = (projected.reshape(-1, projected.shape[-1]).t() @ grad2d).t().mul_(ctx.scaling)
+        return grad, grad_projected, grad_B, None
+
+
+def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``output + scaling * projected @ lora_B.T``, as cheaply as the situation allows.
+
+    The host's output is a fresh tensor that nothing else holds (the dispatcher hands over a copy when a user hook
+    ran before ours) and that its own backward does not need, so it can be updated in place: one GEMM accumulating
+    into it, no output-sized temporary, no separate add or scale kernel. Without autograd this is a plain
+    ``addmm_``; with autograd it goes through :class:`_AddLowRankInPlace` unless the output is a view (a Linear with
+    bias returns a view of a 2-D result), where an out-of-place ``addmm`` is cheaper than autograd's view tracking.
+    Mixed dtypes (autocast) take the plain formula.
+    """
+    if output.dtype != projected.dtype or output.dtype != lora_B.dtype or not output.is_contiguous():
+        return output + (F.linear(projected, lora_B) * scaling).to(output.dtype)
+    flat = projected.reshape(-1, projected.shape[-1])
+    if not torch.is_grad_enabled() or not (output.requires_grad or projected.requires_grad or lora_B.requires_grad):
+        output.view(-1, output.shape[-1]).addmm_(flat, lora_B.t(), alpha=scaling)
+        return output
+    if output._is_view():
+        return torch.addmm(output.view(-1, output.shape[-1]), flat, lora_B.t(), alpha=scaling).view(output.shape)
+    return _AddLowRankInPlace.apply(output, projected, lora_B, scaling)
 
 
 class LoraSite(DeltaSite):
