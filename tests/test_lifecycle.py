@@ -246,7 +246,7 @@ def test_low_rank_update_gradients_are_exact_in_every_path() -> None:
     from deltakit.deltas.lora import add_low_rank
 
     torch.manual_seed(0)
-    for make_view in (False, True):
+    for make_view in (False, True):  # without / with bias: a 3-D Linear output with bias is a view of a 2-D result
         base_x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
         weight = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
         bias = torch.randn(4, dtype=torch.float64)

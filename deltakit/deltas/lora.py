@@ -77,8 +77,9 @@ def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Te
     The host's output is a fresh tensor that nothing else holds (the dispatcher hands over a copy when a user hook
     ran before ours) and that its own backward does not need, so it can be updated in place: one GEMM accumulating
     into it, no output-sized temporary, no separate add or scale kernel. Without autograd this is a plain
-    ``addmm_``; with autograd it goes through :class:`_AddLowRankInPlace` unless the output is a view (a Linear with
-    bias returns a view of a 2-D result), where an out-of-place ``addmm`` is cheaper than autograd's view tracking.
+    ``addmm_``; with autograd it goes through :class:`_AddLowRankInPlace`, applied to the 2-D result itself when the
+    output is a reshaping view of one (a Linear with bias), since autograd's tracking of in-place writes through
+    views costs more than the update. Other views get an out-of-place ``addmm``.
     Mixed dtypes (autocast) take the plain formula.
     """
     if output.dtype != projected.dtype or output.dtype != lora_B.dtype or not output.is_contiguous():
@@ -88,6 +89,11 @@ def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Te
         output.view(-1, output.shape[-1]).addmm_(flat, lora_B.t(), alpha=scaling)
         return output
     if output._is_view():
+        base = output._base
+        if base is not None and base.is_contiguous() and base.numel() == output.numel() and base.dim() == 2:
+            # A Linear (or Conv1D) with bias returns a reshaping view of its fresh 2-D addmm result: update that
+            # result in place and return the same view of it.
+            return _AddLowRankInPlace.apply(base, flat, lora_B, scaling).view(output.shape)
         return torch.addmm(output.view(-1, output.shape[-1]), flat, lora_B.t(), alpha=scaling).view(output.shape)
     return _AddLowRankInPlace.apply(output, projected, lora_B, scaling)
 
