@@ -25,14 +25,14 @@ class DeltaConfig:
             such as ``attn.q``). ``None`` uses the method's default positions for the backbone's architecture.
         exclude_modules: Patterns of modules (and everything inside them) that must not be modified.
         unfrozen_modules: What :meth:`DeltaBase.freeze_module` keeps trainable when called without ``exclude``;
-            ``"deltas"`` means this delta's own parameters.
+            ``"deltas"`` means this delta's own parameters. ``None`` means ``["deltas"]``.
     """
 
     delta_type: ClassVar[str] = ""
 
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
-    unfrozen_modules: list[str] = field(default_factory=lambda: ["deltas"])
+    unfrozen_modules: list[str] | None = field(default_factory=lambda: ["deltas"])
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -40,6 +40,8 @@ class DeltaConfig:
             CONFIG_REGISTRY[cls.delta_type] = cls
 
     def __post_init__(self) -> None:
+        if self.unfrozen_modules is None:
+            self.unfrozen_modules = ["deltas"]
         for attr in ("modified_modules", "exclude_modules", "unfrozen_modules"):
             value = getattr(self, attr)
             if isinstance(value, str):

@@ -77,7 +77,7 @@ class BitFitModel(DeltaBase):
         config = BitFitConfig(
             modified_modules=modified_modules,
             exclude_modules=exclude_modules,
-            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+            unfrozen_modules=unfrozen_modules,
         )
         super().__init__(backbone_model, config, name=name)
 

@@ -200,7 +200,7 @@ class CompacterModel(DeltaBase):
             use_bias_down_sampler=use_bias_down_sampler,
             modified_modules=modified_modules,
             exclude_modules=exclude_modules,
-            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+            unfrozen_modules=unfrozen_modules,
         )
         super().__init__(backbone_model, config, name=name)
 

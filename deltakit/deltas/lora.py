@@ -188,7 +188,7 @@ class LoraModel(DeltaBase):
             lora_dropout=lora_dropout,
             modified_modules=modified_modules,
             exclude_modules=exclude_modules,
-            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+            unfrozen_modules=unfrozen_modules,
         )
         super().__init__(backbone_model, config, name=name)
 

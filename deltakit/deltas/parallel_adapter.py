@@ -121,7 +121,7 @@ class ParallelAdapterModel(DeltaBase):
             input_modules=input_modules,
             modified_modules=modified_modules,
             exclude_modules=exclude_modules,
-            unfrozen_modules=["deltas"] if unfrozen_modules is None else unfrozen_modules,
+            unfrozen_modules=unfrozen_modules,
         )
         super().__init__(backbone_model, config, name=name)
 
