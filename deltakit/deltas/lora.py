@@ -20,6 +20,7 @@ from ..config import DeltaConfig, check_positive_int, check_probability
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
 from ..structures import is_conv1d, linear_dims
+from .common import first_input
 
 
 @dataclass
@@ -37,10 +38,6 @@ class LoraConfig(DeltaConfig):
         check_probability(self, "lora_dropout")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise DeltaConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}.")
-
-
-def _first_input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return args[0] if args else next(iter(kwargs.values()))
 
 
 class _AddLowRankInPlace(torch.autograd.Function):
@@ -113,7 +110,7 @@ class LoraSite(DeltaSite):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-        x = _first_input(args, kwargs)
+        x = first_input(args, kwargs)
         if self.dropout is not None:
             x = self.dropout(x)
         return add_low_rank(output, F.linear(x, self.lora_A), self.lora_B, self.scaling)
@@ -140,7 +137,7 @@ class LoraEmbeddingSite(DeltaSite):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(_first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
+        rows = F.embedding(first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
         if self.dropout is not None:
             rows = self.dropout(rows)
         return add_low_rank(output, rows, self.lora_B, self.scaling)
