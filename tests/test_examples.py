@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -11,6 +12,7 @@ EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 def load(name: str):
     spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as a normal import would (dataclasses look their module up there)
     spec.loader.exec_module(module)
     return module
 
