@@ -1,6 +1,6 @@
-"""Benchmark one LoRA training step: deltakit vs PEFT vs a frozen backbone.
+"""Benchmark one training step: deltakit LoRA / adapters vs PEFT vs a frozen backbone.
 
-Three variants of the same backbone (same weights, same input batches) are
+Five variants of the same backbone (same weights, same input batches) are
 timed round-robin in one process:
 
 ``frozen``
@@ -15,6 +15,19 @@ timed round-robin in one process:
     ``deltakit.LoraModel(backbone_model=..., modified_modules=..., lora_r=8,
     lora_alpha=16, lora_dropout=0.0)`` followed by
     ``freeze_module(exclude=["deltas"])``.
+``adapter``
+    ``deltakit.AdapterModel(backbone_model=..., bottleneck_dim=24)`` at its
+    default positions (the attention output projection and the FFN output
+    projection of every layer) followed by
+    ``freeze_module(exclude=["deltas"])``.
+``compacter``
+    ``deltakit.CompacterModel(backbone_model=..., reduction_factor=16,
+    hypercomplex_division=4)`` at the same default positions, followed by
+    ``freeze_module(exclude=["deltas"])``.
+
+The deltakit variants train exactly ``delta.parameters()``.  Every delta is
+the identity at init (LoRA's B, the adapters' up projections are zero), so
+each variant must reproduce the frozen loss before the first step.
 
 A training step is forward + backward + ``AdamW.step()`` over the trainable
 parameters + ``zero_grad(set_to_none=True)`` (the frozen variant has no
@@ -23,7 +36,7 @@ child process per variant (see ``benchmarks/README.md`` for the exact
 definition).
 
 Examples:
-    Full run (several minutes)::
+    Full run (about 11 minutes on 2 cores)::
 
         python benchmarks/train_step.py
 
@@ -61,17 +74,39 @@ from benchmarks import common  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-VARIANTS: tuple[str, ...] = ("frozen", "peft", "deltakit")
+VARIANTS: tuple[str, ...] = ("frozen", "peft", "deltakit", "adapter", "compacter")
 """All variant names, in canonical order (the reference comes first)."""
 
 LORA_R = 8
 LORA_ALPHA = 16
 LORA_DROPOUT = 0.0
 
+ADAPTER_KWARGS: dict[str, Any] = {"bottleneck_dim": 24}
+"""``deltakit.AdapterModel`` settings (default ``modified_modules``: ``attn.o``, ``ff.w2``)."""
+COMPACTER_KWARGS: dict[str, Any] = {"reduction_factor": 16, "hypercomplex_division": 4}
+"""``deltakit.CompacterModel`` settings (default ``modified_modules``: ``attn.o``, ``ff.w2``)."""
+
+DELTAKIT_CLASSES: dict[str, str] = {"deltakit": "LoraModel", "adapter": "AdapterModel", "compacter": "CompacterModel"}
+"""The deltakit class each deltakit-based variant needs."""
+
+RATIO_PAIRS: tuple[tuple[str, str], ...] = (
+    ("deltakit", "frozen"),
+    ("peft", "frozen"),
+    ("deltakit", "peft"),
+    ("adapter", "frozen"),
+    ("compacter", "frozen"),
+)
+"""Paired step-time ratios reported (``num/den``), where both variants ran."""
+
 DEFAULT_OUTPUT = _REPO_ROOT / "benchmarks" / "results" / "train_step.json"
 
 # Ratios checked against the project's targets (informational only).
-TARGETS: dict[str, float] = {"deltakit/frozen": 1.02, "deltakit/peft": 1.00}
+TARGETS: dict[str, float] = {
+    "deltakit/frozen": 1.02,
+    "deltakit/peft": 1.00,
+    "adapter/frozen": 1.05,
+    "compacter/frozen": 1.10,
+}
 
 
 # --------------------------------------------------------------------------
@@ -90,7 +125,8 @@ class ModelSpec:
             ``"causal-lm"`` (labels are the input ids).
         batch_size: Sequences per batch.
         seq_len: Tokens per sequence.
-        target_modules: Module-name suffixes that receive LoRA.
+        target_modules: Module-name suffixes that receive LoRA (the adapter
+            variants use their default positions instead).
         rounds: Default number of timed rounds.
         warmup: Default number of warm-up rounds.
         quick: Whether this is a tiny model for ``--quick``.
@@ -117,7 +153,7 @@ MODELS: dict[str, ModelSpec] = {
             batch_size=16,
             seq_len=128,
             target_modules=("query", "value"),
-            rounds=31,
+            rounds=25,
             warmup=2,
         ),
         ModelSpec(
@@ -127,7 +163,7 @@ MODELS: dict[str, ModelSpec] = {
             batch_size=4,
             seq_len=256,
             target_modules=("q_proj", "v_proj"),
-            rounds=15,
+            rounds=11,
             warmup=1,
         ),
         ModelSpec(
@@ -312,8 +348,11 @@ def count_parameters(params: Sequence[nn.Parameter]) -> int:
 # --------------------------------------------------------------------------
 
 
-def deltakit_status() -> tuple[Any | None, str | None]:
-    """Import deltakit from the working tree if it provides ``LoraModel``.
+def deltakit_status(variant: str = "deltakit") -> tuple[Any | None, str | None]:
+    """Import deltakit from the working tree if it provides what ``variant`` needs.
+
+    Args:
+        variant: A deltakit-based variant (a key of :data:`DELTAKIT_CLASSES`).
 
     Returns:
         ``(module, None)`` when usable, else ``(None, reason)``.
@@ -322,8 +361,9 @@ def deltakit_status() -> tuple[Any | None, str | None]:
         import deltakit
     except Exception as exc:  # noqa: BLE001 - report any import failure
         return None, f"import deltakit failed: {type(exc).__name__}: {exc}"
-    if not hasattr(deltakit, "LoraModel"):
-        return None, "deltakit does not export LoraModel yet"
+    class_name = DELTAKIT_CLASSES[variant]
+    if not hasattr(deltakit, class_name):
+        return None, f"deltakit does not export {class_name} yet"
     return deltakit, None
 
 
@@ -365,6 +405,30 @@ class PreparedVariant:
         return loss.detach()
 
 
+def _delta_trainable(delta: Any, backbone: nn.Module, notes: list[str]) -> list[nn.Parameter]:
+    """The parameters a deltakit delta trains, noting anything unexpected.
+
+    Args:
+        delta: A deltakit delta after ``freeze_module(exclude=["deltas"])``.
+        backbone: Its backbone.
+        notes: Findings are appended here (empty when all is well).
+
+    Returns:
+        ``delta.parameters()`` that require grad (all of them, normally).
+    """
+    delta_params = list(delta.parameters())
+    trainable = [p for p in delta_params if p.requires_grad]
+    if not delta_params:
+        notes.append("the delta has no parameters")
+    if len(trainable) != len(delta_params):
+        notes.append(f"{len(delta_params) - len(trainable)} delta parameters do not require grad")
+    delta_ids = {id(p) for p in delta_params}
+    stray = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in delta_ids]
+    if stray:
+        notes.append(f"backbone parameters left trainable outside the delta: {stray[:5]}")
+    return trainable
+
+
 def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     """Forward hook making a (leaf) embedding output require grad."""
     return output.requires_grad_(True)
@@ -384,7 +448,7 @@ def prepare_variant(name: str, backbone: nn.Module, spec: ModelSpec, lr: float =
         The prepared variant.
 
     Raises:
-        RuntimeError: If ``name`` is ``deltakit`` and deltakit is unusable.
+        RuntimeError: If ``name`` is a deltakit variant and deltakit lacks its class.
         ValueError: If ``name`` is unknown.
     """
     torch.manual_seed(seed + 1)
@@ -409,27 +473,25 @@ def prepare_variant(name: str, backbone: nn.Module, spec: ModelSpec, lr: float =
         for param_name, param in model.named_parameters():
             param.requires_grad_("lora_" in param_name)
         trainable = [p for p in model.parameters() if p.requires_grad]
-    elif name == "deltakit":
-        deltakit, reason = deltakit_status()
+    elif name in DELTAKIT_CLASSES:
+        deltakit, reason = deltakit_status(name)
         if deltakit is None:
             raise RuntimeError(reason)
-        delta = deltakit.LoraModel(
-            backbone_model=backbone,
-            modified_modules=list(spec.target_modules),
-            lora_r=LORA_R,
-            lora_alpha=LORA_ALPHA,
-            lora_dropout=LORA_DROPOUT,
-        )
+        if name == "deltakit":
+            delta = deltakit.LoraModel(
+                backbone_model=backbone,
+                modified_modules=list(spec.target_modules),
+                lora_r=LORA_R,
+                lora_alpha=LORA_ALPHA,
+                lora_dropout=LORA_DROPOUT,
+            )
+        elif name == "adapter":
+            delta = deltakit.AdapterModel(backbone_model=backbone, **ADAPTER_KWARGS)
+        else:
+            delta = deltakit.CompacterModel(backbone_model=backbone, **COMPACTER_KWARGS)
         delta.freeze_module(exclude=["deltas"])
         keep_alive.append(delta)
-        delta_params = list(delta.parameters())
-        trainable = [p for p in delta_params if p.requires_grad]
-        if len(trainable) != len(delta_params):
-            notes.append(f"{len(delta_params) - len(trainable)} delta parameters do not require grad")
-        delta_ids = {id(p) for p in delta_params}
-        stray = [n for n, p in backbone.named_parameters() if p.requires_grad and id(p) not in delta_ids]
-        if stray:
-            notes.append(f"backbone parameters left trainable outside the delta: {stray[:5]}")
+        trainable = _delta_trainable(delta, backbone, notes)
         model = backbone
     else:
         raise ValueError(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
@@ -691,7 +753,7 @@ def benchmark_model(spec: ModelSpec, variants: Sequence[str], args: argparse.Nam
             entry["time"] = entry["time_by_clock"][args.clock]
         section["orders"] = timing.orders
         section["ratios_by_clock"] = {clock: {} for clock in common.CLOCKS}
-        for num, den in (("deltakit", "frozen"), ("peft", "frozen"), ("deltakit", "peft")):
+        for num, den in RATIO_PAIRS:
             if num in prepared and den in prepared:
                 for clock in common.CLOCKS:
                     section["ratios_by_clock"][clock][f"{num}/{den}"] = common.paired_ratio(
@@ -783,7 +845,10 @@ def result_tables(results: dict[str, Any]) -> list[tuple[str, list[str], list[li
             ])
         title = (f"{model_name}: {info['description']}, {info['parameters'] / 1e6:.1f}M params, "
                  f"batch {info['batch_size']} x seq {info['seq_len']}, LoRA r={LORA_R} on "
-                 f"{','.join(info['target_modules'])}; {info['rounds']} rounds, {config['threads']} thread(s), "
+                 f"{','.join(info['target_modules'])}, adapter bottleneck {ADAPTER_KWARGS['bottleneck_dim']} and "
+                 f"compacter (reduction {COMPACTER_KWARGS['reduction_factor']}, n="
+                 f"{COMPACTER_KWARGS['hypercomplex_division']}) on attn.o,ff.w2; "
+                 f"{info['rounds']} rounds, {config['threads']} thread(s), "
                  f"{clock} clock")
         tables.append((title, ["variant", "trainable", f"median step ({clock})", "IQR/median", "time vs frozen",
                                "RSS step peak", "vs frozen", "tensor step peak", "vs frozen", "checks"],
@@ -825,7 +890,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     env = results["environment"]
     config = results["config"]
     lines = [
-        "# Training-step benchmark: deltakit vs PEFT LoRA vs frozen backbone",
+        "# Training-step benchmark: deltakit LoRA / Adapter / Compacter vs PEFT LoRA vs frozen backbone",
         "",
         f"Generated {results['generated']} by `{results['command']}`.",
         "",
@@ -947,9 +1012,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """
     log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     common.configure_threads(args.threads)
-    _, deltakit_reason = deltakit_status()
-    if deltakit_reason and "deltakit" in _split(args.variants):
-        log(f"deltakit variant unavailable: {deltakit_reason}")
+    for variant in _split(args.variants):
+        if variant in DELTAKIT_CLASSES:
+            _, deltakit_reason = deltakit_status(variant)
+            if deltakit_reason:
+                log(f"{variant} variant unavailable: {deltakit_reason}")
     start = time.perf_counter()
     results: dict[str, Any] = {
         "benchmark": "train_step",
@@ -968,6 +1035,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "seed": args.seed,
             "lr": args.lr,
             "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "dropout": LORA_DROPOUT},
+            "adapter": {**ADAPTER_KWARGS, "modified_modules": "default (attn.o, ff.w2)"},
+            "compacter": {**COMPACTER_KWARGS, "modified_modules": "default (attn.o, ff.w2)"},
             "targets": TARGETS,
         },
         "environment": {**common.environment_info(), "deltakit_source": deltakit_source_digest()},

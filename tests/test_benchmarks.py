@@ -77,21 +77,34 @@ def test_quick_run_writes_json_and_markdown(quick_results):
         assert key in results
     assert results["config"]["quick"] is True
     assert results["config"]["lora"] == {"r": 8, "alpha": 16, "dropout": 0.0}
+    assert results["config"]["adapter"]["bottleneck_dim"] == 24
+    assert results["config"]["compacter"]["reduction_factor"] == 16
+    assert results["config"]["compacter"]["hypercomplex_division"] == 4
+    assert results["config"]["variants"] == ["frozen", "peft", "deltakit", "adapter", "compacter"]
     assert set(results["models"]) == {"tiny-bert", "tiny-llama"}
     text = markdown.read_text()
     assert "tiny-bert" in text and "tiny-llama" in text and "| variant |" in text
+    assert "| adapter |" in text and "| compacter |" in text
+    assert "| adapter/frozen |" in text and "| compacter/frozen |" in text
+
+
+DELTAKIT_VARIANTS = ("deltakit", "adapter", "compacter")
+
+
+def _usable(train_step, variant: str) -> bool:
+    return train_step.deltakit_status(variant)[0] is not None
 
 
 def test_quick_run_variants_have_finite_positive_figures(quick_results, train_step):
     results, _, _ = quick_results
-    deltakit_usable = train_step.deltakit_status()[0] is not None
     for model_name, section in results["models"].items():
         assert {"model", "variants", "ratios", "memory_ratios"} <= set(section)
         assert _finite_positive(section["model"]["parameters"])
         variants = section["variants"]
-        assert set(variants) == {"frozen", "peft", "deltakit"}
+        assert set(variants) == {"frozen", "peft", "deltakit", "adapter", "compacter"}
         assert variants["frozen"]["available"] and variants["peft"]["available"]
-        assert variants["deltakit"]["available"] is deltakit_usable
+        for name in DELTAKIT_VARIANTS:
+            assert variants[name]["available"] is _usable(train_step, name), (model_name, name)
         for name, entry in variants.items():
             if not entry["available"]:
                 assert entry["reason"]
@@ -113,8 +126,11 @@ def test_quick_run_variants_have_finite_positive_figures(quick_results, train_st
 def test_quick_run_ratios_are_finite_positive(quick_results, train_step):
     results, _, _ = quick_results
     expected = {"peft/frozen"}
-    if train_step.deltakit_status()[0] is not None:
+    if _usable(train_step, "deltakit"):
         expected |= {"deltakit/frozen", "deltakit/peft"}
+    for name in ("adapter", "compacter"):
+        if _usable(train_step, name):
+            expected.add(f"{name}/frozen")
     for section in results["models"].values():
         assert set(section["ratios"]) == expected
         assert section["ratios"] == section["ratios_by_clock"][results["config"]["clock"]]
@@ -126,10 +142,12 @@ def test_quick_run_ratios_are_finite_positive(quick_results, train_step):
         for name, ratios in section["memory_ratios"].items():
             assert name.endswith("/frozen")
             assert ratios["peak_rss"] is not None and _finite_positive(ratios["peak_rss"])
+        available = {name for name, entry in section["variants"].items() if entry["available"]}
+        assert set(section["memory_ratios"]) == {f"{name}/frozen" for name in available - {"frozen"}}
 
 
 def test_quick_run_variants_do_comparable_work(quick_results, train_step):
-    """LoRA variants train the same parameters, start from the backbone's function and all get gradients."""
+    """LoRA variants train the same parameters, every delta starts from the backbone's function and all get gradients."""
     results, _, _ = quick_results
     for section in results["models"].values():
         variants = section["variants"]
@@ -141,6 +159,57 @@ def test_quick_run_variants_do_comparable_work(quick_results, train_step):
                 assert entry["initial_loss_diff"] < 1e-4
         if variants["deltakit"]["available"]:
             assert variants["deltakit"]["trainable_params"] == variants["peft"]["trainable_params"]
+        for name in ("adapter", "compacter"):
+            if variants[name]["available"]:
+                assert variants[name]["params_with_grad"] > 0
+
+
+def _adapter_sizes(section):
+    """Hidden size and number of adapter sites (attn.o and ff.w2 of every layer) of a quick model."""
+    assert "hidden 64, 2 layers" in section["model"]["description"]  # both quick models
+    return 64, 2 * 2
+
+
+def test_quick_run_adapters_sit_at_their_default_positions(quick_results, train_step):
+    """Closed-form parameter counts: one adapter / compacter on attn.o and ff.w2 of every layer."""
+    results, _, _ = quick_results
+    for section in results["models"].values():
+        hidden, sites = _adapter_sizes(section)
+        variants = section["variants"]
+        if variants["adapter"]["available"]:
+            bottleneck = train_step.ADAPTER_KWARGS["bottleneck_dim"]
+            per_site = hidden * bottleneck + bottleneck + bottleneck * hidden + hidden
+            assert variants["adapter"]["trainable_params"] == sites * per_site
+            assert variants["adapter"]["params_with_grad"] == sites * 4
+        if variants["compacter"]["available"]:
+            n = train_step.COMPACTER_KWARGS["hypercomplex_division"]
+            bottleneck = hidden // train_step.COMPACTER_KWARGS["reduction_factor"]
+            # Rank-1 factorized PHM layers: down (W_left, W_right, bias) + up (W_left, W_right, bias) per site;
+            # the n x n x n rule shared by every layer, counted once.
+            per_site = (hidden + bottleneck + bottleneck) + (bottleneck + hidden + hidden)
+            assert variants["compacter"]["trainable_params"] == sites * per_site + n**3
+            assert variants["compacter"]["params_with_grad"] == sites * 6 + 1
+
+
+def test_prepare_adapter_variants_are_identity_at_init(train_step):
+    """Adapter and Compacter reproduce the frozen loss exactly before training and train only delta parameters."""
+    for variant in ("adapter", "compacter"):
+        if not _usable(train_step, variant):
+            pytest.skip(f"deltakit lacks {variant}")
+    spec = train_step.MODELS["tiny-llama"]
+    batch = train_step.make_batches(spec, 1000, count=1)[0]
+    frozen = train_step.prepare_variant("frozen", train_step.build_backbone(spec), spec)
+    reference = train_step.sanity_check(frozen, batch)["initial_loss"]
+    for variant in ("adapter", "compacter"):
+        prepared = train_step.prepare_variant(variant, train_step.build_backbone(spec), spec)
+        check = train_step.sanity_check(prepared, batch)
+        assert prepared.notes == []
+        assert check["initial_loss"] == pytest.approx(reference, abs=1e-6)
+        assert check["params_with_grad"] == len(prepared.trainable) > 0
+        backbone_trainable = [n for n, p in prepared.model.named_parameters()
+                              if p.requires_grad and f".{variant}" not in n and f"{variant}_shared" not in n]
+        assert backbone_trainable == []
+        assert math.isfinite(float(prepared.step(batch)))
 
 
 # ----------------------------------------------------------------------------
