@@ -222,3 +222,13 @@ def test_adapter_on_a_block_with_tuple_output_uses_the_config_hidden_size() -> N
     assert not torch.allclose(model(x).logits, base)
     delta.detach()
     assert torch.equal(model(x).logits, base)
+
+
+@pytest.mark.parametrize("cls", [AdapterModel, LowRankAdapterModel, CompacterModel])
+def test_default_positions_cover_t5_encoder_and_decoder_including_cross_attention(cls) -> None:
+    kwargs = {"bottleneck_dim": 4} if cls is AdapterModel else {"reduction_factor": 4}
+    delta = cls(ARCHS["t5"].build(), **kwargs)
+    names = delta.modified_modules
+    assert sum(n.startswith("encoder.") for n in names) == 2 * 2  # attn.o and ff.w2 of 2 encoder blocks
+    assert sum(n.startswith("decoder.") for n in names) == 2 * 3  # self-attn o, cross-attn o, ff.w2
+    assert sum("EncDecAttention.o" in n for n in names) == 2
