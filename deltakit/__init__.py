@@ -27,6 +27,10 @@ from .deltas import (  # noqa: E402
     LowRankAdapterModel,
     ParallelAdapterConfig,
     ParallelAdapterModel,
+    PrefixConfig,
+    PrefixModel,
+    SoftPromptConfig,
+    SoftPromptModel,
 )
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -60,6 +64,10 @@ __all__ = [
     "ModuleMatchError",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
     "UnsupportedModuleError",
     "Visualization",
     "__version__",

@@ -6,6 +6,8 @@ from .compacter import CompacterConfig, CompacterModel
 from .lora import LoraConfig, LoraModel
 from .low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
+from .prefix import PrefixConfig, PrefixModel
+from .soft_prompt import SoftPromptConfig, SoftPromptModel
 
 __all__ = [
     "AdapterConfig",
@@ -20,4 +22,8 @@ __all__ = [
     "LowRankAdapterModel",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
+    "PrefixConfig",
+    "PrefixModel",
+    "SoftPromptConfig",
+    "SoftPromptModel",
 ]

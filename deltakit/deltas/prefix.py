@@ -1,0 +1,247 @@
+"""Prefix tuning: Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation"
+(arXiv:2101.00190).
+
+Every modified attention layer ``l`` attends to ``n`` trainable key/value vectors before the real tokens:
+``attn_l(Q, [P_k^l; K], [P_v^l; V])``, one ``(n, head_dim)`` block per key/value head (as many as the model has, so
+grouped-query attention is respected). With ``reparameterize=True`` (the paper's training set-up) the prefixes are
+``[P_k^l; P_v^l] = W_l tanh(W_mid E + b_mid) + b_l``: an embedding ``E`` (n x embed_dim) and an MLP shared by all
+layers (stored once on the backbone root); :meth:`PrefixModel.fold_reparameterization` replaces it by the computed
+prefixes for deployment. Hooks a forward pre-hook on each attention module (all of them by default: self-attention
+of encoders and decoders, and cross-attention); the transformers-specific injection lives in
+:mod:`deltakit.hf_compat`. Unlike every other method, a fresh prefix is *not* the identity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import hf_compat
+from ..addressing import find_modules
+from ..base import DeltaBase, factory_kwargs
+from ..config import DeltaConfig, check_positive_int
+from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError
+from ..hooks import DeltaSite
+
+
+@dataclass
+class PrefixConfig(DeltaConfig):
+    """Prefix-tuning settings (names as in OpenDelta)."""
+
+    delta_type: ClassVar[str] = "prefix"
+
+    prefix_token_num: int = 6
+    reparameterize: bool = True
+    embed_dim: int = 512
+    mid_dim: int = 512
+
+    def validate(self) -> None:
+        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
+            check_positive_int(self, name)
+        if not isinstance(self.reparameterize, bool):
+            raise DeltaConfigError(f"PrefixConfig.reparameterize must be True or False, got {self.reparameterize!r}.")
+
+
+class PrefixShared(DeltaSite):
+    """The reparameterization shared by all sites: ``out(tanh(mid(embedding)))``, one output slice per site."""
+
+    def __init__(self, n: int, embed_dim: int, mid_dim: int, out_features: int, **factory: Any) -> None:
+        super().__init__()
+        self.prefix_embedding = nn.Parameter(torch.randn(n, embed_dim, **factory))
+        self.mid = nn.Linear(embed_dim, mid_dim, **factory)
+        self.out = nn.Linear(mid_dim, out_features, **factory)
+
+    def site_output(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the output layer applied to the shared hidden prefix: ``(n, stop - start)``."""
+        hidden = torch.tanh(self.mid(self.prefix_embedding))
+        return F.linear(hidden, self.out.weight[start:stop], self.out.bias[start:stop])
+
+
+class PrefixSite(DeltaSite):
+    """The prefix of one attention module: its own ``prefix_key``/``prefix_value`` ``(kv_heads, n, head_dim)``, or
+    its slice of the shared reparameterization."""
+
+    def __init__(
+        self,
+        site: str,
+        signature: hf_compat.AttentionSignature,
+        geometry: hf_compat.AttentionGeometry,
+        n: int,
+        shared: PrefixShared | None,
+        offset: int,
+        **factory: Any,
+    ) -> None:
+        super().__init__()
+        self.site = site
+        self.signature = signature
+        self.geometry = geometry
+        self.n = n
+        self.offset = offset
+        shape = (geometry.num_kv_heads, n, geometry.head_dim)
+        if shared is None:
+            # Small values: the prefix starts as a mild change of the attention pattern.
+            self.prefix_key = nn.Parameter(torch.randn(shape, **factory) * 0.02)
+            self.prefix_value = nn.Parameter(torch.randn(shape, **factory) * 0.02)
+            self._shared: tuple[PrefixShared, ...] = ()
+        else:
+            self._shared = (shared,)  # referenced, not registered: stored once, on the backbone root
+
+    @property
+    def width(self) -> int:
+        """Columns of the shared output layer this site uses (keys and values)."""
+        return 2 * self.geometry.num_kv_heads * self.geometry.head_dim
+
+    def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value prefix of this site, ``(kv_heads, n, head_dim)`` each."""
+        if not self._shared:
+            return self.prefix_key, self.prefix_value
+        flat = self._shared[0].site_output(self.offset, self.offset + self.width)
+        kv = flat.view(self.n, 2, self.geometry.num_kv_heads, self.geometry.head_dim).permute(1, 2, 0, 3)
+        return kv[0], kv[1]
+
+    def fold(self) -> None:
+        """Store the current prefixes as own parameters and drop the reference to the shared MLP."""
+        with torch.no_grad():
+            key, value = (t.detach().clone().contiguous() for t in self.prefixes())
+        self.prefix_key = nn.Parameter(key)
+        self.prefix_value = nn.Parameter(value)
+        self._shared = ()
+
+    def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        key, value = self.prefixes()
+        return hf_compat.inject_prefix(self.signature, host, args, kwargs, key, value, self.site)
+
+
+class PrefixModel(DeltaBase):
+    """Prefix tuning (Li & Liang 2021); see the module docstring.
+
+    Not the identity at initialization: attaching a fresh prefix changes the model's outputs (every query attends
+    to the prefix keys), as in the paper. Works with ``generate()`` (the prefix goes in at the attention modules,
+    not through the model's cache argument), any padding side, with or without ``attention_mask``.
+
+    Example:
+        >>> delta = PrefixModel(backbone_model=model, prefix_token_num=6)
+        >>> delta.freeze_module(exclude=["deltas"])
+        >>> ...  # train
+        >>> delta.fold_reparameterization()  # keep only the computed prefixes for deployment
+
+    Args:
+        backbone_model: The model to modify.
+        modified_modules: Attention modules to prefix; default every attention module that consumes a KV cache
+            (self-attention of encoders and decoders, cross-attention).
+        prefix_token_num: Number of prefix positions ``n``.
+        reparameterize: Produce the prefixes with the shared MLP (``embedding -> mid_dim -> tanh -> K/V``);
+            ``False`` trains the prefixes directly.
+        embed_dim: Width of the prefix embedding (reparameterization only).
+        mid_dim: Hidden width of the MLP (reparameterization only).
+        exclude_modules: Module patterns never to modify.
+        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
+        name: Child-module name of the per-site modules (default ``"prefix"``).
+    """
+
+    delta_type: ClassVar[str] = "prefix"
+    config_class = PrefixConfig
+
+    def __init__(
+        self,
+        backbone_model: nn.Module,
+        modified_modules: list[str] | None = None,
+        prefix_token_num: int = 6,
+        reparameterize: bool = True,
+        embed_dim: int = 512,
+        mid_dim: int = 512,
+        exclude_modules: list[str] | None = None,
+        unfrozen_modules: list[str] | None = None,
+        name: str | None = None,
+    ) -> None:
+        config = PrefixConfig(
+            prefix_token_num=prefix_token_num,
+            reparameterize=reparameterize,
+            embed_dim=embed_dim,
+            mid_dim=mid_dim,
+            modified_modules=modified_modules,
+            exclude_modules=exclude_modules,
+            unfrozen_modules=unfrozen_modules,
+        )
+        super().__init__(backbone_model, config, name=name)
+
+    def _match_sites(self) -> list[tuple[str, nn.Module]]:
+        everything = hf_compat.find_attention_modules(self.backbone_model, skip_types=(DeltaSite,))
+        if self.config.modified_modules is None:
+            excluded: set[str] = set()
+            if self.config.exclude_modules:
+                for name, _ in find_modules(self.backbone_model, self.config.exclude_modules, what="exclude_modules"):
+                    excluded.add(name)
+            matches = [
+                (n, m) for n, m in everything if not any(n == e or n.startswith(e + ".") for e in excluded)
+            ]
+            if not matches:
+                raise ModuleMatchError(
+                    f"PrefixModel found no attention module consuming a KV cache in {type(self.backbone_model).__name__} "
+                    f"(transformers {hf_compat.transformers_version()}). Pass modified_modules=[...] naming them."
+                )
+        else:
+            matches = super()._match_sites()
+        for name, module in matches:
+            hf_compat.AttentionSignature.probe(name, module)  # raises UnsupportedModuleError for non-attention hosts
+        hf_compat.check_position_bias_groups(everything, [n for n, _ in matches])
+        return matches
+
+    def _plan(self, matches: list[tuple[str, nn.Module]]) -> dict[str, tuple[hf_compat.AttentionGeometry, int]]:
+        plan, offset = {}, 0
+        for name, module in matches:
+            geometry = hf_compat.attention_geometry(name, module, self.backbone_model)
+            plan[name] = (geometry, offset)
+            offset += 2 * geometry.num_kv_heads * geometry.head_dim
+        return plan
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
+        cfg: PrefixConfig = self.config  # type: ignore[assignment]
+        self._site_plan = self._plan(matches)
+        if not cfg.reparameterize or not matches:
+            return None
+        total = sum(2 * g.num_kv_heads * g.head_dim for g, _ in self._site_plan.values())
+        return PrefixShared(cfg.prefix_token_num, cfg.embed_dim, cfg.mid_dim, total, **factory_kwargs(matches[0][1]))
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: PrefixConfig = self.config  # type: ignore[assignment]
+        geometry, offset = self._site_plan[name]
+        signature = hf_compat.AttentionSignature.probe(name, host)
+        shared = self.shared if isinstance(self.shared, PrefixShared) else None
+        return PrefixSite(name, signature, geometry, cfg.prefix_token_num, shared, offset, **factory_kwargs(host))
+
+    def prefix_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The current prefixes, ``{attention module name: (key, value)}``, each ``(kv_heads, n, head_dim)``
+        (computed by the MLP when reparameterized; detached copies)."""
+        out = {}
+        with torch.no_grad():
+            for site in self.sites:
+                key, value = site.module.prefixes()  # type: ignore[operator]
+                out[site.name] = (key.detach().clone(), value.detach().clone())
+        return out
+
+    def fold_reparameterization(self) -> PrefixModel:
+        """Replace the reparameterization MLP by the prefixes it currently computes (for deployment).
+
+        Outputs stay bit-for-bit the same; the MLP and the prefix embedding are dropped, the config becomes
+        ``reparameterize=False`` and :meth:`save_finetuned` then stores only ``n`` key/value vectors per layer.
+        A delta that is already unreparameterized is returned unchanged.
+
+        Raises:
+            DeltaStateError: the delta is merged (prefixes never are; kept for symmetry with other methods).
+        """
+        if self.shared is None:
+            return self
+        if self.state not in ("attached", "detached"):
+            raise DeltaStateError(f"Cannot fold {self._describe()} while it is {self.state}.")
+        for site in self.sites:
+            site.module.fold()  # type: ignore[operator]
+        if self.state == "attached":
+            delattr(self.backbone_model, self.shared_name)
+        self.shared = None
+        self.config.reparameterize = False  # type: ignore[attr-defined]
+        return self
