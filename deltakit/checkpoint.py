@@ -5,6 +5,10 @@ plus the backbone tensors the user explicitly kept trainable through ``freeze_mo
 under their own names. Never pickle. Both files are written to temporary names in the target directory and renamed
 into place, so a crash leaves either the old or the new file, never half of one.
 
+The config is kept small (the files add a few KB to the raw tensor bytes): one top-level key per line without
+indentation, and the site list in a lossless range form (``model.layers.{0-79}.self_attn.q_proj``, see
+:func:`compress_sites`), so its size does not grow with the number of layers.
+
 Loading validates everything first: the config, the delta type, the file's integrity, that every saved site
 resolves to exactly one module of the new backbone, that tensor names and shapes fit, and that the backbone
 fingerprint (model type and config essentials, host shapes) agrees. Only then is the model touched.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +39,9 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "delta_model.safetensors"
 FORMAT = "deltakit-delta"
-FORMAT_VERSION = 1
+#: Version 2 writes the site list in the compact range form of :func:`compress_sites`; version 1 (a plain list of
+#: names) is still read, and still written for the rare backbone whose module names contain braces.
+FORMAT_VERSION = 2
 
 _ESSENTIALS = (
     "model_type",
@@ -71,6 +78,93 @@ def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str
     shapes = list(_host_shapes(backbone, site_names).values())
     digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
     return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
+
+
+_RANGE_GROUP = re.compile(r"\{([0-9,-]+)\}")
+
+
+def _format_indices(indices: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (indices sorted, without duplicates)."""
+    runs: list[str] = []
+    start = prev = indices[0]
+    for index in indices[1:] + [None]:  # type: ignore[list-item]
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        runs.append(str(start) if start == prev else f"{start}-{prev}")
+        if index is not None:
+            start = prev = index
+    return ",".join(runs)
+
+
+def compress_sites(names: list[str]) -> list[str] | None:
+    """Write site names compactly: names that differ only in their first numeric component share one entry.
+
+    ``bert.encoder.layer.{0-5}.attention.self.query`` stands for the six query projections; a name without a
+    numeric component, or alone in its group, stays as it is. The form is lossless for the *set* of names (the
+    loader orders sites by the backbone's module order, which is the order a delta is built in), and keeps the
+    config of a 80-layer model as short as that of a 2-layer one.
+
+    Args:
+        names: Full site names, in model order.
+
+    Returns:
+        The entries, or ``None`` when a name contains a brace (the compact form would be ambiguous).
+    """
+    if any("{" in n or "}" in n for n in names) or len(set(names)) != len(names):
+        return None
+    groups: dict[tuple[str, ...], list[int]] = {}
+    literal: dict[tuple[str, ...], str] = {}
+    for name in names:
+        parts = name.split(".")
+        slot = next((i for i, part in enumerate(parts) if part.isdigit() and str(int(part)) == part), None)
+        if slot is None:
+            literal[(name,)] = name
+            groups.setdefault((name,), [])
+            continue
+        key = tuple(parts[:slot]) + ("{}",) + tuple(parts[slot + 1 :])
+        groups.setdefault(key, []).append(int(parts[slot]))
+        literal[key] = name
+    entries = []
+    for key, indices in groups.items():
+        if len(indices) <= 1:
+            entries.append(literal[key])
+        else:
+            entries.append(".".join(key).replace("{}", "{" + _format_indices(sorted(indices)) + "}", 1))
+    return entries
+
+
+def expand_sites(entries: list[Any], where: str = "the checkpoint") -> list[str]:
+    """Inverse of :func:`compress_sites`: the full site names (each entry's names in increasing index order).
+
+    Raises:
+        CheckpointError: An entry is not a string or holds a malformed range.
+    """
+    names: list[str] = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise CheckpointError(f"{where!r} lists a site {entry!r} that is not a string; the file is corrupt.")
+        match = _RANGE_GROUP.search(entry)
+        if match is None:
+            if "{" in entry or "}" in entry:
+                raise CheckpointError(f"{where!r} lists a malformed site range {entry!r}; the file is corrupt.")
+            names.append(entry)
+            continue
+        head, tail = entry[: match.start()], entry[match.end() :]
+        indices: list[int] = []
+        for run in match.group(1).split(","):
+            low, _, high = run.partition("-")
+            if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
+                raise CheckpointError(f"{where!r} lists a malformed site range {entry!r}; the file is corrupt.")
+            indices.extend(range(int(low), int(high or low) + 1))
+        names.extend(f"{head}{i}{tail}" for i in indices)
+    return names
+
+
+def _compact_json(meta: dict[str, Any]) -> str:
+    """One top-level key per line, everything inside it without spaces: readable, and a few hundred bytes."""
+    lines = [f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}" for key, value in meta.items()]
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def _atomic_write(directory: str, final_name: str, write: Any) -> None:
@@ -116,19 +210,20 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
     # Own, contiguous CPU copies: safetensors refuses shared storage (tied weights) and non-CPU memory.
     payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
 
+    sites = compress_sites(delta.modified_modules)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if sites is not None else 1,
         "deltakit_version": __version__,
         "delta_type": delta.delta_type,
         "config": delta.config.to_dict(),
-        "sites": delta.modified_modules,
+        "sites": sites if sites is not None else delta.modified_modules,
         "backbone_tensors": list(delta.unfrozen_parameter_names),
         "fingerprint": backbone_fingerprint(delta.backbone_model, delta.modified_modules),
     }
     os.makedirs(path, exist_ok=True)
     _atomic_write(path, WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(meta, indent=2) + "\n"
+    text = _compact_json(meta)
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
@@ -224,14 +319,20 @@ def load_delta(
     names = [
         n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in site_prefixes)
     ]
-    resolved = [_resolve_name(s, names, "Delta site", path) for s in meta["sites"]]
+    saved_sites = expand_sites(meta["sites"], path) if meta["format_version"] >= 2 else list(meta["sites"])
+    resolved = [_resolve_name(s, names, "Delta site", path) for s in saved_sites]
     if len(set(resolved)) != len(resolved):
         raise CheckpointError(f"Several saved sites of {path!r} map to the same module of this backbone: {resolved}.")
+    if meta["format_version"] >= 2:
+        # The compact form records the set of sites; build them in model order, as a fresh delta would be.
+        order = {n: i for i, n in enumerate(modules)}
+        pairs = sorted(zip(resolved, saved_sites), key=lambda pair: order[pair[0]])
+        resolved, saved_sites = [p[0] for p in pairs], [p[1] for p in pairs]
     delta = cls._build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
 
     # Tensor names: delta tensors (saved site names -> resolved names), then backbone tensors.
     expected = delta.delta_state_dict()
-    rename = dict(zip(meta["sites"], resolved))
+    rename = dict(zip(saved_sites, resolved))
     delta_keys = {k for k in tensors if k not in set(meta["backbone_tensors"])}
     mapped: dict[str, torch.Tensor] = {}
     shared_prefix = f"{delta.delta_type}_shared."
