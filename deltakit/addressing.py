@@ -17,12 +17,22 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from torch import nn
 
 from .errors import ModuleMatchError
-from .structures import ROLE_NAMES, STRUCTURES, detect_model_type, is_role_name, role_patterns
+from .structures import (
+    ROLE_NAMES,
+    STRUCTURES,
+    InferredStructure,
+    RoleAbsentError,
+    detect_model_type,
+    infer_structure,
+    is_role_name,
+    log_inferred,
+    role_patterns,
+)
 
 REGEX_PREFIX = "[r]"
 
@@ -91,7 +101,13 @@ def _no_match_error(pattern: str, names: Sequence[str], what: str, extra: str = 
     )
 
 
-def _resolve(names: Sequence[str], pattern: str, model_type: str | None, what: str) -> list[str]:
+def _resolve(
+    names: Sequence[str],
+    pattern: str,
+    model_type: str | None,
+    what: str,
+    inference: Callable[[], InferredStructure] | None = None,
+) -> list[str]:
     if not isinstance(pattern, str):
         raise ModuleMatchError(f"{what} patterns must be strings, got {pattern!r} of type {type(pattern).__name__}.")
     if is_role_name(pattern):
@@ -100,6 +116,9 @@ def _resolve(names: Sequence[str], pattern: str, model_type: str | None, what: s
             literal = _match_literal_or_regex(names, pattern)
             if literal:
                 return literal
+            if inference is not None:  # no structure map: roles inferred from the module structure
+                wanted = set(inference().names_for(pattern, what))
+                return [n for n in names if n in wanted]
             known = ", ".join(sorted(STRUCTURES))
             arch = f"model_type {model_type!r}" if model_type else "a backbone that is not a transformers model"
             raise ModuleMatchError(
@@ -175,20 +194,26 @@ def find_modules(
         }
     names = list(modules)
     model_type = detect_model_type(model)
+    inferred: list[InferredStructure] = []
+
+    def inference() -> InferredStructure:
+        if not inferred:
+            inferred.append(infer_structure(model, skip_types))
+        return inferred[0]
 
     selected: set[str] = set()
     for pattern in pattern_list:
         if allow_unmatched_roles and is_role_name(pattern):
             try:
-                selected.update(_resolve(names, pattern, model_type, what))
-            except ModuleMatchError:
-                if role_patterns(model_type, pattern) is None:
+                selected.update(_resolve(names, pattern, model_type, what, inference))
+            except ModuleMatchError as exc:
+                if role_patterns(model_type, pattern) is None and not isinstance(exc, RoleAbsentError):
                     raise
             continue
-        selected.update(_resolve(names, pattern, model_type, what))
+        selected.update(_resolve(names, pattern, model_type, what, inference))
     excluded: set[str] = set()
     for pattern in exclude_list:
-        excluded.update(_resolve(names, pattern, model_type, "exclude_modules"))
+        excluded.update(_resolve(names, pattern, model_type, "exclude_modules", inference))
 
     def is_excluded(name: str) -> bool:
         return any(name == ex or name.startswith(ex + ".") for ex in excluded)
@@ -204,6 +229,8 @@ def find_modules(
             f"Every module matched by {what}={pattern_list} is excluded by exclude_modules={exclude_list}; "
             f"nothing would be modified. Narrow exclude_modules."
         )
+    if inferred:
+        log_inferred(inferred[0], model_type)
     return result
 
 
