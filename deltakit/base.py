@@ -115,6 +115,8 @@ class DeltaBase:
         self._set_state_dict = False
         self._merge_backup: dict[int, dict[str, torch.Tensor]] = {}
         self._merge_exact = True
+        self._checkpointing_handles: list[Any] = []
+        self._checkpointing_hooks: Any = None
         self.unfrozen_parameter_names: list[str] = []
         if matches is None:
             matches = self._match_sites()
@@ -289,10 +291,25 @@ class DeltaBase:
             site.module.train(site.host.training)  # a new module starts in training mode; follow the host
             site.host.add_module(self.child_name, site.module)
             self._add_site_hooks(site)
+        self._add_checkpointing_hooks()
         self._state = ATTACHED
         if self._set_state_dict:
             self._install_state_dict_hook()
         return self
+
+    def _add_checkpointing_hooks(self) -> None:
+        # Reentrant activation checkpointing with a frozen embedding would starve the deltas of gradients.
+        from .integrations.checkpointing import CheckpointingInputHooks
+
+        if self._checkpointing_hooks is None:
+            self._checkpointing_hooks = CheckpointingInputHooks(self.backbone_model)
+        self._remove_checkpointing_hooks()
+        self._checkpointing_handles = self._checkpointing_hooks.install()
+
+    def _remove_checkpointing_hooks(self) -> None:
+        for handle in self._checkpointing_handles:
+            handle.remove()
+        self._checkpointing_handles = []
 
     def _hook_key(self, site: Site) -> tuple[int, int]:
         # (creation order, site slot): unique per site, so sites sharing a source module never collide.
@@ -332,6 +349,7 @@ class DeltaBase:
         if self.shared is not None:
             delattr(self.backbone_model, self.shared_name)
         self._remove_state_dict_hook()
+        self._remove_checkpointing_hooks()
         self._state = DETACHED
         return self
 
@@ -372,6 +390,7 @@ class DeltaBase:
                 self._merge_backup[id(site.module)] = backup
                 site.module.merge_versions = versions
                 self._remove_site_hooks(site)
+        self._remove_checkpointing_hooks()
         self._merge_exact = exact_unmerge
         self._state = MERGED
         return self
@@ -416,6 +435,7 @@ class DeltaBase:
                         param.sub_(delta.to(param.dtype))
                 site.module.merge_versions = {}
                 self._add_site_hooks(site)
+        self._add_checkpointing_hooks()
         self._merge_backup.clear()
         self._state = ATTACHED
         return self
