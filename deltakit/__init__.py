@@ -40,6 +40,7 @@ from .errors import (  # noqa: E402
     ModuleMatchError,
     UnsupportedModuleError,
 )
+from .serving import DeltaGroup  # noqa: E402
 from .visualization import Visualization  # noqa: E402
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "DeltaConfig",
     "DeltaConfigError",
     "DeltaError",
+    "DeltaGroup",
     "DeltaStateError",
     "LoraConfig",
     "LoraModel",

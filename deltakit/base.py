@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from .addressing import find_modules
 from .config import DeltaConfig
@@ -64,6 +65,61 @@ def factory_kwargs(host: nn.Module) -> dict[str, Any]:
     if not param.dtype.is_floating_point:
         return {"device": param.device}
     return {"device": param.device, "dtype": param.dtype}
+
+
+# Switching deltas (detach one, attach another) is on the serving path, so attach/detach avoid nn.Module's slow
+# generic paths (``hasattr`` raising through ``__getattr__``, ``.to()`` / ``.train()`` walks when nothing changes,
+# ``add_module``'s checks already done here); the observable result is the same.
+
+
+def _attribute_taken(owner: nn.Module, name: str, mine: nn.Module) -> bool:
+    """Whether ``owner`` has an attribute ``name`` that is not the module ``mine`` (``hasattr`` semantics)."""
+    if name in owner._modules:
+        return owner._modules[name] is not mine
+    return name in owner._parameters or name in owner._buffers or name in owner.__dict__ or hasattr(type(owner), name)
+
+
+def _member(module: nn.Module, name: str) -> Any:
+    """``getattr(module, name, None)`` for methods/properties a per-site module may define, without the failing
+    ``nn.Module.__getattr__`` lookup when it does not."""
+    if name in module.__dict__ or hasattr(type(module), name):
+        return getattr(module, name)
+    return None
+
+
+def _first_parameter(module: nn.Module) -> torch.Tensor | None:
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None:
+            param = _first_parameter(child)
+            if param is not None:
+                return param
+    return None
+
+
+def _follow_host(module: nn.Module, host: nn.Module) -> None:
+    """Put a per-site module on its host's device/dtype (a ``model.to(...)`` done while it was detached) and
+    training flag (a new module starts in training mode); no work when they already agree."""
+    mine = _first_parameter(module)
+    theirs = next((p for p in host._parameters.values() if p is not None), None)
+    if mine is None or theirs is None or mine.device != theirs.device or (
+        mine.dtype != theirs.dtype and theirs.dtype.is_floating_point
+    ):
+        kwargs = factory_kwargs(host)
+        if kwargs:
+            module.to(**kwargs)
+    if module.training != host.training:
+        module.train(host.training)
+
+
+def _register_child(host: nn.Module, name: str, module: nn.Module) -> None:
+    """``host.add_module(name, module)`` for a name already checked free by the caller."""
+    if getattr(_torch_module, "_global_module_registration_hooks", None):
+        host.add_module(name, module)  # someone registered global hooks: let torch run them
+    else:
+        host._modules[name] = module
 
 
 def _delta_site_prefixes(model: nn.Module) -> list[str]:
@@ -241,6 +297,11 @@ class DeltaBase:
         return self._state
 
     @property
+    def name(self) -> str:
+        """This delta's name: the child-module name of its per-site modules (``name=`` at creation)."""
+        return self.child_name
+
+    @property
     def modified_modules(self) -> list[str]:
         """Full names of the modified host modules, in model order."""
         return [site.name for site in self.sites]
@@ -268,8 +329,7 @@ class DeltaBase:
         """Insert the delta into the backbone (again); outputs become exactly the attached ones."""
         self._require("attach", DETACHED)
         for site in self.sites:
-            existing = getattr(site.host, self.child_name, None)
-            if hasattr(site.host, self.child_name) and existing is not site.module:
+            if _attribute_taken(site.host, self.child_name, site.module):
                 raise DeltaStateError(
                     f"Cannot attach {self._describe()}: module {site.name!r} already has an attribute "
                     f"{self.child_name!r} (another delta created while this one was detached?). Detach that delta "
@@ -285,11 +345,8 @@ class DeltaBase:
             self.shared.train(self.backbone_model.training)
             self.backbone_model.add_module(self.shared_name, self.shared)
         for site in self.sites:
-            kwargs = factory_kwargs(site.host)
-            if kwargs:
-                site.module.to(**kwargs)  # follows a model.to(...) done while this delta was detached
-            site.module.train(site.host.training)  # a new module starts in training mode; follow the host
-            site.host.add_module(self.child_name, site.module)
+            _follow_host(site.module, site.host)
+            _register_child(site.host, self.child_name, site.module)
             self._add_site_hooks(site)
         self._add_checkpointing_hooks()
         self._state = ATTACHED
@@ -317,14 +374,14 @@ class DeltaBase:
 
     def _add_site_hooks(self, site: Site) -> None:
         key = self._hook_key(site)
-        pre = getattr(site.module, "forward_pre_hook", None)
+        pre = _member(site.module, "forward_pre_hook")
         if pre is not None:
             add_hook(site.host, key, pre, pre=True)
-        post = getattr(site.module, "forward_hook", None)
+        post = _member(site.module, "forward_hook")
         if post is not None:
             add_hook(site.host, key, post)
         # A site may also read another module's input (a parallel adapter spanning a block).
-        source = getattr(site.module, "input_source", None)
+        source = _member(site.module, "input_source")
         if source is not None:
             add_hook(source, key, site.module.capture_input, pre=True)
 
@@ -332,7 +389,7 @@ class DeltaBase:
         key = self._hook_key(site)
         remove_hook(site.host, key, pre=True)
         remove_hook(site.host, key)
-        source = getattr(site.module, "input_source", None)
+        source = _member(site.module, "input_source")
         if source is not None:
             remove_hook(source, key, pre=True)
 
@@ -345,7 +402,7 @@ class DeltaBase:
         self._require("detach", ATTACHED)
         for site in self.sites:
             self._remove_site_hooks(site)
-            delattr(site.host, self.child_name)
+            del site.host._modules[self.child_name]  # what delattr does, without its lookups (switching is hot)
         if self.shared is not None:
             delattr(self.backbone_model, self.shared_name)
         self._remove_state_dict_hook()

@@ -16,7 +16,7 @@ from torch import nn
 from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, check_activation, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, map_hidden, output_dim
 
 
 @dataclass
@@ -36,6 +36,8 @@ class AdapterConfig(DeltaConfig):
 class AdapterSite(DeltaSite):
     """A bottleneck MLP added residually to its host's output."""
 
+    router = BottleneckRouter
+
     def __init__(self, dim: int, bottleneck: int, non_linearity: str, **factory: Any) -> None:
         super().__init__()
         self.non_linearity = non_linearity
@@ -49,6 +51,14 @@ class AdapterSite(DeltaSite):
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         return map_hidden(output, self.adapt)
+
+    def routing_key(self) -> tuple[str]:
+        """Sites routed together share the activation."""
+        return (self.non_linearity,)
+
+    def bottleneck_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_down (in x b), b_down, W_up (b x out), b_up)`` for :class:`BottleneckRouter`."""
+        return self.down.weight.t(), self.down.bias, self.up.weight.t(), self.up.bias
 
 
 class AdapterModel(DeltaBase):

@@ -19,6 +19,7 @@ from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig
 from ..errors import DeltaStateError, UnsupportedModuleError
 from ..hooks import DeltaSite
+from ..serving import SiteRouter
 from ..structures import linear_dims, norm_shape
 
 
@@ -29,8 +30,24 @@ class BitFitConfig(DeltaConfig):
     delta_type: ClassVar[str] = "bitfit"
 
 
+class BitFitRouter(SiteRouter):
+    """Per-row BitFit on one host: row ``j`` gets the bias of its delta (the last, zero slot: none)."""
+
+    def build(self) -> dict[str, torch.Tensor]:
+        biases = [s.bias for s in self.sites]  # type: ignore[attr-defined]
+        return {"bias": torch.stack([*biases, torch.zeros_like(biases[0])])}
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        bias = stack["bias"].index_select(0, slots)
+        extra = output.dim() - bias.dim()
+        return output + bias.view(bias.shape[0], *([1] * extra), *bias.shape[1:])
+
+
 class BitFitSite(DeltaSite):
     """The delta bias of one host."""
+
+    router = BitFitRouter
 
     def __init__(self, shape: tuple[int, ...], **factory: Any) -> None:
         super().__init__()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..serving import SiteRouter
 from ..structures import find_config, linear_dims, norm_shape
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -77,3 +78,44 @@ def glorot_(tensor: torch.Tensor, kind: str) -> None:
         nn.init.xavier_normal_(tensor)
     else:
         raise DeltaConfigError(f"Unknown weight init {kind!r}; use 'glorot-uniform' or 'glorot-normal'.")
+
+
+def _pad(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+class BottleneckRouter(SiteRouter):
+    """Per-row bottleneck adapters on one host (Adapter, LowRankAdapter, Compacter; ParallelAdapter subclasses it).
+
+    Each site gives dense factors ``(W_down (in x b), b_down, W_up (b x out), b_up)`` through
+    ``bottleneck_factors()``; bottlenecks are zero-padded to the widest (a padded unit reads 0 and writes 0) and a
+    last all-zero slot adds nothing. Row ``j`` gets ``act(x_j @ W_down[s_j] + b_down[s_j]) @ W_up[s_j] + b_up[s_j]``
+    via two ``baddbmm``. Sites stacked together share their activation (part of ``routing_key()``).
+    """
+
+    def build(self) -> dict[str, torch.Tensor]:
+        factors = [s.bottleneck_factors() for s in self.sites]  # type: ignore[attr-defined]
+        width = max(f[0].shape[1] for f in factors)
+        w_down = [_pad(f[0], width, 1) for f in factors]
+        b_down = [_pad(f[1], width, 0) for f in factors]
+        w_up = [_pad(f[2], width, 0) for f in factors]
+        b_up = [f[3] for f in factors]
+        stacks = {"w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up}
+        return {k: torch.stack([*v, torch.zeros_like(v[0])]) for k, v in stacks.items()}
+
+    def update(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The adapters' values for the rows of ``x`` (``N x ... x in``), shaped ``N x ... x out``."""
+        w_down = stack["w_down"].index_select(0, slots)
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(w_down.dtype)
+        z = torch.baddbmm(stack["b_down"].index_select(0, slots).unsqueeze(1), x3, w_down)
+        z = ACTIVATIONS[self.sites[0].non_linearity](z)  # type: ignore[attr-defined]
+        up = torch.baddbmm(stack["b_up"].index_select(0, slots).unsqueeze(1), z, stack["w_up"].index_select(0, slots))
+        return up.view(*x.shape[:-1], up.shape[-1])
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: Any) -> Any:
+        return map_hidden(output, lambda h: h + self.update(stack, slots, h).to(h.dtype))

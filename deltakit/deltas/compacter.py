@@ -21,7 +21,7 @@ from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, check_activation, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, map_hidden, output_dim
 
 
 @dataclass
@@ -126,6 +126,8 @@ class CompacterShared(DeltaSite):
 class CompacterSite(DeltaSite):
     """A Compacter adapter (two PHM layers) on one host."""
 
+    router = BottleneckRouter
+
     def __init__(self, dim: int, bottleneck: int, cfg: CompacterConfig, shared: PHMRule | None, **factory: Any) -> None:
         super().__init__()
         self.non_linearity = cfg.non_linearity
@@ -137,6 +139,19 @@ class CompacterSite(DeltaSite):
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         return map_hidden(output, self.adapt)
+
+    def routing_key(self) -> tuple[str]:
+        """Sites routed together share the activation."""
+        return (self.non_linearity,)
+
+    def bottleneck_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense ``(W_down (in x b), b_down, W_up (b x out), b_up)`` (the PHM weights formed) for
+        :class:`BottleneckRouter`."""
+        down, up = self.down_sampler, self.up_sampler
+        w_down, w_up = down.weight(), up.weight()
+        b_down = down.b if down.b is not None else w_down.new_zeros(w_down.shape[1])
+        b_up = up.b if up.b is not None else w_up.new_zeros(w_up.shape[1])
+        return w_down, b_down, w_up, b_up
 
 
 class CompacterModel(DeltaBase):

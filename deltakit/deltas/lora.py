@@ -19,6 +19,7 @@ from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int, check_probability
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
+from ..serving import SiteRouter
 from ..structures import is_conv1d, linear_dims
 from .common import first_input
 
@@ -95,8 +96,71 @@ def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Te
     return _AddLowRankInPlace.apply(output, projected, lora_B, scaling)
 
 
+def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Zero-pad the rank dimension ``dim`` of ``t`` to ``r`` (zero rows of A / columns of B add nothing)."""
+    if t.shape[dim] == r:
+        return t
+    shape = list(t.shape)
+    shape[dim] = r - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
+def _stack_lora(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack ``(A^T (in x r), scaling * B^T (r x out))`` pairs, ranks padded to the largest, plus a zero slot."""
+    r = max(a.shape[1] for a, _ in pairs)
+    a_t = [_pad_rank(a, r, 1) for a, _ in pairs]
+    b_t = [_pad_rank(b, r, 0) for _, b in pairs]
+    a_t.append(torch.zeros_like(a_t[0]))
+    b_t.append(torch.zeros_like(b_t[0]))
+    return {"A_T": torch.stack(a_t), "B_T": torch.stack(b_t)}
+
+
+def _add_routed(output: torch.Tensor, projected: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``output + projected @ b_t`` row by row (``projected``: N x T x r, ``b_t``: N x r x out), in place when
+    nothing needs the old output for autograd."""
+    n = projected.shape[0]
+    if b_t.dtype != output.dtype:
+        return output + torch.bmm(projected, b_t).to(output.dtype).view(output.shape)
+    if output.is_contiguous() and not (torch.is_grad_enabled() and (output.requires_grad or b_t.requires_grad
+                                                                    or projected.requires_grad)):
+        output.view(n, -1, output.shape[-1]).baddbmm_(projected, b_t)
+        return output
+    return torch.baddbmm(output.reshape(n, -1, output.shape[-1]), projected, b_t).view(output.shape)
+
+
+class LoraRouter(SiteRouter):
+    """Per-row LoRA on one Linear / Conv1D host: ``out[j] += x[j] @ A_T[s_j] @ B_T[s_j]`` with batched matmuls."""
+
+    def build(self) -> dict[str, torch.Tensor]:
+        return _stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        x = first_input(args, kwargs)
+        a_t = stack["A_T"].index_select(0, slots)
+        b_t = stack["B_T"].index_select(0, slots)
+        projected = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype), a_t)
+        return _add_routed(output, projected, b_t)
+
+
+class LoraEmbeddingRouter(SiteRouter):
+    """Per-row LoRA on one Embedding host: row ``j``'s tokens look up ``A_T[s_j]``, then ``@ B_T[s_j]``."""
+
+    def build(self) -> dict[str, torch.Tensor]:
+        return _stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        ids = first_input(args, kwargs)
+        flat = ids.reshape(ids.shape[0], -1)
+        rows = stack["A_T"][slots.unsqueeze(1), flat]  # N x T x r
+        return _add_routed(output, rows, stack["B_T"].index_select(0, slots))
+
+
 class LoraSite(DeltaSite):
     """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host."""
+
+    router = LoraRouter
 
     def __init__(
         self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, transposed: bool, **factory: Any
@@ -126,6 +190,8 @@ class LoraEmbeddingSite(DeltaSite):
     ``A`` (r x num_embeddings) is drawn from N(0, 1) rather than Kaiming-uniform: an embedding's "fan-in" is the
     vocabulary size, which would make ``A`` tiny and ``B`` learn very slowly. ``B`` is zero, as for linear hosts.
     """
+
+    router = LoraEmbeddingRouter
 
     def __init__(self, host: nn.Embedding, r: int, alpha: float, dropout: float, **factory: Any) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, check_activation, glorot_, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, glorot_, map_hidden, output_dim
 
 
 @dataclass
@@ -67,6 +67,8 @@ class LowRankLinear(nn.Module):
 class LowRankAdapterSite(DeltaSite):
     """A low-rank bottleneck adapter on one host."""
 
+    router = BottleneckRouter
+
     def __init__(self, dim: int, bottleneck: int, cfg: LowRankAdapterConfig, **factory: Any) -> None:
         super().__init__()
         self.non_linearity = cfg.non_linearity
@@ -79,6 +81,15 @@ class LowRankAdapterSite(DeltaSite):
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
         return map_hidden(output, self.adapt)
+
+    def routing_key(self) -> tuple[str]:
+        """Sites routed together share the activation."""
+        return (self.non_linearity,)
+
+    def bottleneck_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense ``(W_down (in x b), b_down, W_up (b x out), b_up)`` for :class:`BottleneckRouter`."""
+        down, up = self.down_sampler, self.up_sampler
+        return down.W_left @ down.W_right, down.b, up.W_left @ up.W_right, up.b
 
 
 class LowRankAdapterModel(DeltaBase):

@@ -21,7 +21,7 @@ from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError, DeltaError, ModuleMatchError
 from ..hooks import DeltaSite
 from ..structures import linear_dims
-from .common import ACTIVATIONS, check_activation, first_input, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, first_input, map_hidden, output_dim
 
 
 @dataclass
@@ -45,8 +45,24 @@ class ParallelAdapterConfig(DeltaConfig):
             self.input_modules = [self.input_modules]
 
 
+class ParallelAdapterRouter(BottleneckRouter):
+    """Per-row parallel adapters: reads the input captured on the sites' common source module."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.source = self.sites[0].input_source  # type: ignore[attr-defined]  # shared: part of routing_key()
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: Any) -> Any:
+        x, self._captured = self._captured, None
+        update = self.update(stack, slots, x)
+        return map_hidden(output, lambda h: h + update.to(h.dtype))
+
+
 class ParallelAdapterSite(DeltaSite):
     """Captures ``input_source``'s input, adds the adapted value to the host's output."""
+
+    router = ParallelAdapterRouter
 
     def __init__(self, in_dim: int, out_dim: int, cfg: ParallelAdapterConfig, source: nn.Module, **factory: Any) -> None:
         super().__init__()
@@ -78,6 +94,14 @@ class ParallelAdapterSite(DeltaSite):
         self._captured = None
         update = self.up(ACTIVATIONS[self.non_linearity](self.down(x)))
         return map_hidden(output, lambda h: h + self.scaled * update)
+
+    def routing_key(self) -> tuple[Any, ...]:
+        """Sites routed together share the activation and the source module."""
+        return (self.non_linearity, self.input_source)
+
+    def bottleneck_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W_down (in x b), b_down, scaled * W_up (b x out), scaled * b_up)`` for :class:`ParallelAdapterRouter`."""
+        return self.down.weight.t(), self.down.bias, self.up.weight.t() * self.scaled, self.up.bias * self.scaled
 
 
 class ParallelAdapterModel(DeltaBase):

@@ -1,0 +1,339 @@
+"""Per-sample routing (DeltaGroup.route): mixed batches in forward and generate(), caching, errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from deltakit import (
+    AdapterModel,
+    BitFitModel,
+    CompacterModel,
+    DeltaError,
+    DeltaGroup,
+    DeltaStateError,
+    LoraModel,
+    LowRankAdapterModel,
+    ParallelAdapterModel,
+)
+from deltakit.base import DeltaBase
+from deltakit.config import DeltaConfig
+from deltakit.hooks import DeltaSite
+
+from .conftest import ARCHS, VOCAB, Arch, hook_counts, perturb, snapshot, assert_state_equal
+
+ATOL = 1e-5
+
+# One factory per method: (model, name, variant) -> delta. ``variant`` changes hyper-parameters, so one stack
+# mixes ranks / bottleneck widths.
+METHODS: dict[str, Callable[[nn.Module, str, int], DeltaBase]] = {
+    "lora": lambda m, n, v: LoraModel(m, name=n, lora_r=4 + 4 * v),
+    "lora_all": lambda m, n, v: LoraModel(
+        m, name=n, lora_r=2 + v, modified_modules=["attn.q", "attn.k", "attn.v", "attn.o", "ff.w1", "ff.w2"]
+    ),
+    "bitfit": lambda m, n, v: BitFitModel(m, name=n),
+    "adapter": lambda m, n, v: AdapterModel(m, name=n, bottleneck_dim=4 + 2 * v),
+    "parallel_adapter": lambda m, n, v: ParallelAdapterModel(m, name=n, bottleneck_dim=6 - v),
+    "low_rank_adapter": lambda m, n, v: LowRankAdapterModel(m, name=n, reduction_factor=4 * (1 + v), low_rank_rank=1 + v),
+    "compacter": lambda m, n, v: CompacterModel(m, name=n, reduction_factor=4, hypercomplex_division=2),
+}
+
+
+def make_group(model: nn.Module, specs: list[tuple[str, str]], scale: float = 0.3) -> DeltaGroup:
+    """A group of perturbed (non-identity), detached deltas: ``specs`` = [(name, method), ...]."""
+    group = DeltaGroup(model)
+    for i, (name, method) in enumerate(specs):
+        delta = METHODS[method](model, name, i % 2)
+        perturb(delta, seed=100 + i, scale=scale)
+        delta.detach()
+        group.add(delta)
+    return group
+
+
+def batch_for(arch: Arch, n: int, seed: int = 7, length: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (n, length), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if arch.encoder_decoder:
+        out["decoder_input_ids"] = torch.randint(2, VOCAB, (n, 5), generator=g)
+    return out
+
+
+def rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+    return {k: v[i : i + 1] for k, v in batch.items()}
+
+
+def alone_logits(group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor], names: list[Any]) -> list[torch.Tensor]:
+    """Each sample run on its own with its delta switched in (the reference routing must match)."""
+    out = []
+    for i, name in enumerate(names):
+        group.switch(name)
+        with torch.no_grad():
+            out.append(model(**rows(batch, i)).logits[0])
+    group.switch(None)
+    return out
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_route_matches_each_sample_alone(arch: Arch, method: str) -> None:
+    model = arch.build()
+    group = make_group(model, [("t0", method), ("t1", method), ("t2", method)])
+    names = ["t1", None, "t0", "t2", "t1", None]
+    batch = batch_for(arch, len(names))
+    with torch.no_grad(), group.route(names):
+        mixed = model(**batch).logits
+    refs = alone_logits(group, model, batch, names)
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(mixed[i], ref, atol=ATOL, rtol=0)
+    # Row 0 really uses its own delta: its input through another delta, or none, gives other logits.
+    first_row = {k: v[[0, 0, 0]] for k, v in batch.items()}
+    for other in alone_logits(group, model, first_row, [None, "t0", "t2"]):
+        assert not torch.allclose(mixed[0], other, atol=1e-4)
+
+
+def test_route_mixes_every_method_in_one_batch(arch: Arch) -> None:
+    model = arch.build()
+    specs = [(f"d_{m}", m) for m in METHODS]
+    group = make_group(model, specs)
+    names = [n for n, _ in specs] + [None]
+    batch = batch_for(arch, len(names))
+    with torch.inference_mode(), group.route(names):
+        mixed = model(**batch).logits
+    refs = alone_logits(group, model, batch, names)
+    for i, ref in enumerate(refs):
+        torch.testing.assert_close(mixed[i], ref, atol=ATOL, rtol=0)
+    base = refs[-1]
+    assert all(not torch.allclose(r, base, atol=1e-4) for r in refs[:-1])  # every delta is active in its row
+
+
+def test_route_lora_on_embeddings() -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    group = DeltaGroup(model)
+    for i, r in enumerate((2, 5)):
+        delta = LoraModel(model, name=f"e{i}", lora_r=r, modified_modules=["embed_tokens", "attn.q"])
+        perturb(delta, seed=i)
+        group.add(delta.detach())
+    names = ["e1", None, "e0", "e1"]
+    batch = batch_for(arch, len(names))
+    with torch.no_grad(), group.route(names):
+        mixed = model(**batch).logits
+    for i, ref in enumerate(alone_logits(group, model, batch, names)):
+        torch.testing.assert_close(mixed[i], ref, atol=ATOL, rtol=0)
+
+
+GENERATE_KW = {
+    "greedy": {"num_beams": 1},
+    "beam": {"num_beams": 3},
+    "beam_return_2": {"num_beams": 3, "num_return_sequences": 2},
+}
+
+
+@pytest.mark.parametrize("mode", list(GENERATE_KW))
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama", "t5"])
+def test_route_generate(arch_name: str, mode: str) -> None:
+    arch = ARCHS[arch_name]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "bitfit"), ("c", "adapter"), ("d", "parallel_adapter")], scale=1.0)
+    names = ["a", None, "b", "c", "d"]
+    ids = batch_for(arch, len(names), seed=11, length=6)["input_ids"]
+    kw = dict(
+        max_new_tokens=5, min_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+        pad_token_id=0, **GENERATE_KW[mode],
+    )
+    k = kw.get("num_return_sequences", 1)
+    with torch.no_grad(), group.route(names):
+        mixed = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    distinct = set()
+    for i, name in enumerate(names):
+        group.switch(name)
+        with torch.no_grad():
+            alone = model.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kw)
+        assert torch.equal(mixed.sequences[i * k : (i + 1) * k], alone.sequences), (name, mode)
+        if kw["num_beams"] > 1:
+            torch.testing.assert_close(mixed.sequences_scores[i * k : (i + 1) * k], alone.sequences_scores, atol=ATOL, rtol=0)
+        else:
+            for step_mixed, step_alone in zip(mixed.scores, alone.scores):
+                torch.testing.assert_close(step_mixed[i], step_alone[0], atol=ATOL, rtol=0)
+        distinct.add(tuple(alone.scores[0][0].argsort()[-3:].tolist()))
+    group.switch(None)
+    assert len(distinct) > 1  # the deltas change what is generated
+
+
+def test_route_restores_attached_deltas_and_leaves_no_hooks() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    bare_hooks = hook_counts(model)
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    with torch.no_grad():
+        bare = arch.run(model)
+        group.switch("a")
+        with_a = arch.run(model)
+        keys = list(model.state_dict())
+        with group.route(["b", None]):
+            assert group["a"].state == "detached"  # each sample sees only its own delta
+            assert "encoder.layer.0.attention.self.query.a.lora_A" not in model.state_dict()
+        assert group.active == ["a"]
+        assert list(model.state_dict()) == keys
+        assert torch.equal(arch.run(model), with_a)
+        group.switch(None)
+    assert hook_counts(model) == bare_hooks
+    with torch.no_grad():
+        assert torch.equal(arch.run(model), bare)
+
+
+def test_route_all_none_is_the_backbone() -> None:
+    arch = ARCHS["gpt2"]
+    model = arch.build()
+    with torch.no_grad():
+        bare = arch.run(model)
+    group = make_group(model, [("a", "lora"), ("b", "bitfit")])
+    group.switch("a")
+    with torch.no_grad(), group.route([None, None]):
+        assert torch.equal(arch.run(model), bare)
+
+
+def test_route_stacks_are_cached_and_follow_parameter_changes() -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "lora")])
+    names = ["a", "b"]
+    batch = batch_for(arch, 2)
+    with torch.no_grad(), group.route(names):
+        first = model(**batch).logits
+        routers = list(group._routers or [])
+        stacks = [r._stack for r in routers]
+        again = model(**batch).logits
+        assert all(r._stack is s for r, s in zip(routers, stacks))  # reused, not rebuilt
+    assert torch.equal(first, again)
+
+    perturb(group["b"], seed=999)  # an in-place change (like an optimizer step) while detached
+    with torch.no_grad(), group.route(names):
+        changed = model(**batch).logits
+    torch.testing.assert_close(changed[0], first[0], atol=0, rtol=0)
+    assert not torch.allclose(changed[1], first[1], atol=1e-4)
+    ref = alone_logits(group, model, batch, names)
+    torch.testing.assert_close(changed[1], ref[1], atol=ATOL, rtol=0)
+
+    group.remove("a")  # membership change: routers rebuilt
+    with torch.no_grad(), group.route(["b", None]):
+        after = model(**batch).logits
+    torch.testing.assert_close(after[0], alone_logits(group, model, batch, ["b", None])[0], atol=ATOL, rtol=0)
+
+
+def test_route_follows_dtype_change() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    batch = batch_for(arch, 2)
+    with torch.no_grad(), group.route(["a", "b"]):
+        model(**batch)
+    model.to(torch.float64)
+    with torch.no_grad(), group.route(["a", "b"]):
+        mixed = model(**batch).logits
+    assert mixed.dtype == torch.float64
+    for i, ref in enumerate(alone_logits(group, model, batch, ["a", "b"])):
+        torch.testing.assert_close(mixed[i], ref, atol=1e-10, rtol=0)
+
+
+def test_route_gradients_in_eval_mode_match_each_sample_alone() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    names = ["a", "b", "a"]
+    batch = batch_for(arch, 3)
+    with group.route(names):
+        model(**batch).logits.sum().backward()
+    routed = {n: [p.grad.clone() for p in group[n].parameters()] for n in ("a", "b")}
+    for n in ("a", "b"):
+        for p in group[n].parameters():
+            p.grad = None
+    for i, name in enumerate(names):
+        group.switch(name)
+        model(**rows(batch, i)).logits.sum().backward()
+    group.switch(None)
+    for n in ("a", "b"):
+        for got, p in zip(routed[n], group[n].parameters()):
+            assert p.grad is not None and got.abs().sum() > 0
+            torch.testing.assert_close(got, p.grad, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ errors
+
+
+class _ScaleSite(DeltaSite):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward_hook(self, host: nn.Module, args: Any, kwargs: Any, output: torch.Tensor) -> torch.Tensor:
+        return output * (1 + self.scale)
+
+
+class _ScaleModel(DeltaBase):
+    """A user-defined delta method without routing support (scales the host's output)."""
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        return _ScaleSite()
+
+
+def test_route_errors_change_nothing() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "bitfit")])
+    group.add(_ScaleModel(model, DeltaConfig(modified_modules=["query"]), name="s").detach())
+    group.switch("a")
+    state, hooks = snapshot(model), hook_counts(model)
+    batch = batch_for(arch, 2)
+
+    def unchanged() -> None:
+        assert group.active == ["a"]
+        assert_state_equal(model, state)
+        assert hook_counts(model) == hooks
+
+    with pytest.raises(DeltaError, match="no delta named \\['zzz'\\]"):
+        with group.route(["a", "zzz"]):
+            pass
+    unchanged()
+    with pytest.raises(DeltaError, match="non-empty list"):
+        with group.route([]):
+            pass
+    with pytest.raises(DeltaError, match="non-empty list"):
+        with group.route("a"):  # type: ignore[arg-type]
+            pass
+    with pytest.raises(DeltaError, match="do not support per-sample routing"):
+        with group.route(["s", None]):
+            pass
+    unchanged()
+    model.train()
+    with pytest.raises(DeltaStateError, match="training mode"):
+        with group.route(["a", "b"]):
+            pass
+    model.eval()
+    unchanged()
+    with pytest.raises(DeltaError, match="given 3 names.*batch of 2 rows"):
+        with torch.no_grad(), group.route(["a", "b", None]):
+            model(**batch)
+    unchanged()
+    with group.route(["a", "b"]):
+        with pytest.raises(DeltaStateError, match="nested"):
+            with group.route(["a", "b"]):
+                pass
+        for call in (lambda: group.switch("b"), lambda: group.remove("a"), lambda: group.add(group["b"])):
+            with pytest.raises(DeltaStateError, match="inside a DeltaGroup.route"):
+                call()
+        model.train()  # switched to training inside the block: refused at the forward
+        with pytest.raises(DeltaStateError, match="training mode"):
+            model(**batch)
+        model.eval()
+    unchanged()
+    group.switch(None)
+    group["b"].attach().merge()
+    with pytest.raises(DeltaStateError, match="merged"):
+        with group.route(["a", None]):
+            pass
+    group["b"].unmerge().detach()
