@@ -19,6 +19,8 @@ from deltakit import (
     LoraModel,
     LowRankAdapterModel,
     ParallelAdapterModel,
+    PrefixModel,
+    SoftPromptModel,
 )
 from deltakit.checkpoint import WEIGHTS_NAME
 
@@ -37,8 +39,20 @@ VARIANTS: dict[str, Callable[[nn.Module], DeltaBase]] = {
     "compacter++-unshared": lambda m: CompacterModel(
         m, modified_modules=["ff.w2"], reduction_factor=4, phm_rank=2, shared_phm_rule=False, factorized_phm_rule=True
     ),
+    "prefix-default": lambda m: PrefixModel(m, prefix_token_num=3, embed_dim=8, mid_dim=8),
+    "prefix-direct-self-attn": lambda m: PrefixModel(
+        m, modified_modules=[r"[r](self_attn|attention\.self|attn|SelfAttention)"], prefix_token_num=2, reparameterize=False
+    ),
+    "soft-prompt": lambda m: SoftPromptModel(m, soft_token_num=3),
 }
 MERGEABLE = ("lora", "bitfit")
+# The prompt family changes the output from the start: a prefix adds keys every query attends to, a soft prompt adds
+# input positions (decoder-only logits even gain positions). Everything else in the contract applies to them.
+NOT_IDENTITY = ("prefix", "soft-prompt")
+
+
+def _differs(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape != b.shape or not torch.allclose(a, b)
 
 
 def _embeddings_tied(model: nn.Module) -> bool:
@@ -56,9 +70,13 @@ def test_fresh_attach_is_identity_and_perturbation_changes_output(arch: Arch, va
     base = arch.run(model)
     delta = VARIANTS[variant](model)
     assert delta.sites, "the default positions must match something"
-    assert torch.equal(arch.run(model), base)
+    fresh = arch.run(model)
+    if variant.startswith(NOT_IDENTITY):
+        assert _differs(fresh, base)
+    else:
+        assert torch.equal(fresh, base)
     perturb(delta)
-    assert not torch.allclose(arch.run(model), base)
+    assert _differs(arch.run(model), fresh)
 
 
 def test_gradients_reach_exactly_the_trainable_set(arch: Arch, variant: str) -> None:
