@@ -1,0 +1,128 @@
+"""``DeltaTrainer``: transformers' ``Trainer`` that checkpoints only the delta, under deltakit's own file names.
+
+Usage (the only change to a Trainer script is the class name and the ``delta=`` argument)::
+
+    delta = LoraModel(model, modified_modules=["query", "value"])
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    trainer = DeltaTrainer(model=model, delta=delta, args=TrainingArguments(...), train_dataset=...)
+    trainer.train()                                   # or train(resume_from_checkpoint=True)
+
+What Trainer sees, and why a subclass:
+
+- The model is the user's own model with the delta attached by hooks; Trainer trains it unchanged (the optimizer
+  gets exactly the parameters with ``requires_grad``: the delta and what ``freeze_module`` kept trainable).
+- Trainer recognises only PEFT's classes as adapters and otherwise writes the *full* model as
+  ``model.safetensors`` (+ ``config.json``), which ``from_pretrained`` would load. A delta-only file under that
+  name would load "successfully" with a random backbone. So checkpoints must use other names, and then Trainer's
+  own resume and best-model code cannot find them: three methods are overridden, nothing else.
+
+  * ``_save`` writes :meth:`~deltakit.DeltaBase.save_finetuned`'s ``delta_config.json`` +
+    ``delta_model.safetensors`` (only the delta and explicitly unfrozen tensors), plus Trainer's usual
+    ``training_args.bin`` and processor files. Optimizer, scheduler, RNG and trainer state are Trainer's own.
+  * ``_load_from_checkpoint`` (resume) and ``_load_best_model`` (``load_best_model_at_end``) copy the saved
+    tensors into the live delta parameters in place, after validating names and shapes, so the optimizer state
+    that Trainer restores next still refers to the same parameters and a resumed run continues exactly.
+
+A checkpoint directory therefore has no ``config.json`` and no ``model.safetensors``: ``from_pretrained`` on it
+fails loudly, and ``AutoDeltaModel.from_finetuned(ckpt_dir, backbone_model=...)`` loads it.
+
+Several deltas on one model: pass a list; each is saved in a subdirectory named after the delta (``delta.child_name``).
+Under DeepSpeed or FSDP inside Trainer, use the engine helpers of :mod:`deltakit.integrations.distributed` in your
+own loop instead (see ``docs/ecosystem.md``); ``DeltaTrainer`` refuses those set-ups with a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from ..base import DeltaBase
+from ..checkpoint import WEIGHTS_NAME
+from ..config import CONFIG_NAME
+from ..errors import CheckpointError, DeltaError
+from .distributed import load_delta_state_dict, read_delta_checkpoint
+
+__all__ = ["DeltaTrainer"]
+
+
+class DeltaTrainer(Trainer):
+    """A :class:`transformers.Trainer` whose checkpoints hold only the delta (see the module docstring).
+
+    Args:
+        *args: Passed to :class:`transformers.Trainer`.
+        delta: The delta object(s) attached to ``model`` (e.g. a ``LoraModel``); with several, each is saved in a
+            subdirectory named after ``delta.child_name``.
+        **kwargs: Passed to :class:`transformers.Trainer` (``model=`` must be the model the deltas are attached to).
+
+    Raises:
+        DeltaError: No delta given, a delta not attached to ``model``, or DeepSpeed / FSDP enabled in Trainer.
+    """
+
+    def __init__(self, *args: Any, delta: DeltaBase | Sequence[DeltaBase], **kwargs: Any) -> None:
+        deltas = [delta] if isinstance(delta, DeltaBase) else list(delta) if delta is not None else []
+        if not deltas or not all(isinstance(d, DeltaBase) for d in deltas):
+            raise DeltaError(
+                f"DeltaTrainer needs delta=<a deltakit delta object or a list of them>, got {delta!r}. Create it "
+                f"with e.g. LoraModel(model, ...) and pass it as DeltaTrainer(model=model, delta=delta, ...)."
+            )
+        names = [d.child_name for d in deltas]
+        if len(set(names)) != len(names):
+            raise DeltaError(f"DeltaTrainer got deltas with the same name {names}; give each a distinct name=.")
+        super().__init__(*args, **kwargs)
+        for d in deltas:
+            if not any(m is d.backbone_model for m in self.model.modules()):
+                raise DeltaError(
+                    f"{d!r} is not attached to the model given to DeltaTrainer ({type(self.model).__name__}); pass "
+                    f"model=<the model the delta was created on>."
+                )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise DeltaError(
+                "DeltaTrainer supports single-process and DDP training. With DeepSpeed or FSDP, train with the engine "
+                "directly or through accelerate and save with deltakit.integrations.distributed."
+                "save_delta_checkpoint (see docs/ecosystem.md)."
+            )
+        self.deltas: list[DeltaBase] = deltas
+
+    def _delta_dir(self, root: str, delta: DeltaBase) -> str:
+        return root if len(self.deltas) == 1 else os.path.join(root, delta.child_name)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the deltas' checkpoints (instead of the full model) and Trainer's side files."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        for delta in self.deltas:
+            delta.save_finetuned(self._delta_dir(output_dir, delta))
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_deltas(self, checkpoint: str) -> None:
+        """Validate every delta's saved tensors first, then copy them into the live parameters."""
+        states = []
+        for delta in self.deltas:
+            path = self._delta_dir(checkpoint, delta)
+            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                full = os.path.isfile(os.path.join(checkpoint, "model.safetensors"))
+                raise CheckpointError(
+                    f"{checkpoint!r} holds no deltakit checkpoint for {delta!r} (no {CONFIG_NAME} / {WEIGHTS_NAME} "
+                    f"in {path!r})"
+                    + (": it is a full-model checkpoint written by a plain Trainer; resume it with Trainer." if full else ".")
+                )
+            states.append(read_delta_checkpoint(path, delta))
+        for delta, state in zip(self.deltas, states):
+            load_delta_state_dict(self.model, delta, state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Resume: load the delta tensors saved in ``resume_from_checkpoint`` into the live deltas."""
+        self._load_deltas(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: load the delta tensors of the best checkpoint into the live deltas."""
+        self._load_deltas(self.state.best_model_checkpoint)
