@@ -1,0 +1,447 @@
+"""PEFT interop: move LoRA deltas between deltakit and HuggingFace PEFT's adapter directories.
+
+PEFT's LoRA adapter directory holds ``adapter_config.json`` (a ``peft.LoraConfig``) and
+``adapter_model.safetensors`` with tensors keyed ``base_model.model.<module>.lora_A.weight`` (r x in),
+``...lora_B.weight`` (out x r), and for embeddings ``...lora_embedding_A`` (r x vocab) and ``...lora_embedding_B``
+(dim x r). Both libraries compute ``h = W x + (lora_alpha / r) * B A x`` with the same factor shapes (also for
+transformers' ``Conv1D``, PEFT's ``fan_in_fan_out``), so a conversion is a renaming of tensors: no arithmetic, the
+factors round-trip bit-for-bit.
+
+* :func:`export_to_peft` writes a deltakit :class:`~deltakit.LoraModel` as a PEFT adapter directory that
+  ``peft.PeftModel.from_pretrained(backbone, path)`` loads onto the same backbone class.
+* :func:`from_peft` loads a PEFT LoRA adapter directory onto a backbone as an attached deltakit ``LoraModel``.
+
+Neither needs ``peft`` installed. PEFT options that change the adapter's function in a way deltakit's LoRA does
+not compute (DoRA, rsLoRA, per-module ranks, trained biases, ...) are refused with an error naming the option;
+nothing is changed then.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import _atomic_write
+from ..errors import CheckpointError, DeltaError
+from ..hooks import DeltaSite
+from ..structures import find_config, is_conv1d
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+KEY_PREFIX = "base_model.model."
+
+_LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
+_EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+
+# PEFT LoraConfig fields that deltakit reads or that do not change a loaded adapter's function.
+_HARMLESS = {
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha", "lora_dropout", "fan_in_fan_out",
+    "modules_to_save", "init_lora_weights", "layers_to_transform", "layers_pattern", "rank_pattern",
+    "alpha_pattern", "qalora_group_size", "runtime_config", "ensure_weight_tying", "megatron_core", "eva_config",
+    "lora_ga_config", "corda_config", "loftq_config", "bias", "use_rslora", "use_dora", "lora_bias",
+}
+# Options that must be off (None, False, empty), with what they mean, for the error message.
+_MUST_BE_OFF = {
+    "use_dora": "DoRA (weight-decomposed LoRA: a trained magnitude vector rescales the weight)",
+    "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r) instead of lora_alpha / r)",
+    "lora_bias": "a trained bias on lora_B",
+    "use_qalora": "QALoRA (quantization-aware pooling of the input)",
+    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE expert tensors) instead of modules",
+    "trainable_token_indices": "trainable rows of the embedding matrix",
+    "layer_replication": "replicated layers sharing weights",
+    "alora_invocation_tokens": "activated LoRA (applied only after invocation tokens)",
+    "arrow_config": "Arrow routing among several LoRA experts",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA (singular-value adaptation)",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA (stochastic LoRA)",
+    "megatron_config": "Megatron tensor-parallel LoRA layers",
+}
+# init_lora_weights values that rewrite the base model's weights at initialisation: the adapter only works together
+# with that rewritten base, which a plain backbone is not.
+_BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
+
+
+# ------------------------------------------------------------------------------------------------------ export
+def export_to_peft(
+    delta: Any,
+    path: str | os.PathLike[str],
+    *,
+    task_type: str | None = None,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = True,
+) -> str:
+    """Write a deltakit LoRA delta as a PEFT LoRA adapter directory.
+
+    The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; load it with
+    ``peft.PeftModel.from_pretrained(backbone, path)`` where ``backbone`` is a model of the same class as the
+    delta's ``backbone_model`` (module names are relative to it). Backbone tensors kept trainable with
+    ``freeze_module(exclude=[..., "classifier"])`` go to PEFT's ``modules_to_save``.
+
+    Args:
+        delta: A :class:`~deltakit.LoraModel` (any state: attached, detached or merged; the factors are exported).
+        path: Target directory (created if needed).
+        task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); ``None`` loads as a plain
+            ``PeftModel``. Note that PEFT adds ``classifier``/``score`` to ``modules_to_save`` for ``"SEQ_CLS"``.
+        base_model_name_or_path: Recorded in the config (default: the backbone config's ``_name_or_path``).
+        overwrite: Replace an existing adapter in ``path``.
+
+    Returns:
+        The directory path.
+
+    Raises:
+        DeltaError: ``delta`` is not a LoRA delta, or holds something PEFT cannot express; nothing is written.
+        CheckpointError: ``path`` is not a usable directory.
+    """
+    from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel, LoraSite
+
+    if not isinstance(delta, LoraModel) or not isinstance(delta.config, LoraConfig):
+        raise DeltaError(
+            f"export_to_peft converts LoRA deltas only, got {type(delta).__name__}: PEFT has no adapter format for "
+            f"deltakit's {getattr(delta, 'delta_type', '?')!r} deltas. Save it with save_finetuned() instead."
+        )
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"Cannot export the delta to {path!r}: it exists and is not a directory.")
+    if not overwrite and any(os.path.exists(os.path.join(path, n)) for n in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)):
+        raise CheckpointError(f"{path!r} already holds a PEFT adapter; pass overwrite=True to replace it.")
+
+    cfg: LoraConfig = delta.config
+    tensors: dict[str, torch.Tensor] = {}
+    conv1d = linear = 0
+    for site in delta.sites:
+        module = site.module
+        if isinstance(module, LoraEmbeddingSite):
+            names = _EMBEDDING_KEYS
+        elif isinstance(module, LoraSite):
+            names = _LINEAR_KEYS
+            conv1d += int(module.transposed)
+            linear += int(not module.transposed)
+        else:  # pragma: no cover - LoraModel builds only these two
+            raise DeltaError(f"Site {site.name!r} holds a {type(module).__name__}, which PEFT cannot express.")
+        tensors[f"{KEY_PREFIX}{site.name}.{names[0]}"] = module.lora_A
+        tensors[f"{KEY_PREFIX}{site.name}.{names[1]}"] = module.lora_B
+
+    modules_to_save = _modules_to_save(delta)
+    params = dict(delta.backbone_model.named_parameters())
+    for name in delta.unfrozen_parameter_names:
+        owner, _, pname = name.rpartition(".")
+        key = f"{owner}.base_layer.{pname}" if owner in delta.modified_modules else name  # PEFT's name for it
+        tensors[f"{KEY_PREFIX}{key}"] = params[name]
+    for name, tensor in tensors.items():
+        if tensor.is_meta:
+            raise CheckpointError(f"Cannot export {name!r}: it is on the meta device (no data).")
+    payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+
+    if base_model_name_or_path is None:
+        config = find_config(delta.backbone_model)
+        base_model_name_or_path = getattr(config, "_name_or_path", None) or None
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        # Full module names: PEFT matches a list entry against the whole name or a dotted suffix of it.
+        "target_modules": delta.modified_modules,
+        "exclude_modules": None,
+        # PEFT corrects this per layer (with a warning) when Linear and Conv1D hosts are mixed.
+        "fan_in_fan_out": conv1d > 0 and linear == 0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    text = json.dumps(peft_config, indent=2) + "\n"
+    os.makedirs(path, exist_ok=True)
+    _atomic_write(path, PEFT_WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _atomic_write(path, PEFT_CONFIG_NAME, write_config)
+    return path
+
+
+def _modules_to_save(delta: Any) -> list[str]:
+    """PEFT ``modules_to_save`` for the backbone tensors the user kept trainable: the modules owning them, each of
+    which must be kept trainable as a whole (PEFT saves whole modules) and must not be a LoRA site."""
+    unfrozen = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in delta.modified_modules]
+    if not unfrozen:
+        return []
+    modules = dict(delta.backbone_model.named_modules())
+    owners: list[str] = []
+    for name in unfrozen:
+        owner = name.rpartition(".")[0]
+        if owner not in owners:
+            owners.append(owner)
+    wanted = set(unfrozen)
+    for owner in owners:
+        own = [
+            f"{owner}.{p}" if owner else p
+            for p, _ in modules[owner].named_parameters(recurse=False)
+        ]
+        if set(own) - wanted:
+            raise DeltaError(
+                f"Cannot express the trainable backbone tensors of {owner!r} in PEFT: PEFT's modules_to_save saves "
+                f"whole modules, but only {sorted(set(own) & wanted)} of {own} are kept trainable. Keep the whole "
+                f"module trainable (freeze_module(exclude=['deltas', {owner!r}])) or freeze it."
+            )
+        if any(isinstance(m, DeltaSite) for m in modules[owner].modules()):
+            raise DeltaError(
+                f"Cannot export {owner!r} as a trained module: it holds LoRA sites, and PEFT cannot wrap a module "
+                f"both ways. Keep only its own submodules without LoRA trainable, or freeze it."
+            )
+    return owners
+
+
+# ------------------------------------------------------------------------------------------------------ import
+def read_peft_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` of a PEFT LoRA adapter directory.
+
+    Raises:
+        CheckpointError: missing or malformed file, not a LoRA adapter, or an option deltakit cannot reproduce
+            (the message names the option and why).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"No PEFT adapter directory at {path!r} (from_peft reads a local directory).")
+    where = os.path.join(path, PEFT_CONFIG_NAME)
+    try:
+        with open(where, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path!r} has no {PEFT_CONFIG_NAME}: it is not a PEFT adapter directory "
+            f"(a deltakit checkpoint loads with AutoDeltaModel.from_finetuned)."
+        ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{where!r} is not valid JSON ({exc}).") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where!r} must hold a JSON object, got {type(config).__name__}.")
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CheckpointError(
+            f"{where!r} holds a PEFT {peft_type!r} adapter; deltakit imports LoRA adapters (peft_type 'LORA') only."
+        )
+
+    def refuse(option: str, value: Any, meaning: str) -> CheckpointError:
+        return CheckpointError(
+            f"The PEFT adapter {path!r} uses {option}={value!r} ({meaning}), which deltakit's LoRA does not "
+            f"compute, so its outputs could not be reproduced. Re-train or merge it with PEFT, or load it with PEFT."
+        )
+
+    for option, meaning in _MUST_BE_OFF.items():
+        value = config.get(option)
+        if value not in (None, False, [], {}, ""):
+            raise refuse(option, value, meaning)
+    if config.get("bias", "none") != "none":
+        raise refuse("bias", config["bias"], "trained bias tensors of the backbone, which PEFT keeps outside the adapter")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise refuse("init_lora_weights", init, "an initialisation that rewrites the base model's weights")
+    if config.get("loftq_config"):
+        raise refuse("loftq_config", config["loftq_config"], "LoftQ, which rewrites the base model's weights")
+    for key, value in config.items():
+        if key not in _HARMLESS and key not in _MUST_BE_OFF and value not in (None, False, [], {}, ""):
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} sets {key}={value!r}, an option this deltakit does not know; it cannot "
+                f"tell whether the adapter computes plain LoRA. Load it with PEFT."
+            )
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise CheckpointError(f"{where!r} has an invalid rank r={r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{where!r} has an invalid lora_alpha={alpha!r}.")
+    for option, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        pattern = config.get(option) or {}
+        if not isinstance(pattern, dict):
+            raise CheckpointError(f"{where!r} has an invalid {option}={pattern!r}.")
+        different = {k: v for k, v in pattern.items() if v != default}
+        if different:
+            raise refuse(
+                option, different, "per-module ranks or scales; a deltakit LoRA has one rank and one lora_alpha. Split "
+                "it into several LoraModel deltas by module"
+            )
+    return config
+
+
+def _resolve(saved: str, names: list[str], path: str) -> str:
+    """The backbone module named ``saved`` (or, for a wrapped backbone, the one module ending with it)."""
+    if saved in names:
+        return saved
+    found = [n for n in names if n.endswith("." + saved)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CheckpointError(f"The PEFT adapter {path!r} targets {saved!r}, which is ambiguous here: {found[:4]}.")
+    raise CheckpointError(
+        f"The PEFT adapter {path!r} targets module {saved!r}, which does not exist in this backbone "
+        f"({len(names)} modules searched). Load it into the model class the adapter was trained on."
+    )
+
+
+def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: str | None = None) -> Any:
+    """Load a PEFT LoRA adapter directory onto ``backbone_model`` as an attached deltakit ``LoraModel``.
+
+    The LoRA sites are the modules the adapter holds tensors for (so ``target_modules``, ``layers_to_transform``
+    etc. are honoured as saved). Tensors of PEFT's ``modules_to_save``, and the copies of a site's own weight that
+    PEFT saves for embeddings (``<site>.base_layer.weight``) when they differ from the backbone's, are copied into
+    the backbone and recorded as the delta's unfrozen backbone tensors (so
+    :meth:`~deltakit.DeltaBase.save_finetuned` keeps them); unlike PEFT's wrapper copies, detaching the delta does
+    not restore them.
+
+    Args:
+        path: The adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+        backbone_model: The model the adapter was trained on (same class; the weights are not checked).
+        name: Child-module name of the per-site modules (default ``"lora"``).
+
+    Returns:
+        The attached :class:`~deltakit.LoraModel`, with ``lora_r``/``lora_alpha``/``lora_dropout`` from the adapter
+        and ``modified_modules`` set to the full names of its sites.
+
+    Raises:
+        CheckpointError: the directory is not a plain-LoRA PEFT adapter, its tensors are inconsistent, or they do
+            not fit the backbone; everything is checked before the model is touched.
+    """
+    from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel
+
+    path = os.fspath(path)
+    if not isinstance(backbone_model, nn.Module):
+        raise DeltaError(f"backbone_model must be an nn.Module, got {type(backbone_model).__name__}.")
+    config = read_peft_config(path)
+    file = os.path.join(path, PEFT_WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        extra = " (pickled adapter_model.bin files are not read: convert it to safetensors)" if os.path.isfile(
+            os.path.join(path, "adapter_model.bin")
+        ) else ""
+        raise CheckpointError(f"The PEFT adapter {path!r} has no {PEFT_WEIGHTS_NAME}{extra}.")
+    try:
+        tensors = load_file(file, device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
+
+    # Sort the tensors into LoRA factors per site and modules_to_save tensors.
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise CheckpointError(f"{file!r} holds {key!r}, which does not start with {KEY_PREFIX!r}: not a PEFT LoRA file.")
+        rest = key[len(KEY_PREFIX) :]
+        for suffix in (*_LINEAR_KEYS, *_EMBEDDING_KEYS):
+            if rest.endswith("." + suffix):
+                factors.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensor
+                break
+        else:
+            extras[rest] = tensor
+    if not factors:
+        raise CheckpointError(f"{file!r} holds no LoRA factors (lora_A / lora_B tensors).")
+    r = config["r"]
+    for site, parts in factors.items():
+        kinds = [k for k in (_LINEAR_KEYS, _EMBEDDING_KEYS) if set(k) & set(parts)]
+        if len(kinds) != 1 or set(parts) != set(kinds[0]):
+            raise CheckpointError(
+                f"{file!r} holds an incomplete or mixed LoRA pair for {site!r}: {sorted(parts)}; the file is corrupt."
+            )
+        a, b = (parts[k] for k in kinds[0])
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(
+                f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
+                f"r={r} as adapter_config.json says (per-module ranks need rank_pattern, which deltakit refuses)."
+            )
+    patterns = config.get("modules_to_save") or []
+    base_layer: dict[str, str] = {}  # PEFT's copies of a site's own weights (save_embedding_layers): key -> site
+    for key in extras:
+        site_name, marker, _ = key.partition(".base_layer.")
+        if marker and site_name in factors:
+            base_layer[key] = site_name
+            continue
+        owner = key.rpartition(".")[0]
+        if not any(owner == p or owner.endswith("." + p) for p in patterns):
+            raise CheckpointError(
+                f"{file!r} holds {key!r}, which is neither a LoRA factor nor part of modules_to_save={patterns}; "
+                f"deltakit cannot tell what it is."
+            )
+
+    # Resolve and build everything (validated) before touching the model.
+    modules = dict(backbone_model.named_modules())
+    inside_deltas = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
+    names = [n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in inside_deltas)]
+    resolved = {site: _resolve(site, names, path) for site in factors}
+    order = {n: i for i, n in enumerate(names)}
+    sites = sorted(resolved, key=lambda s: order[resolved[s]])
+    lora_config = LoraConfig(
+        lora_r=r,
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        modified_modules=[resolved[s] for s in sites],
+    )
+    delta = LoraModel._build_detached(
+        backbone_model, lora_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name
+    )
+    for site_name, site in zip(sites, delta.sites):
+        embedding = isinstance(site.module, LoraEmbeddingSite)
+        keys = _EMBEDDING_KEYS if embedding else _LINEAR_KEYS
+        if keys[0] not in factors[site_name]:
+            raise CheckpointError(
+                f"{file!r} stores {site_name!r} as a {'linear' if embedding else 'embedding'} LoRA, but "
+                f"{site.name!r} here is a {type(site.host).__name__}."
+            )
+        for key, own in zip(keys, (site.module.lora_A, site.module.lora_B)):
+            if tuple(factors[site_name][key].shape) != tuple(own.shape):
+                raise CheckpointError(
+                    f"Shape mismatch for {site_name}.{key}: the adapter {path!r} has "
+                    f"{tuple(factors[site_name][key].shape)}, {site.name!r} of this backbone needs {tuple(own.shape)}. "
+                    f"The adapter was trained on a backbone of another size."
+                )
+        if not embedding and site.module.transposed != is_conv1d(site.host):  # pragma: no cover - built from host
+            raise CheckpointError(f"Internal error: layout of {site.name!r}.")
+    params = dict(backbone_model.named_parameters())
+    param_names = [n for n in params if not any(n.startswith(s + ".") for s in inside_deltas)]
+    backbone_tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in extras.items():
+        if key in base_layer:
+            site_name = base_layer[key]
+            target = resolved[site_name] + "." + key[len(site_name) + len(".base_layer.") :]
+            if target not in params:
+                raise CheckpointError(f"{file!r} holds {key!r}, but {target!r} does not exist in this backbone.")
+        else:
+            target = _resolve(key, param_names, path)
+        if tuple(params[target].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"Shape mismatch for the modules_to_save tensor {key!r}: adapter {tuple(tensor.shape)}, backbone "
+                f"{tuple(params[target].shape)} (e.g. another num_labels for a classifier head)."
+            )
+        if key in base_layer and torch.equal(params[target].detach().cpu(), tensor.to(params[target].dtype)):
+            continue  # PEFT saved an unchanged copy of the host's weight (it does so for embeddings): nothing to do
+        backbone_tensors[target] = tensor
+
+    # Every check passed: now change things.
+    with torch.no_grad():
+        for site_name, site in zip(sites, delta.sites):
+            keys = _EMBEDDING_KEYS if isinstance(site.module, LoraEmbeddingSite) else _LINEAR_KEYS
+            site.module.lora_A.copy_(factors[site_name][keys[0]].to(site.module.lora_A.dtype))
+            site.module.lora_B.copy_(factors[site_name][keys[1]].to(site.module.lora_B.dtype))
+    delta.attach()
+    with torch.no_grad():
+        for target, tensor in backbone_tensors.items():
+            params[target].copy_(tensor.to(params[target].dtype))
+    delta.unfrozen_parameter_names = [n for n in params if n in backbone_tensors]  # in model order
+    return delta

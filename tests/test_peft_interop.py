@@ -1,0 +1,266 @@
+"""PEFT interop in both directions: deltakit LoRA -> PEFT adapter directory -> peft.PeftModel, and PEFT adapter ->
+deltakit LoraModel, with bit-identical outputs; options without an equivalent are refused and change nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, LoraModel
+from deltakit.integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_to_peft, from_peft
+from deltakit.structures import tiny_model
+
+from .conftest import assert_state_equal, hook_counts, perturb, snapshot
+
+peft = pytest.importorskip("peft")
+
+# architecture -> LoRA positions for deltakit (role names) and for PEFT (its suffix names); GPT-2 has Conv1D hosts
+ROLES = {
+    "bert": ["attn.q", "attn.v", "embed"],
+    "gpt2": ["attn.q", "ff.w1", "embed"],
+    "llama": ["attn.q", "attn.v", "ff.gate", "ff.w2", "embed"],
+}
+PEFT_TARGETS = {
+    "bert": ["query", "value", "word_embeddings"],
+    "gpt2": ["c_attn", "c_fc", "wte"],
+    "llama": ["q_proj", "v_proj", "gate_proj", "down_proj", "embed_tokens"],
+}
+TESTED = list(ROLES)
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
+
+
+def ids(seed: int = 5) -> torch.Tensor:
+    return torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def hidden(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids())
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+def peft_adapter(arch: str, path: str, **options: object) -> tuple[nn.Module, torch.Tensor]:
+    """Save a PEFT LoRA adapter with random (non-identity) factors; returns PEFT's model and its output."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS[arch], **options)
+    model = peft.get_peft_model(tiny_model(arch), config)
+    perturb_lora(model, seed=3)
+    model.save_pretrained(path)
+    model.eval()
+    return model, hidden(model)
+
+
+def perturb_lora(model: nn.Module, seed: int) -> None:
+    """Random values for PEFT's LoRA factors only (a fresh lora_B is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("arch", TESTED)
+def test_export_loads_in_peft_with_identical_outputs(arch: str, tmp_path) -> None:
+    model = tiny_model(arch)
+    delta = LoraModel(model, modified_modules=ROLES[arch], lora_r=4, lora_alpha=8)
+    perturb(delta, scale=0.3)
+    ours = hidden(model)
+    export_to_peft(delta, tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "adapter")) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval()
+    assert torch.equal(hidden(theirs), ours)
+    assert not torch.allclose(hidden(tiny_model(arch)), ours)
+    config = json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())
+    assert config["fan_in_fan_out"] is (arch == "gpt2") and config["r"] == 4 and config["lora_alpha"] == 8
+    # PEFT's own factors are ours, bit for bit
+    for site in delta.sites:
+        layer = theirs.base_model.model.get_submodule(site.name)
+        a = layer.lora_embedding_A["default"] if isinstance(site.host, nn.Embedding) else layer.lora_A["default"].weight
+        assert torch.equal(a, site.module.lora_A)
+
+
+@pytest.mark.parametrize("arch", TESTED)
+def test_import_of_a_peft_adapter_gives_identical_outputs(arch: str, tmp_path) -> None:
+    _, theirs = peft_adapter(arch, str(tmp_path / "peft"))
+    model = tiny_model(arch)
+    delta = from_peft(tmp_path / "peft", model)
+    assert isinstance(delta, LoraModel) and delta.state == "attached"
+    assert torch.equal(hidden(model), theirs)
+    assert delta.config.lora_r == 4 and delta.config.lora_alpha == 8
+    # and back: the re-exported file holds exactly PEFT's tensors
+    export_to_peft(delta, tmp_path / "again")
+    original = load_file(tmp_path / "peft" / PEFT_WEIGHTS_NAME)
+    again = load_file(tmp_path / "again" / PEFT_WEIGHTS_NAME)
+    # (PEFT also stores an unchanged copy of a targeted embedding's weight for Llama: not needed, not re-exported)
+    assert sorted(again) == sorted(k for k in original if ".base_layer." not in k)
+    assert all(torch.equal(original[k], again[k]) for k in again)
+    # a deltakit checkpoint of the imported delta reloads identically; detach restores the backbone
+    delta.save_finetuned(tmp_path / "deltakit")
+    fresh = tiny_model(arch)
+    AutoDeltaModel.from_finetuned(tmp_path / "deltakit", fresh)
+    assert torch.equal(hidden(fresh), theirs)
+    delta.detach()
+    assert torch.equal(hidden(model), hidden(tiny_model(arch)))
+
+
+def test_embedding_weights_peft_saved_along_are_applied_and_exported_back(tmp_path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS["llama"])
+    trained = peft.get_peft_model(tiny_model("llama"), config)
+    perturb_lora(trained, seed=4)
+    with torch.no_grad():  # e.g. new token rows trained alongside the adapter
+        trained.base_model.model.embed_tokens.base_layer.weight[100:].normal_()
+    trained.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    trained.eval()
+    model = tiny_model("llama")
+    delta = from_peft(tmp_path / "peft", model)
+    assert delta.unfrozen_parameter_names == ["embed_tokens.weight"]
+    assert torch.equal(hidden(model), hidden(trained))
+    export_to_peft(delta, tmp_path / "back")
+    assert "base_model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "back" / PEFT_WEIGHTS_NAME)
+    reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "back").eval()
+    assert torch.equal(hidden(reloaded), hidden(trained))
+
+
+def tiny_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=128, num_labels=3)
+    return BertForSequenceClassification(config).eval()
+
+
+def test_a_trained_classifier_head_travels_as_modules_to_save(tmp_path) -> None:
+    model = tiny_classifier()
+    delta = LoraModel(model, lora_r=4)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    perturb(delta, scale=0.3)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    ours = hidden(model)
+    export_to_peft(delta, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "adapter").eval()
+    assert torch.equal(hidden(theirs), ours)
+    # PEFT -> deltakit with PEFT's SEQ_CLS task type (it saves the classifier on its own)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    trained = peft.get_peft_model(tiny_classifier(), config)
+    perturb_lora(trained, seed=9)
+    with torch.no_grad():
+        trained.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    trained.save_pretrained(tmp_path / "seq_cls")
+    trained.eval()
+    target = tiny_classifier()
+    imported = from_peft(tmp_path / "seq_cls", target)
+    assert torch.equal(hidden(target), hidden(trained))
+    assert imported.unfrozen_parameter_names == ["classifier.weight", "classifier.bias"]
+
+
+REFUSED = {
+    "use_dora": {"use_dora": True},
+    "use_rslora": {"use_rslora": True},
+    "bias": {"bias": "all"},
+    "rank_pattern": {"rank_pattern": {"query": 2}},
+}
+
+
+@pytest.mark.parametrize("option", list(REFUSED))
+def test_peft_options_without_an_equivalent_are_refused_and_change_nothing(option: str, tmp_path) -> None:
+    peft_adapter("bert", str(tmp_path / "peft"), **REFUSED[option])
+    model = tiny_model("bert")
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    with pytest.raises(CheckpointError, match=option):
+        from_peft(tmp_path / "peft", model)
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    assert_state_equal(model, state)
+
+
+def _edit_config(path, **changes: object) -> None:
+    file = path / PEFT_CONFIG_NAME
+    config = json.loads(file.read_text())
+    config.update(changes)
+    file.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"peft_type": "ADALORA"}, "ADALORA"),
+        ({"lora_bias": True}, "lora_bias"),
+        ({"target_parameters": ["experts.weight"]}, "target_parameters"),
+        ({"trainable_token_indices": [1, 2]}, "trainable_token_indices"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"alpha_pattern": {"query": 32}}, "alpha_pattern"),
+        ({"some_future_option": True}, "some_future_option"),
+        ({"r": 8}, "rank r=8"),
+    ],
+)
+def test_bad_or_unsupported_adapter_configs(changes: dict, match: str, tmp_path) -> None:
+    peft_adapter("bert", str(tmp_path / "peft"))
+    _edit_config(tmp_path / "peft", **changes)
+    model = tiny_model("bert")
+    state = snapshot(model)
+    with pytest.raises(CheckpointError, match=match):
+        from_peft(tmp_path / "peft", model)
+    assert_state_equal(model, state)
+    assert all(h == (0, 0) for h in hook_counts(model).values())
+
+
+def test_bad_files_and_backbones_are_clear_errors(tmp_path) -> None:
+    peft_adapter("bert", str(tmp_path / "peft"))
+    model = tiny_model("bert")
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(CheckpointError, match="another size"):
+        from_peft(tmp_path / "peft", _wider_bert())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        from_peft(tmp_path / "peft", tiny_model("llama"))
+    with pytest.raises(CheckpointError, match="No PEFT adapter directory"):
+        from_peft(tmp_path / "missing", model)
+    with pytest.raises(CheckpointError, match="no adapter_config.json"):
+        from_peft(tmp_path, model)
+    weights = tmp_path / "peft" / PEFT_WEIGHTS_NAME
+    tensors = load_file(weights)
+    del tensors["base_model.model.encoder.layer.0.attention.self.query.lora_B.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(CheckpointError, match="incomplete"):
+        from_peft(tmp_path / "peft", model)
+    weights.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        from_peft(tmp_path / "peft", model)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="no adapter_model.safetensors"):
+        from_peft(tmp_path / "peft", model)
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+
+
+def _wider_bert() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=128)).eval()
+
+
+def test_export_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path) -> None:
+    model = tiny_classifier()
+    with pytest.raises(DeltaError, match="LoRA deltas only"):
+        export_to_peft(BitFitModel(model), tmp_path / "bitfit")
+    assert not (tmp_path / "bitfit").exists()
+    delta = LoraModel(tiny_classifier(), lora_r=2)
+    delta.unfrozen_parameter_names = ["classifier.weight"]  # as if only the weight were kept trainable
+    with pytest.raises(DeltaError, match="whole modules"):
+        export_to_peft(delta, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    export_to_peft(LoraModel(tiny_classifier(), lora_r=2), tmp_path / "ok")
+    with pytest.raises(CheckpointError, match="overwrite=True"):
+        export_to_peft(LoraModel(tiny_classifier(), lora_r=2), tmp_path / "ok", overwrite=False)
