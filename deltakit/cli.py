@@ -1,17 +1,51 @@
-"""The ``deltakit`` command. ``deltakit demo`` runs the main job: LoRA on the embedded MiniLM model."""
+"""The ``deltakit`` command.
+
+* ``deltakit demo`` fine-tunes LoRA on the embedded all-MiniLM-L6-v2 (see :mod:`deltakit.demo`).
+* ``deltakit show MODEL`` prints a model's structure tree; ``MODEL`` is a local transformers model directory (built
+  from its ``config.json`` on the meta device: no weights are read) or an architecture name (``llama``, ``bert``,
+  ... a tiny random model). ``--roles`` adds the common-structure role map, ``--delta lora`` (with
+  ``--modified-modules``, ``--exclude-modules``, ``--option key=value``, or the method's default positions) previews
+  exactly which modules that delta would modify, without changing anything.
+* ``deltakit inspect DIR`` prints a checkpoint's config, tensor table (names, shapes, dtypes, bytes) and backbone
+  fingerprint, reading only the safetensors header (no tensor data, no backbone). PEFT adapter directories are
+  shown too.
+
+Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 import sys
+from typing import Any
 
 from . import __version__
 
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``deltakit`` console script; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog="deltakit", description="Delta tuning for PyTorch / transformers models.")
+
+class CliError(Exception):
+    """A failure the command reports on stderr with exit code 1."""
+
+
+# ------------------------------------------------------------------------------------------------------ parsing
+def build_parser() -> argparse.ArgumentParser:
+    """The ``deltakit`` argument parser (subcommands ``demo``, ``show``, ``inspect``)."""
+    parser = argparse.ArgumentParser(
+        prog="deltakit",
+        description="Delta tuning for PyTorch / transformers models.",
+        epilog="Run 'deltakit COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on failure")
+    # Accepted after the command too; SUPPRESS keeps a subcommand from resetting a --debug given before it.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     parser.add_argument("--version", action="version", version=f"deltakit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser(
@@ -19,7 +53,63 @@ def main(argv: list[str] | None = None) -> int:
         help="fine-tune LoRA on the embedded all-MiniLM-L6-v2 (a generated task); --tiny for a seconds-long run",
         add_help=False,
     )
-    args, rest = parser.parse_known_args(argv)
+    show = sub.add_parser(
+        "show",
+        parents=[debug],
+        help="print a model's structure tree; preview which modules a delta would modify",
+        description="Print the structure tree of MODEL and, with --delta, preview exactly which modules that delta "
+        "would modify (nothing is changed, no weights are loaded).",
+    )
+    show.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a local transformers model directory (with config.json), or an architecture name for a tiny random "
+        "model: " + ", ".join(_architecture_names()),
+    )
+    show.add_argument("--layers", type=int, default=2, help="layers of a tiny random model (default 2)")
+    show.add_argument("--roles", action="store_true", help="also print the common-structure role map")
+    show.add_argument("--no-tree", action="store_true", help="do not print the structure tree")
+    show.add_argument("--delta", metavar="TYPE", choices=_delta_types(),
+                      help="delta type to preview: " + ", ".join(_delta_types()))
+    show.add_argument("--modified-modules", nargs="+", metavar="PATTERN", help="modules to modify (default: the "
+                      "method's default positions); names, [r]regexes or role names such as attn.q")
+    show.add_argument("--exclude-modules", nargs="+", metavar="PATTERN", help="modules never to modify")
+    show.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a hyper-parameter of the delta, e.g. --option lora_r=16 (VALUE is read as JSON if it can)")
+    show.add_argument("--json", action="store_true", help="print the preview / roles as JSON instead of tables")
+    inspect = sub.add_parser(
+        "inspect",
+        parents=[debug],
+        help="print a checkpoint's config, tensor table and fingerprint",
+        description="Print a delta checkpoint's config, tensor table (names, shapes, dtypes, bytes) and backbone "
+        "fingerprint, reading only the safetensors header. Also reads PEFT adapter directories.",
+    )
+    inspect.add_argument("directory", metavar="DIR", help="a directory written by save_finetuned (or a PEFT adapter)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    return parser
+
+
+def _architecture_names() -> list[str]:
+    from .structures import TINY_ARCHITECTURES
+
+    return sorted(TINY_ARCHITECTURES)
+
+
+def _delta_types() -> list[str]:
+    from . import deltas  # noqa: F401  (registers the methods)
+    from .base import DELTA_REGISTRY
+
+    return sorted(DELTA_REGISTRY)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deltakit`` console script; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
+        return int(exc.code or 0)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -27,8 +117,322 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
-    parser.error(f"unknown command {args.command!r}")  # exits with code 2
-    return 2
+    if rest:
+        return _usage_error(parser, f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "show":
+            return _show(args, parser)
+        return _inspect(args)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message, unless --debug
+        if args.debug:
+            raise
+        from .errors import DeltaError
+
+        known = isinstance(exc, (CliError, DeltaError, OSError, ValueError))
+        message = str(exc) if known else f"{type(exc).__name__}: {exc}"
+        print(f"deltakit {args.command}: error: {message}", file=sys.stderr)
+        if not known:
+            print("(run again with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
+    try:
+        parser.error(message)
+    except SystemExit as exc:
+        return int(exc.code or 2)
+    return 2  # pragma: no cover
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
+
+
+# ------------------------------------------------------------------------------------------------------ show
+def load_structure(model: str, layers: int = 2) -> Any:
+    """The model ``deltakit show`` displays: an architecture name's tiny random model, or a local directory's model
+    built from its ``config.json`` on the meta device (class from ``architectures``, else ``AutoModel``)."""
+    from .structures import TINY_ARCHITECTURES, tiny_model
+
+    if os.path.isdir(model):
+        import torch
+        import transformers
+
+        if not os.path.isfile(os.path.join(model, "config.json")):
+            raise CliError(f"{model!r} is a directory without config.json: not a transformers model directory.")
+        config = transformers.AutoConfig.from_pretrained(model)
+        names = getattr(config, "architectures", None) or []
+        cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+        with torch.device("meta"):
+            if cls is not None:
+                return cls(config).eval()
+            return transformers.AutoModel.from_config(config).eval()
+    if model in TINY_ARCHITECTURES:
+        if layers < 1:
+            raise CliError(f"--layers must be at least 1, got {layers}.")
+        return tiny_model(model, num_layers=layers)
+    raise CliError(
+        f"MODEL {model!r} is neither a local directory nor a known architecture name; known names: "
+        f"{', '.join(sorted(TINY_ARCHITECTURES))}."
+    )
+
+
+def _parse_options(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any] | int:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            return _usage_error(parser, f"--option expects KEY=VALUE, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def role_map(model: Any) -> dict[str, Any]:
+    """``{"source": ..., "roles": {role: [names]}, "ambiguous": {role: why}}`` for ``model``."""
+    from .addressing import find_modules
+    from .errors import ModuleMatchError
+    from .structures import ROLE_NAMES, STRUCTURES, detect_model_type, infer_structure
+
+    model_type = detect_model_type(model)
+    if model_type in STRUCTURES:
+        roles: dict[str, list[str]] = {}
+        for role in ROLE_NAMES:
+            try:
+                roles[role] = [n for n, _ in find_modules(model, [role])]
+            except ModuleMatchError:
+                continue
+        return {"source": f"structure map for model_type {model_type!r}", "roles": roles, "ambiguous": {}}
+    inferred = infer_structure(model)
+    return {
+        "source": f"inferred from the module structure (model_type {model_type!r} is not in the structure map)",
+        "roles": inferred.roles,
+        "ambiguous": inferred.ambiguous,
+    }
+
+
+def preview_delta(
+    model: Any,
+    delta_type: str,
+    modified_modules: list[str] | None = None,
+    exclude_modules: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The sites a delta would have on ``model``, planned by the method itself but never attached.
+
+    Returns:
+        One ``{"module", "type", "parameters"}`` dict per site, in model order.
+
+    Raises:
+        DeltaError: unknown delta type, bad option, or a pattern that matches nothing (as the method would).
+    """
+    from . import deltas  # noqa: F401
+    from .base import DELTA_REGISTRY
+    from .errors import DeltaConfigError
+
+    if delta_type not in DELTA_REGISTRY:
+        raise DeltaConfigError(f"Unknown delta type {delta_type!r}; known: {', '.join(sorted(DELTA_REGISTRY))}.")
+    cls = DELTA_REGISTRY[delta_type]
+    values = dict(options or {})
+    values.update(modified_modules=modified_modules, exclude_modules=exclude_modules)
+    config = cls.config_class.from_dict(values)
+    planned = cls.__new__(cls)
+    planned._setup(model, config, None, None)  # matching, type checks and site modules: the model is untouched
+    return [
+        {
+            "module": site.name,
+            "type": type(site.host).__name__,
+            "parameters": sum(p.numel() for p in site.module.parameters()),
+        }
+        for site in planned.sites
+    ]
+
+
+def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    options = _parse_options(args.option, parser)
+    if isinstance(options, int):
+        return options
+    if args.delta is None and (args.modified_modules or args.exclude_modules or options):
+        return _usage_error(parser, "--modified-modules, --exclude-modules and --option need --delta TYPE")
+    model = load_structure(args.model, args.layers)
+    preview = None
+    if args.delta is not None:  # plan first: a bad pattern fails before anything is printed
+        preview = preview_delta(model, args.delta, args.modified_modules, args.exclude_modules, options)
+    roles = role_map(model) if args.roles else None
+    if args.json:
+        out: dict[str, Any] = {"model": type(model).__name__}
+        if roles is not None:
+            out["roles"] = roles
+        if preview is not None:
+            out["delta"] = {"type": args.delta, "sites": preview,
+                            "parameters": sum(s["parameters"] for s in preview)}
+        print(json.dumps(out, indent=2))
+        return 0
+    from rich.table import Table
+
+    from .visualization import Visualization
+
+    console = _console()
+    if not args.no_tree:
+        Visualization(model).structure_graph()
+    if roles is not None:
+        table = Table(title=f"Common-structure roles ({roles['source']})")
+        for column in ("role", "modules", "first module"):
+            table.add_column(column)
+        for role, names in roles["roles"].items():
+            table.add_row(role, str(len(names)), names[0] if names else "-")
+        for role, why in roles["ambiguous"].items():
+            table.add_row(role, "ambiguous", why)
+        console.print(table)
+    if preview is not None:
+        total = sum(s["parameters"] for s in preview)
+        table = Table(title=f"{args.delta} would modify {len(preview)} modules ({total:,} delta parameters); "
+                      "nothing was changed")
+        table.add_column("module", no_wrap=True)
+        table.add_column("type")
+        table.add_column("delta parameters", justify="right")
+        for site in preview:
+            table.add_row(site["module"], site["type"], f"{site['parameters']:,}")
+        console.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ inspect
+def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Tensor entries (``{name: {"dtype", "shape", "bytes"}}``) and metadata of a safetensors file, read from its
+    header only (no tensor data is loaded).
+
+    Raises:
+        CliError: the file is missing, truncated or not a safetensors file.
+    """
+    try:
+        size = os.path.getsize(file)
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if length < 2 or length > size - 8:
+                raise CliError(f"{file!r} is not a safetensors file (bad header length); it is corrupt or truncated.")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise CliError(f"{file!r} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CliError(f"{file!r} has a corrupt safetensors header ({exc}).") from None
+    if not isinstance(header, dict):
+        raise CliError(f"{file!r} has a corrupt safetensors header.")
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, dict[str, Any]] = {}
+    data_size = size - 8 - length
+    for name, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CliError(f"{file!r}: the header entry of {name!r} is corrupt.") from None
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        if dtype in _DTYPE_BYTES and end - begin != numel * _DTYPE_BYTES[dtype] or end > data_size or begin > end:
+            raise CliError(f"{file!r}: tensor {name!r} does not fit the file (corrupt or truncated).")
+        entries[name] = {"dtype": dtype, "shape": shape, "bytes": end - begin}
+    return dict(sorted(entries.items())), metadata
+
+
+def inspect_checkpoint(directory: str) -> dict[str, Any]:
+    """Everything ``deltakit inspect`` shows, as a dict: kind, config, sites, tensors, totals, fingerprint."""
+    from .checkpoint import WEIGHTS_NAME, expand_sites, read_checkpoint_meta
+    from .config import CONFIG_NAME
+    from .integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, read_peft_config
+
+    if not os.path.isdir(directory):
+        raise CliError(f"No checkpoint directory at {directory!r}.")
+    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        meta = read_checkpoint_meta(directory)
+        where = os.path.join(directory, CONFIG_NAME)
+        out = {
+            "kind": "deltakit delta checkpoint",
+            "delta_type": meta["delta_type"],
+            "format_version": meta.get("format_version"),
+            "deltakit_version": meta.get("deltakit_version"),
+            "config": meta["config"],
+            "sites": expand_sites(meta["sites"], where),
+            "backbone_tensors": meta["backbone_tensors"],
+            "fingerprint": meta.get("fingerprint"),
+        }
+        weights = os.path.join(directory, WEIGHTS_NAME)
+    elif os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
+        try:
+            config = read_peft_config(directory)
+            note = "loads with deltakit.integrations.peft.from_peft"
+        except Exception as exc:  # noqa: BLE001 - still show what the file holds
+            with open(os.path.join(directory, PEFT_CONFIG_NAME), encoding="utf-8") as handle:
+                config = json.load(handle)
+            note = f"not importable into deltakit: {exc}"
+        out = {"kind": "PEFT adapter", "note": note, "config": config, "fingerprint": None}
+        weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
+    else:
+        raise CliError(
+            f"{directory!r} holds neither {CONFIG_NAME} (a deltakit checkpoint) nor {PEFT_CONFIG_NAME} (a PEFT adapter)."
+        )
+    tensors, metadata = read_safetensors_header(weights)
+    out["weights_file"] = weights
+    out["metadata"] = metadata
+    out["tensors"] = tensors
+    out["total_parameters"] = sum(_numel(t["shape"]) for t in tensors.values())
+    out["total_bytes"] = sum(t["bytes"] for t in tensors.values())
+    return out
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for dim in shape:
+        n *= int(dim)
+    return n
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    info = inspect_checkpoint(args.directory)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    head = Table(title=f"{info['kind']}: {args.directory}", show_header=False)
+    head.add_column("key", style="bold")
+    head.add_column("value")
+    for key in ("delta_type", "format_version", "deltakit_version", "note"):
+        if info.get(key) is not None:
+            head.add_row(key, str(info[key]))
+    for key, value in info["config"].items():
+        head.add_row(f"config.{key}", json.dumps(value))
+    if "sites" in info:
+        sites = info["sites"]
+        head.add_row("sites", f"{len(sites)}: " + ", ".join(sites[:3]) + (" ..." if len(sites) > 3 else ""))
+        head.add_row("backbone tensors", ", ".join(info["backbone_tensors"]) or "-")
+    console.print(head)
+    table = Table(title=f"Tensors in {os.path.basename(info['weights_file'])}")
+    table.add_column("name", no_wrap=True)
+    table.add_column("shape")
+    table.add_column("dtype")
+    table.add_column("bytes", justify="right")
+    for name, entry in info["tensors"].items():
+        table.add_row(name, str(tuple(entry["shape"])), entry["dtype"], f"{entry['bytes']:,}")
+    table.add_section()
+    table.add_row(f"{len(info['tensors'])} tensors, {info['total_parameters']:,} parameters", "", "",
+                  f"{info['total_bytes']:,}")
+    console.print(table)
+    fingerprint = info.get("fingerprint")
+    if fingerprint:
+        fp = Table(title="Backbone fingerprint", show_header=False)
+        fp.add_column("key", style="bold")
+        fp.add_column("value")
+        for key, value in fingerprint.items():
+            fp.add_row(key, json.dumps(value))
+        console.print(fp)
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The ``deltakit`` command: show (structure tree, roles, delta preview), inspect (checkpoint tables), exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deltakit import LoraModel, __version__
+from deltakit.cli import main, preview_delta
+from deltakit.demo import real_model_path
+from deltakit.integrations.peft import export_to_peft
+from deltakit.structures import tiny_model
+
+from .conftest import assert_state_equal, hook_counts, snapshot
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version_and_help(capsys) -> None:
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out.strip() == f"deltakit {__version__}"
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "show" in out and "inspect" in out and "demo" in out
+    code, out, _ = run_cli(capsys, "show", "--help")
+    assert code == 0 and "--modified-modules" in out and "llama" in out
+    code, _, err = run_cli(capsys)
+    assert code == 2 and "usage" in err
+
+
+def test_show_prints_the_tree_of_a_tiny_architecture(capsys) -> None:
+    code, out, err = run_cli(capsys, "show", "llama", "--layers", "1")
+    assert code == 0 and err == ""
+    assert "LlamaModel" in out and "q_proj" in out and "down_proj" in out
+
+
+def test_show_previews_exactly_the_sites_and_changes_nothing(capsys) -> None:
+    code, out, _ = run_cli(capsys, "show", "bert", "--no-tree", "--delta", "lora", "--modified-modules", "query",
+                           "value", "--option", "lora_r=4", "--json")
+    assert code == 0
+    preview = json.loads(out)["delta"]
+    expected = [f"encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")]
+    assert [s["module"] for s in preview["sites"]] == expected
+    assert preview["parameters"] == 4 * (4 * 32 + 32 * 4)
+    # the same sites as a real LoraModel on the same architecture
+    assert LoraModel(tiny_model("bert"), modified_modules=["query", "value"]).modified_modules == expected
+    # defaults, as a table
+    code, out, _ = run_cli(capsys, "show", "gpt2", "--no-tree", "--delta", "adapter")
+    assert code == 0 and "adapter would modify 4 modules" in out and "nothing was changed" in out
+    assert "h.0.attn.c_proj" in out and "h.1.mlp.c_proj" in out
+
+
+def test_preview_never_touches_the_model() -> None:
+    model = tiny_model("t5")
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    sites = preview_delta(model, "compacter", options={"reduction_factor": 4})
+    assert len(sites) == 2 * 2 + 2 * 3  # attn.o (self + cross) and ff.w2, encoder and decoder
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    assert_state_equal(model, state)
+
+
+def test_show_roles_from_the_table_and_inferred(capsys, monkeypatch) -> None:
+    code, out, _ = run_cli(capsys, "show", "phi3", "--no-tree", "--roles", "--json")
+    roles = json.loads(out)["roles"]
+    assert code == 0 and "structure map" in roles["source"]
+    assert roles["roles"]["attn.q"] == roles["roles"]["attn.v"] == [f"layers.{i}.self_attn.qkv_proj" for i in range(2)]
+    from deltakit import structures
+
+    monkeypatch.delitem(structures.STRUCTURES, "phi3")
+    code, out, _ = run_cli(capsys, "show", "phi3", "--no-tree", "--roles")
+    assert code == 0 and "inferred" in out and "layers.0.mlp.gate_up_proj" in out
+
+
+def test_show_a_local_model_directory_without_loading_weights(capsys) -> None:
+    code, out, _ = run_cli(capsys, "show", real_model_path(), "--delta", "lora", "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["model"] == "BertModel" and len(info["delta"]["sites"]) == 12  # 6 layers x (query, value)
+    code, out, _ = run_cli(capsys, "show", real_model_path(), "--layers", "1")
+    assert code == 0 and "BertModel" in out and "encoder" in out
+
+
+def test_inspect_a_checkpoint(capsys, tmp_path) -> None:
+    model = tiny_model("bert")
+    delta = LoraModel(model, lora_r=4)
+    delta.freeze_module(exclude=["deltas", "pooler"])
+    delta.save_finetuned(tmp_path / "ckpt")
+    code, out, err = run_cli(capsys, "inspect", str(tmp_path / "ckpt"))
+    assert code == 0 and err == ""
+    for text in ("lora", "encoder.layer.0.attention.self.query.lora.lora_A", "(4, 32)", "F32", "512",
+                 "pooler.dense.weight", "Backbone fingerprint", "host_shapes_sha256"):
+        assert text in out, text
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "ckpt"), "--json")
+    info = json.loads(out)
+    saved = delta.delta_state_dict()
+    assert set(info["tensors"]) == set(saved) | {"pooler.dense.weight", "pooler.dense.bias"}
+    for name, tensor in saved.items():
+        entry = info["tensors"][name]
+        assert entry["shape"] == list(tensor.shape) and entry["dtype"] == "F32"
+        assert entry["bytes"] == tensor.numel() * tensor.element_size()
+    assert sorted(info["sites"]) == sorted(delta.modified_modules) and info["fingerprint"]["config"]["model_type"] == "bert"
+    assert info["total_bytes"] == sum(e["bytes"] for e in info["tensors"].values())
+
+
+def test_inspect_a_peft_adapter(capsys, tmp_path) -> None:
+    delta = LoraModel(tiny_model("gpt2"), lora_r=2)
+    export_to_peft(delta, tmp_path / "peft")
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "peft"), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["kind"] == "PEFT adapter" and "from_peft" in info["note"]
+    assert info["tensors"]["base_model.model.h.0.attn.c_attn.lora_B.weight"]["shape"] == [96, 2]
+
+
+def test_failures_exit_1_with_a_message_and_no_traceback(capsys, tmp_path) -> None:
+    code, out, err = run_cli(capsys, "show", "no-such-model")
+    assert code == 1 and out == "" and "known names" in err and "llama" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "show", "bert", "--delta", "lora", "--modified-modules", "nothing")
+    assert code == 1 and "'nothing' matches no module" in err
+    code, _, err = run_cli(capsys, "show", "bert", "--delta", "lora", "--option", "lora_rank=3")
+    assert code == 1 and "lora_rank" in err
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path))
+    assert code == 1 and "neither" in err
+    (tmp_path / "bad").mkdir()
+    LoraModel(tiny_model("bert")).save_finetuned(tmp_path / "bad")
+    (tmp_path / "bad" / "delta_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "bad"))
+    assert code == 1 and "corrupt" in err
+    with pytest.raises(Exception, match="known names"):
+        main(["show", "no-such-model", "--debug"])
+
+
+def test_usage_errors_exit_2(capsys) -> None:
+    for argv in (["show"], ["show", "bert", "--bogus"], ["show", "bert", "--delta", "nolora"],
+                 ["show", "bert", "--modified-modules", "query"], ["show", "bert", "--delta", "lora", "--option", "x"],
+                 ["nonsense"]):
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2 and "usage" in err, argv
+
+
+def test_console_script_exit_codes() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "deltakit.cli"]
+    ok = subprocess.run([*cmd, "show", "bert", "--layers", "1", "--no-tree", "--roles"], capture_output=True,
+                        text=True, env=env, timeout=300)
+    assert ok.returncode == 0 and "attn.q" in ok.stdout
+    fail = subprocess.run([*cmd, "inspect", "/nonexistent"], capture_output=True, text=True, env=env, timeout=300)
+    assert fail.returncode == 1 and "No checkpoint directory" in fail.stderr and "Traceback" not in fail.stderr
+    usage = subprocess.run([*cmd, "show"], capture_output=True, text=True, env=env, timeout=300)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    assert torch.__version__  # the subprocess used the same interpreter and packages
