@@ -78,9 +78,15 @@ def add_low_rank(output: torch.Tensor, projected: torch.Tensor, lora_B: torch.Te
     ``addmm_``; with autograd it goes through :class:`_AddLowRankInPlace`, applied to the 2-D result itself when the
     output is a reshaping view of one (a Linear with bias), since autograd's tracking of in-place writes through
     views costs more than the update. Other views get an out-of-place ``addmm``.
-    Mixed dtypes (autocast) take the plain formula.
+    Mixed dtypes (autocast) take the plain formula, and so does code traced by ``torch.compile``: the compiler
+    fuses it as well itself, and the view and in-place bookkeeping above would only break the graph.
     """
-    if output.dtype != projected.dtype or output.dtype != lora_B.dtype or not output.is_contiguous():
+    if (
+        output.dtype != projected.dtype
+        or output.dtype != lora_B.dtype
+        or not output.is_contiguous()
+        or torch.compiler.is_compiling()
+    ):
         return output + (F.linear(projected, lora_B) * scaling).to(output.dtype)
     flat = projected.reshape(-1, projected.shape[-1])
     if not torch.is_grad_enabled() or not (output.requires_grad or projected.requires_grad or lora_B.requires_grad):
