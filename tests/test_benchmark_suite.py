@@ -1,0 +1,114 @@
+"""The benchmark suite (``benchmarks/run_all.py``) in ``--quick`` mode, so that it cannot rot.
+
+The quick run uses tiny random models; these tests check that every section runs, writes its JSON, markdown and
+plots, and that the correctness checks built into the sections hold (equal parameter counts, equal outputs of
+deltakit and PEFT, no hooks after merging, the checkpoint bound). They never assert a timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+from benchmarks import run_all  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """Run the whole suite once in quick mode; returns (results, output dir, exit code)."""
+    out = tmp_path_factory.mktemp("suite")
+    threads = torch.get_num_threads()
+    try:
+        code = run_all.main(["--quick", "--quiet", "--output-dir", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads((out / "suite_quick.json").read_text()), out, code
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def test_every_section_runs_and_writes_json_markdown_and_plots(quick) -> None:
+    results, out, code = quick
+    assert code == 0, results["errors"]
+    assert results["errors"] == {}
+    assert set(results["sections"]) == set(run_all.SECTIONS)
+    assert results["quick"] is True and results["notes"] == []
+    markdown = (out / "suite_quick.md").read_text()
+    assert "## Summary" in markdown and "quick mode" in markdown and "shared 2-core machine" in markdown
+    assert sorted(results["plots"]) == sorted(
+        f"suite_quick_{name}.png" for name in ("mixed_throughput", "switch_vs_sites", "inference_overhead", "injection")
+    )
+    for name in results["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({name})" in markdown
+    assert all(row[3] != "" for row in run_all.summary_rows(results))
+
+
+def test_train_step_section_compares_deltakit_and_peft(quick) -> None:
+    section = quick[0]["sections"]["train_step"]
+    assert set(section["models"]) == {"tiny-bert"}
+    models = section["models"]["tiny-bert"]
+    assert set(models["ratios"]) == {"deltakit/frozen", "peft/frozen", "deltakit/peft"}
+    assert models["variants"]["deltakit"]["trainable_params"] == models["variants"]["peft"]["trainable_params"]
+    assert set(models["memory_ratios"]) == {"deltakit/frozen", "peft/frozen"}
+
+
+def test_inference_section_checks_equal_outputs_and_hookless_merge(quick) -> None:
+    section = quick[0]["sections"]["inference"]
+    checks = section["checks"]
+    assert checks["notes"] == []
+    assert checks["delta_params"]["deltakit"] == checks["delta_params"]["peft"] > 0
+    assert checks["merged_hooks"] == 0
+    assert checks["max_abs_diff"]["deltakit vs peft"] < 1e-4
+    assert checks["max_abs_diff"]["deltakit vs base"] > 0
+    for batch in ("1", "4"):
+        ratios = section["batches"][batch]["ratios"]
+        assert set(ratios) == {"deltakit/base", "peft/base", "deltakit/peft", "deltakit_merged/base", "peft_merged/base"}
+        assert all(_positive(r["median"]) for r in ratios.values())
+
+
+def test_injection_section_counts_equal_the_closed_form(quick) -> None:
+    shapes = quick[0]["sections"]["injection"]["shapes"]
+    assert set(shapes) == {"llama-small"}
+    entry = shapes["llama-small"]
+    assert entry["params_match"] == {"deltakit": True, "peft": True, "peft_low_mem": True}
+    assert _positive(entry["ratios"]["deltakit/peft"]["median"])
+
+
+def test_serving_section_measures_switching_and_mixed_batches(quick) -> None:
+    section = quick[0]["sections"]["serving"]
+    switch = section["switch"]
+    assert switch["deltas"] == 8 and switch["sites"] == 4  # q,v on a 2-layer Llama
+    assert all(_positive(v) for v in switch["per_switch_ms"].values())
+    assert [p["sites"] for p in switch["vs_sites"]] == [4, 28]
+    mixed = section["mixed"]
+    assert mixed["max_abs_diff_deltakit_vs_peft"] < 1e-3
+    assert set(mixed["ratios"]) == {"deltakit_mixed/deltakit_single", "peft_mixed/peft_single", "deltakit_mixed/peft_mixed"}
+    points = mixed["vs_deltas"]["points"]
+    assert [p["deltas"] for p in points] == [1, 8]
+    assert all(_positive(p["deltakit_samples_per_s"]) and _positive(p["peft_samples_per_s"]) for p in points)
+
+
+def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
+    section = quick[0]["sections"]["checkpoint"]
+    qv = section["scenarios"]["q,v"]
+    assert qv["deltakit"]["raw_bytes"] == qv["peft"]["raw_bytes"]
+    assert qv["deltakit"]["within_bound"] and qv["deltakit"]["overhead_bytes"] <= 4096
+    assert qv["deltakit"]["overhead_bytes"] < qv["peft"]["overhead_bytes"]
+    for entry in section["scenarios"].values():
+        d = entry["deltakit"]
+        assert d["overhead_bytes"] == d["header_bytes"] + d["config_bytes"]
+
+
+def test_unknown_sections_are_rejected() -> None:
+    with pytest.raises(SystemExit):
+        run_all.parse_args(["--sections", "inference,nope"])
+    assert run_all.parse_args(["--sections", "serving, checkpoint"]).sections == ["serving", "checkpoint"]
