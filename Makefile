@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of PyTorch; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench install-dev install-demo clean
+.PHONY: demo test bench bench-all install-dev install-demo clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: install-dev
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_step.py
+
+# The whole suite against PEFT (train step, memory, inference, injection, serving, checkpoint size).
+bench-all: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
