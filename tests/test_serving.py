@@ -337,3 +337,32 @@ def test_route_errors_change_nothing() -> None:
         with group.route(["a", None]):
             pass
     group["b"].unmerge().detach()
+
+
+# ------------------------------------------------------------------ the example
+
+
+def test_multitask_serving_example_tiny(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from .test_examples import load
+
+    example = load("multitask_serving")
+    result = example.run(tiny=True, steps=3, n_requests=12, output_dir=str(tmp_path))
+    assert result["agree"] is True and result["requests"] == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(example.TASKS)
+    assert set(result["throughput"]) == {"switching", "mixed"}
+    out = capsys.readouterr().out
+    assert "12 mixed requests" in out and "answers agree between the two ways: True" in out
+    assert example.main(["--tiny", "--steps", "1", "--requests", "6", "--output-dir", str(tmp_path / "again")]) == 0
+
+
+def test_multitask_tasks_are_deterministic_and_balanced() -> None:
+    from .test_examples import load
+
+    example = load("multitask_serving")
+    tasks = example.make_tasks(3, 300, 60)
+    assert tasks == example.make_tasks(3, 300, 60)
+    for name, (train, test) in tasks.items():
+        assert len(train) == 300 and len(test) == 60
+        assert not {t for t, _ in train} & {t for t, _ in test}  # disjoint splits
+        labels = {y for _, y in train}
+        assert labels == set(range(len(example.LABELS[name])))
