@@ -1,5 +1,8 @@
 """Checkpoint size: bytes on disk of a saved LoRA, over the raw bytes of its tensors, deltakit vs PEFT.
 
+Scenarios (:data:`SCENARIOS`): LoRA r=16 on query/value and on all linear layers of MiniLM, and LoRA r=8 on
+q_proj/v_proj of a Llama-130M layout (the setting of the PEFT figure in the issue).
+
 For each scenario the same backbone gets a deltakit LoRA (``save_finetuned``) and a PEFT LoRA
 (``save_pretrained``) on the same modules; every file the library writes is counted. ``overhead`` = total bytes -
 raw tensor bytes (``numel * element_size`` of the saved LoRA factors). deltakit's overhead is split into the
@@ -31,14 +34,16 @@ from benchmarks import common, suite_utils  # noqa: E402
 from torch import nn  # noqa: E402
 
 BOUND_BYTES = 4096
-LORA_R = 16
-#: name -> (deltakit modified_modules, PEFT target_modules)
-SCENARIOS: dict[str, tuple[list[str], Any]] = {
-    "q,v": (["query", "value"], ["query", "value"]),
-    "all linear": (
+#: name -> (backbone, LoRA rank, deltakit modified_modules, PEFT target_modules). "llama130m q,v r=8" is the
+#: setting of the issue's PEFT figure (~12.5 KB over the raw tensors).
+SCENARIOS: dict[str, tuple[str, int, list[str], Any]] = {
+    "minilm q,v r=16": ("bert", 16, ["query", "value"], ["query", "value"]),
+    "minilm all linear r=16": (
+        "bert", 16,
         ["query", "key", "value", "attention.output.dense", "intermediate.dense", r"[r]layer\.\d+\.output\.dense"],
         r".*layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
     ),
+    "llama130m q,v r=8": ("llama", 8, ["q_proj", "v_proj"], ["q_proj", "v_proj"]),
 }
 
 
@@ -70,11 +75,11 @@ def measure(base_factory: Callable[[], nn.Module], scenario: str) -> dict[str, A
     from deltakit.checkpoint import WEIGHTS_NAME
     from deltakit.config import CONFIG_NAME
 
-    dk_modules, peft_targets = SCENARIOS[scenario]
+    _, rank, dk_modules, peft_targets = SCENARIOS[scenario]
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = base_factory()
-        delta = deltakit.LoraModel(model, lora_r=LORA_R, lora_alpha=2 * LORA_R, modified_modules=dk_modules)
+        delta = deltakit.LoraModel(model, lora_r=rank, lora_alpha=2 * rank, modified_modules=dk_modules)
         raw = sum(p.numel() * p.element_size() for p in delta.parameters())
         path = os.path.join(tmp, "deltakit")
         delta.save_finetuned(path)
@@ -89,7 +94,7 @@ def measure(base_factory: Callable[[], nn.Module], scenario: str) -> dict[str, A
         out["deltakit"]["within_bound"] = out["deltakit"]["overhead_bytes"] <= BOUND_BYTES
 
         model = base_factory()
-        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=LORA_R, lora_alpha=2 * LORA_R, target_modules=peft_targets))
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=peft_targets))
         raw = sum(p.numel() * p.element_size() for n, p in wrapped.named_parameters() if "lora_" in n)
         path = os.path.join(tmp, "peft")
         wrapped.save_pretrained(path)
@@ -99,34 +104,49 @@ def measure(base_factory: Callable[[], nn.Module], scenario: str) -> dict[str, A
     return out
 
 
-def run(quick: bool = False, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Measure every scenario on MiniLM (a tiny 6-layer random BERT with ``quick``: same module names and counts).
+def _factories(quick: bool) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
+    """Backbone builders: MiniLM and a Llama-130M layout, or tiny versions with the same module names."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-    Returns:
-        ``{"model": ..., "bound_bytes": 4096, "scenarios": {name: measure(...)}, "notes": [...]}``.
-    """
-    suite_utils.quiet()
+    def llama(hidden: int, inter: int, heads: int) -> Callable[[], nn.Module]:
+        # The LoRA tensors' names and shapes do not depend on the vocabulary: a small one saves time and memory.
+        return lambda: LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=hidden, intermediate_size=inter,
+                                                    num_hidden_layers=12, num_attention_heads=heads,
+                                                    num_key_value_heads=heads))
+
     if quick:
-        from transformers import BertConfig, BertModel
-
-        def factory() -> nn.Module:
+        def bert() -> nn.Module:
             return BertModel(BertConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
                                         intermediate_size=128, vocab_size=1000, max_position_embeddings=64))
 
-        model_name = "tiny random BERT (hidden 64, 6 layers)"
-    else:
-        from transformers import AutoModelForSequenceClassification
+        return {"bert": ("tiny random BERT (hidden 64, 6 layers)", bert),
+                "llama": ("tiny random Llama (hidden 64, 12 layers)", llama(64, 128, 4))}
+    from transformers import AutoModelForSequenceClassification
 
-        from deltakit.demo import real_model_path
+    from deltakit.demo import real_model_path
 
-        def factory() -> nn.Module:
-            return AutoModelForSequenceClassification.from_pretrained(real_model_path(), num_labels=2)
+    def minilm() -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(real_model_path(), num_labels=2)
 
-        model_name = "all-MiniLM-L6-v2 (BertForSequenceClassification)"
-    out: dict[str, Any] = {"model": model_name, "bound_bytes": BOUND_BYTES, "lora_r": LORA_R, "scenarios": {}, "notes": []}
-    for scenario in SCENARIOS:
+    return {"bert": ("all-MiniLM-L6-v2 (BertForSequenceClassification)", minilm),
+            "llama": ("random Llama-130M layout (hidden 768, 12 layers; vocabulary 320)", llama(768, 2048, 12))}
+
+
+def run(quick: bool = False, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+    """Measure every scenario (tiny models with the same module names and counts with ``quick``).
+
+    Returns:
+        ``{"models": ..., "bound_bytes": 4096, "scenarios": {name: measure(...)}, "notes": [...]}``.
+    """
+    suite_utils.quiet()
+    factories = _factories(quick)
+    out: dict[str, Any] = {"models": {k: v[0] for k, v in factories.items()}, "bound_bytes": BOUND_BYTES,
+                           "scenarios": {}, "notes": []}
+    out["model"] = "; ".join(out["models"].values())
+    for scenario, (backbone, *_rest) in SCENARIOS.items():
         log(f"checkpoint size: {scenario}")
-        entry = measure(factory, scenario)
+        entry = measure(factories[backbone][1], scenario)
+        entry["model"] = factories[backbone][0]
         out["scenarios"][scenario] = entry
         if entry["deltakit"]["raw_bytes"] != entry["peft"]["raw_bytes"]:
             out["notes"].append(f"{scenario}: the two LoRAs differ in size ({entry['deltakit']['raw_bytes']} vs "
@@ -136,7 +156,7 @@ def run(quick: bool = False, log: Callable[[str], None] = lambda line: None) -> 
 
 def table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Markdown/rich table rows of a :func:`run` result."""
-    headers = ["LoRA r=16 on", "tensors", "raw bytes", "deltakit overhead (header + config)", "peft overhead",
+    headers = ["LoRA", "tensors", "raw bytes", "deltakit overhead (header + config)", "peft overhead",
                f"deltakit <= raw + {section['bound_bytes']} B"]
     rows = []
     for scenario, e in section["scenarios"].items():

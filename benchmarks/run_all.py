@@ -19,6 +19,7 @@ Examples::
     python benchmarks/run_all.py                    # everything, ~15-20 minutes on a busy 2-core machine
     python benchmarks/run_all.py --quick            # smoke run
     python -m benchmarks --sections serving,checkpoint
+    python benchmarks/run_all.py --render benchmarks/results/suite.json   # redraw report and plots only
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
     if ck:
         for scenario, e in ck["scenarios"].items():
             d, p = e["deltakit"], e["peft"]
-            rows.append([f"checkpoint bytes over raw tensors (LoRA r=16 on {scenario}, {d['tensors']} tensors)",
+            rows.append([f"checkpoint bytes over raw tensors (LoRA {scenario}, {d['tensors']} tensors)",
                          str(d["overhead_bytes"]), str(p["overhead_bytes"]), f"<= {ck['bound_bytes']}",
                          _verdict(d["overhead_bytes"], ck["bound_bytes"])])
     return rows
@@ -353,6 +354,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where JSON, markdown, PNGs go")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="measure nothing: redraw the markdown report and the plots of an earlier run's JSON")
     args = parser.parse_args(argv)
     args.sections = [p.strip() for p in args.sections.split(",") if p.strip()]
     for name in args.sections:
@@ -404,7 +407,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the suite, write ``<prefix>.json``, ``<prefix>.md`` and plots; exit 1 if a section failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    results = run(args, argv)
+    if args.render is not None:
+        import json
+
+        results = json.loads(args.render.read_text(encoding="utf-8"))
+        args.quick = bool(results["quick"])
+    else:
+        results = run(args, argv)
     prefix = "suite_quick" if args.quick else "suite"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     plots = [] if args.no_plots else draw_plots(results, args.output_dir, prefix)

@@ -99,7 +99,8 @@ def test_serving_section_measures_switching_and_mixed_batches(quick) -> None:
 
 def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
     section = quick[0]["sections"]["checkpoint"]
-    qv = section["scenarios"]["q,v"]
+    assert set(section["scenarios"]) == {"minilm q,v r=16", "minilm all linear r=16", "llama130m q,v r=8"}
+    qv = section["scenarios"]["minilm q,v r=16"]
     assert qv["deltakit"]["raw_bytes"] == qv["peft"]["raw_bytes"]
     assert qv["deltakit"]["within_bound"] and qv["deltakit"]["overhead_bytes"] <= 4096
     assert qv["deltakit"]["overhead_bytes"] < qv["peft"]["overhead_bytes"]
