@@ -208,14 +208,30 @@ class PrefixedCache:
     unknown to deltakit and raises rather than being passed through (which could bypass the prefix silently).
     """
 
-    def __init__(self, inner: Any, key: torch.Tensor, value: torch.Tensor, site: str) -> None:
+    def __init__(
+        self, inner: Any, key: torch.Tensor, value: torch.Tensor, site: str, positions: tuple[Any, Any] | None = None
+    ) -> None:
         self._inner = inner
         self._key = key
         self._value = value
         self._site = site
+        self._positions = positions  # (shifted, original) cache_position, see inject_prefix
+
+    def _unshift(self, obj: Any) -> Any:
+        """The real cache must get the caller's cache_position (a static cache writes at those slots)."""
+        if self._positions is None:
+            return obj
+        shifted, original = self._positions
+        if obj is shifted:
+            return original
+        if isinstance(obj, dict):
+            return {k: self._unshift(v) for k, v in obj.items()}
+        return obj
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: Any = None, *args: Any, **kwargs: Any):
         if self._inner is not None:
+            args = tuple(self._unshift(a) for a in args)
+            kwargs = {k: self._unshift(v) for k, v in kwargs.items()}
             key_states, value_states = self._inner.update(key_states, value_states, layer_idx, *args, **kwargs)
         return self._prepend(key_states, self._key), self._prepend(value_states, self._value)
 
@@ -362,15 +378,27 @@ def inject_prefix(
     if mask is not None:
         call.set(mask_name, extend_attention_mask(mask, extra, site))
     else:
+        # Without a mask, SDPA decides causality from the call's is_causal, then the module's (default True);
+        # modules of releases without that attribute say it with is_decoder (T5 in 5.0).
         causal = call.get("is_causal")
-        if causal is None:
-            causal = getattr(module, "is_causal", True)
+        for attribute in ("is_causal", "is_decoder"):
+            if causal is None:
+                causal = getattr(module, attribute, None)
+        causal = True if causal is None else bool(causal)
         if causal and not cross and query_len > 1:
             if mask_name is None:
                 raise _unsupported(f"Causal attention module {site!r} takes no attention mask argument")
             past = cache_length(inner, getattr(module, "layer_idx", None) or 0)
             call.set(mask_name, prefix_causal_mask(query_len, past, extra, hidden))
-    call.set(cache_name, PrefixedCache(inner, key, value, site))
+    positions = None
+    cache_position = call.get("cache_position")
+    if not cross and "position_bias" in signature.params and isinstance(cache_position, torch.Tensor):
+        # Releases whose relative position bias counts query positions from cache_position (T5 in 5.0) rather than
+        # from the cache length: count the prefix there too, so real tokens keep their relative positions.
+        shifted = cache_position + extra
+        call.set("cache_position", shifted)
+        positions = (shifted, cache_position)
+    call.set(cache_name, PrefixedCache(inner, key, value, site, positions))
     return call.result()
 
 

@@ -347,3 +347,21 @@ def test_training_moves_the_output_towards_a_target() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
+
+
+@pytest.mark.parametrize("stack", ["encoder", "decoder"])
+def test_t5_relative_positions_of_real_tokens_are_unchanged(stack: str) -> None:
+    """T5's first layer returns its position bias: the real keys' part must equal the base model's (the prefix
+    counts in front, so real tokens keep their relative distances)."""
+    model = tiny_t5()
+    attention = getattr(model, stack).block[0].layer[0].SelfAttention
+    seen = []
+    handle = attention.register_forward_hook(lambda module, args, out: seen.append(out[1]))
+    ids = ids_batch()
+    model(input_ids=ids, decoder_input_ids=ids_batch(seed=5, length=4))
+    small_prefix(model)
+    model(input_ids=ids, decoder_input_ids=ids_batch(seed=5, length=4))
+    handle.remove()
+    base, prefixed = seen
+    assert prefixed.shape[-1] == base.shape[-1] + 3
+    torch.testing.assert_close(prefixed[..., 3:], base.expand_as(prefixed[..., 3:]))
