@@ -64,7 +64,7 @@ class SiteRouter:
         self._stack: dict[str, torch.Tensor] | None = None
         self._stamp: tuple[Any, ...] | None = None
         self.slots: torch.Tensor | None = None
-        self._expanded: dict[int, torch.Tensor] = {}
+        self._expanded: dict[tuple[int, torch.device | None], torch.Tensor] = {}
         self._captured: torch.Tensor | None = None
 
     # -------------------------------------------------------------- stacks
@@ -104,23 +104,23 @@ class SiteRouter:
         return self._stack
 
     # -------------------------------------------------------------- rows
-    def rows(self, n: int) -> torch.Tensor:
-        """Each of ``n`` rows' slot: ``n`` is the batch size, or ``k`` times it (each sample repeated ``k`` times
-        in a row, as ``generate()`` expands for ``num_beams`` / ``num_return_sequences``)."""
+    def rows(self, n: int, device: torch.device | None = None) -> torch.Tensor:
+        """Each of ``n`` rows' slot (on ``device``): ``n`` is the batch size, or ``k`` times it (each sample repeated
+        ``k`` times in a row, as ``generate()`` expands for ``num_beams`` / ``num_return_sequences``)."""
         slots = self.slots
         assert slots is not None
+        key = (n, device)
+        cached = self._expanded.get(key)
+        if cached is not None:
+            return cached
         batch = slots.shape[0]
-        if n == batch:
-            return slots
-        expanded = self._expanded.get(n)
-        if expanded is None:
-            if n % batch:
-                raise DeltaError(
-                    f"DeltaGroup.route() was given {batch} names, but {self.host_name!r} received a batch of {n} "
-                    f"rows (not a multiple of {batch}). Pass one name per sample of the batch, with the batch on "
-                    f"dim 0."
-                )
-            expanded = self._expanded[n] = slots.repeat_interleave(n // batch)
+        if n % batch:
+            raise DeltaError(
+                f"DeltaGroup.route() was given {batch} names, but {self.host_name!r} received a batch of {n} "
+                f"rows (not a multiple of {batch}). Pass one name per sample of the batch, with the batch on dim 0."
+            )
+        expanded = slots if n == batch else slots.repeat_interleave(n // batch)
+        expanded = self._expanded[key] = expanded.to(device) if device is not None else expanded
         return expanded
 
     def _check_mode(self, module: nn.Module) -> None:
@@ -134,9 +134,8 @@ class SiteRouter:
         """The routed forward hook (installed by :meth:`DeltaGroup.route`)."""
         self._check_mode(host)
         first = self._captured if self.source is not None else (args[0] if args else next(iter(kwargs.values())))
-        slots = self.rows(first.shape[0])
         stack = self.stack()
-        slots = slots.to(next(iter(stack.values())).device)
+        slots = self.rows(first.shape[0], next(iter(stack.values())).device)
         return self.apply(stack, slots, args, kwargs, output)
 
     def capture_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -379,17 +378,18 @@ class DeltaGroup:
                 f"LoRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them with switch()."
             )
 
-        index = {n: i for i, n in enumerate(self._routable)}
-        none = len(self._routable)
-        ids = torch.tensor([none if n is None else index[n] for n in names], dtype=torch.long)
         active: list[SiteRouter] = []
+        by_members: dict[tuple[str, ...], torch.Tensor | None] = {}  # most modules hold the same deltas
         for router in self._routers:
-            lookup = torch.full((none + 1,), router.zero_slot, dtype=torch.long)
-            for slot, delta in enumerate(router.deltas):
-                lookup[index[delta.child_name]] = slot
-            slots = lookup[ids]
-            if bool((slots != router.zero_slot).any()):
-                router.slots = slots
+            members = tuple(d.child_name for d in router.deltas)
+            if members not in by_members:
+                slot_of = {n: k for k, n in enumerate(members)}
+                slots = [slot_of.get(n, router.zero_slot) for n in names]  # type: ignore[arg-type]
+                hit = any(k != router.zero_slot for k in slots)
+                by_members[members] = torch.tensor(slots, dtype=torch.long) if hit else None
+            routed = by_members[members]
+            if routed is not None:
+                router.slots = routed
                 router._expanded = {}
                 active.append(router)
 

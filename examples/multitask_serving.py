@@ -192,6 +192,9 @@ def run(
         tokenizer = demo.load_tokenizer(demo.real_model_path())
     output_dir = output_dir or tempfile.mkdtemp(prefix="deltakit-multitask-")
     threads = torch.get_num_threads()
+    # On a shared machine two threads can be several times slower than one (descheduled workers stall the
+    # kernels): measure, and re-measure during training, as the demo does.
+    demo.pick_num_threads(demo.usable_cores())
 
     # 1-2. Train one delta per task on one backbone, save it, detach it.
     model = build_backbone(tiny, len(tokenizer))
@@ -204,7 +207,7 @@ def run(
         delta = new_task_delta(model, task)
         delta.freeze_module(exclude=["deltas"])
         loss = demo.train(model, tokenizer, train, steps=steps, batch_size=32, lr=1e-2 if tiny else 4e-3, seed=seed,
-                          console=console, show_progress=not tiny)
+                          console=console, show_progress=not tiny, retune_threads_every=25)
         accuracies[task] = demo.accuracy(model, tokenizer, test)
         delta.save_finetuned(os.path.join(output_dir, task))
         delta.detach()
