@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of PyTorch; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench bench-all install-dev install-demo clean
+.PHONY: demo test bench bench-all install-dev install-demo clean test-oldest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,5 +39,23 @@ bench: install-dev
 bench-all: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run_all.py
 
+# The prompt-family tests (prefix tuning, soft prompts and their contract cases: the code that touches transformers'
+# cache and mask internals) against the OLDEST transformers release deltakit supports, in a second venv, so an
+# upstream change shows up as a failing test. Keep OLDEST_TRANSFORMERS equal to pyproject's lower bound.
+OLDEST_VENV ?= .venv-oldest
+OLDEST_TRANSFORMERS ?= 5.0.0
+PROMPT_TESTS := tests/test_prefix.py tests/test_soft_prompt.py tests/test_contract.py
+
+$(OLDEST_VENV)/.installed-$(OLDEST_TRANSFORMERS): pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(OLDEST_VENV)/bin/python -m pip install --quiet -e . "transformers==$(OLDEST_TRANSFORMERS)" "pytest>=8"
+	touch $@
+
+test-oldest: $(OLDEST_VENV)/.installed-$(OLDEST_TRANSFORMERS)
+	$(OLDEST_VENV)/bin/python -c "import transformers as t; v = t.__version__; assert v == '$(OLDEST_TRANSFORMERS)', v; print('transformers', v)"
+	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PROMPT_TESTS) -k "prefix or soft"
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache
