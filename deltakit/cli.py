@@ -10,7 +10,9 @@
   fingerprint, reading only the safetensors header (no tensor data, no backbone). PEFT adapter directories are
   shown too.
 
-Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error.
+Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error. :func:`main`
+returns the code; like any argparse program it raises ``SystemExit`` for ``--help``/``--version`` (0) and usage
+errors (2).
 """
 
 from __future__ import annotations
@@ -106,10 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltakit`` console script; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    try:
-        args, rest = parser.parse_known_args(argv)
-    except SystemExit as exc:  # --help, --version (0) and usage errors (2)
-        return int(exc.code or 0)
+    # --help and --version exit with 0 and usage errors with 2 through SystemExit, as argparse does.
+    args, rest = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(rest)
     if rest:
-        return _usage_error(parser, f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "show":
             return _show(args, parser)
@@ -134,14 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         if not known:
             print("(run again with --debug for the traceback)", file=sys.stderr)
         return 1
-
-
-def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
-    try:
-        parser.error(message)
-    except SystemExit as exc:
-        return int(exc.code or 2)
-    return 2  # pragma: no cover
 
 
 def _console() -> Any:
@@ -179,12 +171,12 @@ def load_structure(model: str, layers: int = 2) -> Any:
     )
 
 
-def _parse_options(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any] | int:
+def _parse_options(items: list[str], parser: argparse.ArgumentParser) -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            return _usage_error(parser, f"--option expects KEY=VALUE, got {item!r}")
+            parser.error(f"--option expects KEY=VALUE, got {item!r}")  # exits with code 2
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -254,10 +246,8 @@ def preview_delta(
 
 def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options = _parse_options(args.option, parser)
-    if isinstance(options, int):
-        return options
     if args.delta is None and (args.modified_modules or args.exclude_modules or options):
-        return _usage_error(parser, "--modified-modules, --exclude-modules and --option need --delta TYPE")
+        parser.error("--modified-modules, --exclude-modules and --option need --delta TYPE")  # exits with code 2
     model = load_structure(args.model, args.layers)
     preview = None
     if args.delta is not None:  # plan first: a bad pattern fails before anything is printed

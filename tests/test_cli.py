@@ -20,7 +20,10 @@ from .conftest import assert_state_equal, hook_counts, snapshot
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse: --help / --version (0), usage errors (2)
+        code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
 
