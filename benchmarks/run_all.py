@@ -354,6 +354,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where JSON, markdown, PNGs go")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--train-step-json", type=Path, metavar="JSON",
+                        help="do not run the train_step section: include this earlier train_step.py result instead "
+                             "(reported as such)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="measure nothing: redraw the markdown report and the plots of an earlier run's JSON")
     args = parser.parse_args(argv)
@@ -384,7 +387,16 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     for name in args.sections:
         t0 = time.perf_counter()
         try:
-            section = RUNNERS[name](args.quick, log)
+            if name == "train_step" and args.train_step_json is not None:
+                import json
+
+                section = json.loads(args.train_step_json.read_text(encoding="utf-8"))
+                results["notes"].append(
+                    f"train_step: not re-run; figures from {args.train_step_json} ({section.get('generated')}, "
+                    f"`{section.get('command')}`)"
+                )
+            else:
+                section = RUNNERS[name](args.quick, log)
         except Exception:  # noqa: BLE001 - record and go on; the exit code reports it
             results["errors"][name] = traceback.format_exc()
             log(f"section {name} FAILED:\n{results['errors'][name]}")
