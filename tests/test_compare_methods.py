@@ -63,6 +63,11 @@ def expected_delta_parameters(method: str, layers: int, h: int, i: int) -> int:
         return layers * 2 * (down + up) + n**3
     if method == "bitfit":  # q, k, v, o, ff.w2 and two LayerNorms of size h; ff.w1 of size i
         return layers * (7 * h + i)
+    if method == "prefix":  # 10 x 64 embedding, 64 -> 48 (+bias), 48 -> every layer's K and V (h each, +bias)
+        out = layers * 2 * h
+        return 10 * 64 + (64 * 48 + 48) + (48 * out + out)
+    if method == "soft_prompt":  # 10 prompt embeddings of width h
+        return 10 * h
     raise AssertionError(method)
 
 
@@ -153,6 +158,8 @@ def test_score_flags_methods_below_90_percent(cm) -> None:
     ]
     assert cm.score(rows) == ["BitFit"]
     assert [r["meets_threshold"] for r in rows] == [True, False, True]
+    exempt = [{"method": "soft_prompt", "label": "Soft prompt", "heldout_accuracy": 0.5}, rows[-1]]
+    assert cm.score(exempt) == [] and exempt[0]["meets_threshold"] is False and exempt[0]["threshold_applies"] is False
     assert rows[0]["ratio_to_full"] == pytest.approx(0.95)
 
 
@@ -169,6 +176,9 @@ def test_real_every_method_reaches_90_percent_of_full_fine_tuning(cm, tmp_path) 
     assert code == 0, summary
     assert rows["full"]["heldout_accuracy"] >= 0.9, summary  # the reference itself learned the task
     for key, row in rows.items():
-        assert row["ratio_to_full"] >= 0.9, (key, summary)
         if key != "full":
-            assert row["trainable_percent"] < 1.5, key  # parameter-efficient: ~0.07-1% of the backbone
+            assert row["trainable_percent"] < 1.5, key  # parameter-efficient: ~0.04-1% of the backbone
+        if not cm.METHODS[key].parity_expected:  # soft prompts: shown, not held to the bar (see compare_methods)
+            assert row["threshold_applies"] is False and 0.0 <= row["heldout_accuracy"] <= 1.0
+            continue
+        assert row["ratio_to_full"] >= 0.9, (key, summary)
