@@ -466,11 +466,9 @@ def _classify_attention(block: str, module: nn.Module, out: _Collector) -> int |
         else:
             why = "several modules could be" if named else "no module is named like"
             out.ambiguity(role, block, names, f"{why} the {role[-1]} projection")
-    dims = dict(linears)
-    for role in ("attn.q",):
-        chosen = [n for n in out.roles[role] if _inside(n, block)]
-        if chosen:
-            hidden = linear_dims(dims[chosen[0]])[0]  # type: ignore[index]
+    query = [n for n in out.roles["attn.q"] if _inside(n, block)]
+    if query:  # the query projection reads the hidden states: its input size is the hidden size
+        hidden = linear_dims(dict(linears)[query[0]])[0]  # type: ignore[index]
     rest = [n for n in names if n not in used]
     if len(rest) > 1:
         rest = [n for n in rest if _OUT_NAMES.fullmatch(_leaf(n))] or rest

@@ -113,7 +113,7 @@ def test_inference_recovers_the_table_when_the_entry_is_hidden(
 ) -> None:
     model = tiny_model(arch)
     expected = _table_roles(model)
-    with_table = {name: LoraModel(model, lora_r=2).detach().modified_modules for name in ("lora",)}
+    with_table = BitFitModel(model).detach().modified_modules
     monkeypatch.delitem(STRUCTURES, model.config.model_type)
     inferred = infer_structure(model)
     for role in ROLE_NAMES:
@@ -123,8 +123,8 @@ def test_inference_recovers_the_table_when_the_entry_is_hidden(
             continue
         assert inferred.roles.get(role, []) == expected.get(role, []), role
     with caplog.at_level(logging.WARNING, logger="deltakit.structures"):
-        delta = LoraModel(model, lora_r=2)
-    assert delta.modified_modules == with_table["lora"]
+        delta = BitFitModel(model)  # every role but embed
+    assert delta.modified_modules == with_table
     assert "no structure map" in caplog.text and "attn.q ->" in caplog.text
 
 
