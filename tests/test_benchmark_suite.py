@@ -113,3 +113,21 @@ def test_unknown_sections_are_rejected() -> None:
     with pytest.raises(SystemExit):
         run_all.parse_args(["--sections", "inference,nope"])
     assert run_all.parse_args(["--sections", "serving, checkpoint"]).sections == ["serving", "checkpoint"]
+
+
+def test_render_redraws_report_and_plots_from_json(quick, tmp_path) -> None:
+    results, out, _ = quick
+    assert run_all.main(["--render", str(out / "suite_quick.json"), "--output-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "suite_quick.md").read_text().count("## ") == (out / "suite_quick.md").read_text().count("## ")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(results["plots"])
+
+
+def test_an_earlier_train_step_result_can_stand_in(quick, tmp_path) -> None:
+    earlier = tmp_path / "train_step.json"
+    earlier.write_text(json.dumps(quick[0]["sections"]["train_step"]))
+    code = run_all.main(["--quick", "--quiet", "--no-plots", "--sections", "train_step,checkpoint",
+                         "--train-step-json", str(earlier), "--output-dir", str(tmp_path)])
+    results = json.loads((tmp_path / "suite_quick.json").read_text())
+    assert code == 0 and set(results["sections"]) == {"train_step", "checkpoint"}
+    assert results["sections"]["train_step"] == quick[0]["sections"]["train_step"]
+    assert any("not re-run" in note for note in results["notes"])
