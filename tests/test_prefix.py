@@ -380,3 +380,21 @@ def test_prefix_generation_example_tiny(capsys) -> None:
     assert module.main(["--tiny"]) == 0
     out = capsys.readouterr().out
     assert "learned the pattern" in out and "same tokens: True; reloaded into a fresh backbone, same tokens: True" in out
+
+
+def test_no_grad_prefix_cache_follows_parameter_changes() -> None:
+    """Under no_grad the MLP output is reused; any change of the MLP (optimizer step, load, dtype) is seen."""
+    model = tiny_llama()
+    delta = small_prefix(model)
+    ids = ids_batch()
+    with torch.no_grad():
+        first = model(input_ids=ids).logits
+        again = model(input_ids=ids).logits
+        assert torch.equal(first, again)
+        delta.shared.out.bias.add_(0.5)  # in place, as an optimizer does
+        changed = model(input_ids=ids).logits
+    assert not torch.allclose(changed, first)
+    torch.testing.assert_close(model(input_ids=ids).logits, changed)  # with autograd: computed afresh, same values
+    model.to(torch.float64)
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.dtype == torch.float64

@@ -99,6 +99,18 @@ class PrefixSite(DeltaSite):
         """The key and value prefix of this site, ``(kv_heads, n, head_dim)`` each."""
         if not self._shared:
             return self.prefix_key, self.prefix_value
+        if torch.is_grad_enabled():
+            return self._compute()
+        # Without autograd (generation), the MLP runs once per parameter state instead of at every decoding step:
+        # the key changes with any in-place update (version counter), move or dtype change of the MLP.
+        state = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self._shared[0].parameters())
+        cached = self.__dict__.get("_cached")
+        if cached is None or cached[0] != state:
+            cached = (state, self._compute())
+            self.__dict__["_cached"] = cached
+        return cached[1]
+
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         flat = self._shared[0].site_output(self.offset, self.offset + self.width)
         kv = flat.view(self.n, 2, self.geometry.num_kv_heads, self.geometry.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
@@ -110,6 +122,7 @@ class PrefixSite(DeltaSite):
         self.prefix_key = nn.Parameter(key)
         self.prefix_value = nn.Parameter(value)
         self._shared = ()
+        self.__dict__.pop("_cached", None)
 
     def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         key, value = self.prefixes()
