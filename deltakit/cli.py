@@ -213,11 +213,13 @@ def preview_delta(
     modified_modules: list[str] | None = None,
     exclude_modules: list[str] | None = None,
     options: dict[str, Any] | None = None,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     """The sites a delta would have on ``model``, planned by the method itself but never attached.
 
     Returns:
-        One ``{"module", "type", "parameters"}`` dict per site, in model order.
+        ``{"type", "sites", "shared_parameters", "parameters"}``: one ``{"module", "type", "parameters"}`` dict per
+        site in model order, the count of parameters shared by all sites (Compacter's rules, a prefix
+        reparameterization; stored once) and the total.
 
     Raises:
         DeltaError: unknown delta type, bad option, or a pattern that matches nothing (as the method would).
@@ -234,7 +236,7 @@ def preview_delta(
     config = cls.config_class.from_dict(values)
     planned = cls.__new__(cls)
     planned._setup(model, config, None, None)  # matching, type checks and site modules: the model is untouched
-    return [
+    sites = [
         {
             "module": site.name,
             "type": type(site.host).__name__,
@@ -242,6 +244,13 @@ def preview_delta(
         }
         for site in planned.sites
     ]
+    shared = sum(p.numel() for p in planned.shared.parameters()) if planned.shared is not None else 0
+    return {
+        "type": delta_type,
+        "sites": sites,
+        "shared_parameters": shared,
+        "parameters": shared + sum(site["parameters"] for site in sites),
+    }
 
 
 def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -258,8 +267,7 @@ def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if roles is not None:
             out["roles"] = roles
         if preview is not None:
-            out["delta"] = {"type": args.delta, "sites": preview,
-                            "parameters": sum(s["parameters"] for s in preview)}
+            out["delta"] = preview
         print(json.dumps(out, indent=2))
         return 0
     from rich.table import Table
@@ -279,13 +287,14 @@ def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             table.add_row(role, "ambiguous", why)
         console.print(table)
     if preview is not None:
-        total = sum(s["parameters"] for s in preview)
-        table = Table(title=f"{args.delta} would modify {len(preview)} modules ({total:,} delta parameters); "
-                      "nothing was changed")
+        sites = preview["sites"]
+        shared = f", {preview['shared_parameters']:,} shared by all sites" if preview["shared_parameters"] else ""
+        table = Table(title=f"{args.delta} would modify {len(sites)} modules ({preview['parameters']:,} delta "
+                      f"parameters{shared}); nothing was changed")
         table.add_column("module", no_wrap=True)
         table.add_column("type")
         table.add_column("delta parameters", justify="right")
-        for site in preview:
+        for site in sites:
             table.add_row(site["module"], site["type"], f"{site['parameters']:,}")
         console.print(table)
     return 0

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from deltakit import LoraModel, __version__
+from deltakit import CompacterModel, LoraModel, __version__
 from deltakit.cli import main, preview_delta
 from deltakit.demo import real_model_path
 from deltakit.integrations.peft import export_to_peft
@@ -64,8 +64,12 @@ def test_show_previews_exactly_the_sites_and_changes_nothing(capsys) -> None:
 def test_preview_never_touches_the_model() -> None:
     model = tiny_model("t5")
     keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
-    sites = preview_delta(model, "compacter", options={"reduction_factor": 4})
-    assert len(sites) == 2 * 2 + 2 * 3  # attn.o (self + cross) and ff.w2, encoder and decoder
+    preview = preview_delta(model, "compacter", options={"reduction_factor": 4})
+    assert len(preview["sites"]) == 2 * 2 + 2 * 3  # attn.o (self + cross) and ff.w2, encoder and decoder
+    compacter = CompacterModel(tiny_model("t5"), reduction_factor=4)
+    assert [s["module"] for s in preview["sites"]] == compacter.modified_modules
+    assert preview["shared_parameters"] == 4**3  # the shared PHM rules, counted once
+    assert preview["parameters"] == compacter.num_delta_parameters()
     assert list(model.state_dict()) == keys and hook_counts(model) == hooks
     assert_state_equal(model, state)
 

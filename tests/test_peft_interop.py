@@ -264,3 +264,20 @@ def test_export_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path) -> No
     export_to_peft(LoraModel(tiny_classifier(), lora_r=2), tmp_path / "ok")
     with pytest.raises(CheckpointError, match="overwrite=True"):
         export_to_peft(LoraModel(tiny_classifier(), lora_r=2), tmp_path / "ok", overwrite=False)
+
+
+def test_import_into_a_backbone_wrapped_in_a_user_module(tmp_path) -> None:
+    _, theirs = peft_adapter("bert", str(tmp_path / "peft"))
+
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = tiny_model("bert")
+
+        def forward(self, input_ids: torch.Tensor):
+            return self.encoder(input_ids=input_ids)
+
+    wrapped = Wrapper().eval()
+    delta = from_peft(tmp_path / "peft", wrapped)  # sites found by their unique dotted suffix
+    assert delta.modified_modules[0] == "encoder.embeddings.word_embeddings"
+    assert torch.equal(hidden(wrapped), theirs)
