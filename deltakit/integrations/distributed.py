@@ -44,6 +44,7 @@ __all__ = [
     "load_delta_checkpoint",
     "load_delta_state_dict",
     "read_delta_checkpoint",
+    "register_accelerate_hooks",
     "save_delta_checkpoint",
     "unwrap_model",
 ]
@@ -254,8 +255,9 @@ def _write_atomic(directory: str, name: str, write: Any) -> None:
 def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os.PathLike[str]) -> str:
     """Save the delta of a (possibly sharded) model as a deltakit checkpoint; rank 0 writes.
 
-    A collective on FSDP2 and ZeRO-3 (only the delta is gathered): call it on every rank. The result is the same
-    ``delta_config.json`` + ``delta_model.safetensors`` pair as :meth:`~deltakit.DeltaBase.save_finetuned`.
+    A collective (only the delta is gathered on FSDP2 and ZeRO-3; a barrier at the end, so every rank can read the
+    files once it returns): call it on every rank. The result is the same ``delta_config.json`` +
+    ``delta_model.safetensors`` pair as :meth:`~deltakit.DeltaBase.save_finetuned`.
 
     Args:
         model_or_engine: The model the delta is attached to, or its wrapper / engine.
@@ -269,8 +271,14 @@ def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os
     state = delta_state_dict(model_or_engine, delta)
     fingerprint = _fingerprint(delta)
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if distributed and torch.distributed.get_rank() != 0:
-        return path
+    if not distributed or torch.distributed.get_rank() == 0:
+        _write_checkpoint(delta, state, fingerprint, path)
+    if distributed:
+        torch.distributed.barrier()  # on return the files exist for every rank (a load may follow at once)
+    return path
+
+
+def _write_checkpoint(delta: DeltaBase, state: dict[str, torch.Tensor], fingerprint: dict[str, Any], path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot save the delta to {path!r}: it exists and is not a directory.")
     meta = {
@@ -292,7 +300,6 @@ def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os
             handle.write(text)
 
     _write_atomic(path, CONFIG_NAME, write_config)
-    return path
 
 
 def read_delta_checkpoint(path: str | os.PathLike[str], delta: DeltaBase) -> dict[str, torch.Tensor]:
@@ -336,3 +343,43 @@ def load_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os
         CheckpointError: See :func:`read_delta_checkpoint` and :func:`load_delta_state_dict`.
     """
     load_delta_state_dict(model_or_engine, delta, read_delta_checkpoint(path, delta))
+
+
+def _model_index(models: list[Any], delta: DeltaBase) -> int:
+    for i, model in enumerate(models):
+        if any(m is delta.backbone_model for m in unwrap_model(model).modules()):
+            return i
+    raise DeltaError(
+        f"{delta!r} is not attached to any model prepared by this Accelerator; call accelerator.prepare(model) on "
+        f"the model the delta was created on."
+    )
+
+
+def register_accelerate_hooks(accelerator: Any, delta: DeltaBase) -> list[Any]:
+    """Make ``accelerator.save_state`` / ``load_state`` store only the delta of the model it is attached to.
+
+    ``save_state`` then writes deltakit's ``delta_config.json`` + ``delta_model.safetensors`` into the state
+    directory instead of the full ``model.safetensors`` (optimizer, scheduler, RNG and sampler states stay
+    accelerate's own), and ``load_state`` copies the saved delta into the live parameters in place, after
+    validating it. Call it after ``accelerator.prepare``.
+
+    Args:
+        accelerator: An ``accelerate.Accelerator``.
+        delta: The delta attached to one of the prepared models.
+
+    Returns:
+        The two hook handles (``.remove()`` them to go back to accelerate's full-model states).
+    """
+
+    def save_hook(models: list[Any], weights: list[dict[str, Any]], output_dir: str) -> None:
+        index = _model_index(models, delta)
+        save_delta_checkpoint(models[index], delta, output_dir)
+        if index < len(weights):
+            weights.pop(index)  # accelerate writes the remaining models' weights only
+
+    def load_hook(models: list[Any], input_dir: str) -> None:
+        index = _model_index(models, delta)
+        load_delta_checkpoint(models[index], delta, input_dir)
+        models.pop(index)  # accelerate loads the remaining models only
+
+    return [accelerator.register_save_state_pre_hook(save_hook), accelerator.register_load_state_pre_hook(load_hook)]
