@@ -398,3 +398,31 @@ def test_no_grad_prefix_cache_follows_parameter_changes() -> None:
     model.to(torch.float64)
     with torch.no_grad():
         assert model(input_ids=ids).logits.dtype == torch.float64
+
+
+def test_prefix_benchmark_quick(tmp_path) -> None:
+    """benchmarks/prefix.py --quick runs and writes a consistent report (no timing is asserted)."""
+    import importlib.util
+    import json
+    import math
+    import pathlib
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "prefix.py"
+    spec = importlib.util.spec_from_file_location("deltakit_bench_prefix", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["deltakit_bench_prefix"] = module
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        assert module.main(["--quick", "--quiet", "--output", str(tmp_path / "prefix.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "prefix.json").read_text())
+    gen, train = data["generation"], data["training_step"]
+    assert gen["folded_generates_same_tokens"] is True and gen["prefix_changes_generation"] is True
+    for section, key in ((train, "prefix/frozen"), (gen, "prefix/base"), (gen, "prefix-folded/base")):
+        ratio = section["ratios"][key]["cpu"]
+        assert ratio["n"] == 3 and math.isfinite(ratio["median"]) and ratio["median"] > 0
+    assert train["sites"] == 2 and train["prefix_parameters"] > 0
+    assert "| generation | prefix / base |" in (tmp_path / "prefix.md").read_text()
