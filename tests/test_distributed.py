@@ -106,6 +106,14 @@ def test_accelerate(tmp_path, reference) -> None:
 
 
 @pytest.mark.slow
+def test_delta_trainer_under_ddp(tmp_path) -> None:
+    report = torchrun("trainer_ddp.py", tmp_path)
+    assert report["world"] == 2 and report["trainer_used_ddp"]
+    assert report["checkpoint_is_delta_only"]
+    assert report["every_tensor_trained"] and report["resume_exact"] and report["ranks_agree"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install -e '.[dev]')")
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed(tmp_path, reference, stage: int) -> None:
