@@ -33,7 +33,7 @@ from .conftest import perturb, tiny_bert
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "distributed"
 sys.path.insert(0, str(EXAMPLES))
-import common  # noqa: E402  (examples/distributed/common.py: model, data and the reference run)
+import dist_common as common  # noqa: E402  (examples/distributed/dist_common.py: model, data and the reference run)
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 

@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LR, STEPS, batch, build, write_report  # noqa: E402
+from dist_common import LR, STEPS, batch, build, write_report  # noqa: E402
 
 from deltakit.integrations.distributed import register_accelerate_hooks, save_delta_checkpoint  # noqa: E402
 

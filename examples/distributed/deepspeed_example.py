@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GLOBAL_BATCH, LR, STEPS, batch, build, rank_and_world, write_report  # noqa: E402
+from dist_common import GLOBAL_BATCH, LR, STEPS, batch, build, rank_and_world, write_report  # noqa: E402
 
 from deltakit.integrations.distributed import save_delta_checkpoint  # noqa: E402
 

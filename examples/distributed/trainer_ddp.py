@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import VOCAB, build, write_report  # noqa: E402
+from dist_common import VOCAB, build, write_report  # noqa: E402
 
 from deltakit.integrations.trainer import DeltaTrainer  # noqa: E402
 
