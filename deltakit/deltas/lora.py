@@ -127,8 +127,8 @@ def _add_routed(output: torch.Tensor, projected: torch.Tensor, b_t: torch.Tensor
     n = projected.shape[0]
     if b_t.dtype != output.dtype:
         return output + torch.bmm(projected, b_t).to(output.dtype).view(output.shape)
-    if output.is_contiguous() and not (torch.is_grad_enabled() and (output.requires_grad or b_t.requires_grad
-                                                                    or projected.requires_grad)):
+    tracked = torch.is_grad_enabled() and (output.requires_grad or b_t.requires_grad or projected.requires_grad)
+    if output.is_contiguous() and not tracked:
         output.view(n, -1, output.shape[-1]).baddbmm_(projected, b_t)
         return output
     return torch.baddbmm(output.reshape(n, -1, output.shape[-1]), projected, b_t).view(output.shape)
