@@ -550,8 +550,9 @@ def infer_structure(model: nn.Module, skip_types: tuple[type[nn.Module], ...] = 
     the attention blocks, linear layers mapping the hidden size to a wider one are ``ff.w1`` (the one named
     ``gate``, if two, is ``ff.gate``), those mapping back are ``ff.w2``. A norm inside an attention block is
     ``attn.norm``; otherwise with one norm per attention block plus one, the last is ``ff.norm`` and the others
-    ``attn.norm`` (registration order). ``embed`` is the only ``nn.Embedding`` of the vocabulary size outside the
-    layers. Whatever cannot be told apart is recorded as ambiguous with its candidates.
+    ``attn.norm`` (registration order). ``embed`` is the ``nn.Embedding`` of the vocabulary size outside the
+    layers (with one tied weight held by several modules, as in T5 and BART, the ones inside the encoder and decoder
+    stacks rather than the ``shared`` holder). Whatever cannot be told apart is recorded as ambiguous with its candidates.
 
     Args:
         model: Any ``nn.Module``.
@@ -584,6 +585,17 @@ def infer_structure(model: nn.Module, skip_types: tuple[type[nn.Module], ...] = 
         else:
             largest = max((m.num_embeddings for _, m in embeddings), default=0)
             candidates = [n for n, m in embeddings if m.num_embeddings == largest]
+        if len(candidates) > 1 and len({id(modules[n].weight) for n in candidates}) == 1:
+            # One tied weight (T5, BART): the copies called are those inside a stack (encoder, decoder), not the
+            # holder whose parent contains every stack (``shared`` on the root).
+            def holds_every_stack(name: str) -> bool:
+                parent = name.rpartition(".")[0]
+                return not parent or all(_inside(stack, parent) for stack in lists)
+
+            candidates = [n for n in candidates if not holds_every_stack(n)] or candidates
+            if len(candidates) > 1:
+                out.add("embed", candidates)
+                candidates = []
         if len(candidates) == 1:
             out.add("embed", candidates)
         elif candidates:

@@ -116,11 +116,8 @@ def test_inference_recovers_the_table_when_the_entry_is_hidden(
     with_table = BitFitModel(model).detach().modified_modules
     monkeypatch.delitem(STRUCTURES, model.config.model_type)
     inferred = infer_structure(model)
+    assert not inferred.ambiguous
     for role in ROLE_NAMES:
-        if arch in ("t5", "bart") and role == "embed":
-            # `shared`, encoder.embed_tokens and decoder.embed_tokens all have the vocabulary size.
-            assert "shared" in inferred.ambiguous[role] and "decoder.embed_tokens" in inferred.ambiguous[role]
-            continue
         assert inferred.roles.get(role, []) == expected.get(role, []), role
     with caplog.at_level(logging.WARNING, logger="deltakit.structures"):
         delta = BitFitModel(model)  # every role but embed
@@ -215,6 +212,13 @@ def test_a_custom_module_transformer_gets_its_roles_inferred(caplog: pytest.LogC
     assert not torch.allclose(model(ids), base)
     with pytest.raises(RoleAbsentError, match="ff.gate"):
         LoraModel(model, modified_modules=["ff.gate"])
+
+
+def test_untied_embeddings_of_the_vocabulary_size_are_ambiguous() -> None:
+    model = TinyTransformer()
+    model.extra = nn.Embedding(50, 16)  # a second, untied embedding of the same size
+    with pytest.raises(ModuleMatchError, match=r"'embed'.*candidates: 'tok', 'extra'"):
+        LoraModel(model, modified_modules=["embed"])
 
 
 def test_ambiguous_inference_is_an_error_listing_candidates_and_changes_nothing() -> None:
