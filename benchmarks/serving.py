@@ -19,7 +19,8 @@ Parts:
     PEFT ``adapter_names=names``). Both libraries hold the same factors, so their mixed outputs must agree.
 ``mixed_vs_deltas``
     Batch 32, sequence 64, 32 LoRAs loaded; the batch uses 1, 4, 8, 16 or 32 distinct deltas. Throughput
-    (samples per CPU second) of both libraries.
+    (samples per CPU second) of both libraries, and the time each adds to the bare backbone (timed in the same
+    rounds; median of the per-round differences).
 
 Run alone::
 
@@ -228,7 +229,8 @@ def measure_mixed(p: dict[str, Any], log: Callable[[str], None], notes: list[str
     }
 
     xs = torch.randint(0, p["config"]["vocab_size"], (p["sweep_batch"], p["seq"]), generator=gen)
-    steps: dict[str, Callable[[int], Any]] = {}
+    # "base": the bare backbone (the group's deltas are all detached here), to see what each library adds.
+    steps: dict[str, Callable[[int], Any]] = {"base": lambda index: _forward(dk_backbone, xs)}
     for n in p["sweep_deltas"]:
         routed = [names[i % n] for i in range(p["sweep_batch"])]
         steps[f"deltakit_{n}"] = (lambda routed: lambda index: _routed_forward(group, dk_backbone, xs, routed))(routed)
@@ -238,9 +240,18 @@ def measure_mixed(p: dict[str, Any], log: Callable[[str], None], notes: list[str
     with suite_utils.frozen_gc():
         result = common.run_interleaved(steps, rounds=p["sweep_rounds"], warmup=1, progress=log)
     medians = {name: common.summarize(v)["median"] for name, v in result.times["cpu"].items()}
+    cpu = result.times["cpu"]
+
+    def added_ms(name: str) -> float:
+        """Median over rounds of (variant - base) in the same round: the time the library adds, in ms."""
+        return common.summarize([a - b for a, b in zip(cpu[name], cpu["base"])])["median"] * 1e3
+
     out["vs_deltas"] = {
         "batch": p["sweep_batch"], "seq": p["seq"], "loaded": n_max,
+        "base_samples_per_s": p["sweep_batch"] / medians["base"],
         "points": [{"deltas": n,
+                    "deltakit_added_ms": added_ms(f"deltakit_{n}"),
+                    "peft_added_ms": added_ms(f"peft_{n}"),
                     "deltakit_samples_per_s": p["sweep_batch"] / medians[f"deltakit_{n}"],
                     "peft_samples_per_s": p["sweep_batch"] / medians[f"peft_{n}"],
                     # time ratio peft/deltakit per round = throughput ratio deltakit/peft
@@ -293,7 +304,8 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                    common.format_ratio(r["deltakit_mixed/peft_mixed"]["median"])]]
     v = m["vs_deltas"]
     sweep_rows = [[pt["deltas"], f"{pt['deltakit_samples_per_s']:.1f}", f"{pt['peft_samples_per_s']:.1f}",
-                   common.format_ratio(pt["throughput_deltakit/peft"]["median"])]
+                   common.format_ratio(pt["throughput_deltakit/peft"]["median"]),
+                   f"{pt.get('deltakit_added_ms', float('nan')):.1f} ms", f"{pt.get('peft_added_ms', float('nan')):.1f} ms"]
                   for pt in v["points"]]
     return [
         ("Switching the active delta (CPU clock, median per switch)",
@@ -302,7 +314,8 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         ("Mixed batch vs one delta on the whole batch (paired median ratios)",
          ["setting", "deltakit mixed / single", "peft mixed / single", "deltakit mixed / peft mixed"], mixed_rows),
         (f"Mixed-batch throughput vs distinct deltas (batch {v['batch']} x {v['seq']}, {v['loaded']} loaded)",
-         ["distinct deltas", "deltakit samples/s", "peft samples/s", "deltakit / peft throughput"], sweep_rows),
+         ["distinct deltas", "deltakit samples/s", "peft samples/s", "deltakit / peft throughput",
+          "deltakit adds (vs bare backbone)", "peft adds"], sweep_rows),
     ]
 
 
