@@ -426,3 +426,29 @@ def test_prefix_benchmark_quick(tmp_path) -> None:
         assert ratio["n"] == 3 and math.isfinite(ratio["median"]) and ratio["median"] > 0
     assert train["sites"] == 2 and train["prefix_parameters"] > 0
     assert "| generation | prefix / base |" in (tmp_path / "prefix.md").read_text()
+
+
+def test_one_mlp_pass_per_forward_with_autograd_and_gradient_accumulation() -> None:
+    """With autograd the MLP runs once per backbone forward (a root hook pair); gradients accumulate over several
+    forwards exactly as when each layer computes its own slice (a submodule called alone)."""
+    model = tiny_llama()
+    delta = small_prefix(model)
+    calls = []
+    handle = delta.shared.mid.register_forward_hook(lambda *a: calls.append(1))
+    ids = ids_batch()
+    for _ in range(2):  # gradient accumulation: no optimizer step in between
+        model(input_ids=ids).logits.pow(2).mean().backward()
+    assert len(calls) == 2  # one per forward, not one per layer
+    accumulated = [p.grad.clone() for p in delta.parameters()]
+    assert delta.shared.__dict__.get("_forward_output") is None  # dropped after the forward
+    for p in delta.parameters():
+        p.grad = None
+    for _ in range(2):  # the decoder stack called directly: no root hook, every layer computes its own slice
+        hidden = model.model(input_ids=ids).last_hidden_state
+        model.lm_head(hidden).pow(2).mean().backward()
+    assert len(calls) == 2 + 2 * len(delta.sites)
+    for p, expected in zip(delta.parameters(), accumulated):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-7)
+    handle.remove()
+    delta.detach()
+    assert not model._forward_pre_hooks and not model._forward_hooks

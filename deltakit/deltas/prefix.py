@@ -25,7 +25,7 @@ from ..addressing import find_modules
 from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError
-from ..hooks import DeltaSite
+from ..hooks import DeltaSite, add_hook, remove_hook
 
 
 @dataclass
@@ -57,8 +57,22 @@ class PrefixShared(DeltaSite):
 
     def site_output(self, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of the output layer applied to the shared hidden prefix: ``(n, stop - start)``."""
+        computed = self.__dict__.get("_forward_output")
+        if computed is not None:
+            return computed[:, start:stop]
         hidden = torch.tanh(self.mid(self.prefix_embedding))
         return F.linear(hidden, self.out.weight[start:stop], self.out.bias[start:stop])
+
+    def begin_forward(self) -> None:
+        """Compute every site's prefix in one pass for the backbone forward that starts (with autograd only: one
+        MLP run and one weight gradient per step instead of one per layer)."""
+        self.__dict__.pop("_forward_output", None)
+        if torch.is_grad_enabled():
+            self.__dict__["_forward_output"] = self.out(torch.tanh(self.mid(self.prefix_embedding)))
+
+    def end_forward(self) -> None:
+        """Forget the per-forward output (sites called outside a backbone forward compute their own slice)."""
+        self.__dict__.pop("_forward_output", None)
 
 
 class PrefixSite(DeltaSite):
@@ -227,6 +241,40 @@ class PrefixModel(DeltaBase):
         shared = self.shared if isinstance(self.shared, PrefixShared) else None
         return PrefixSite(name, signature, geometry, cfg.prefix_token_num, shared, offset, **factory_kwargs(host))
 
+    # With the MLP, the backbone root gets a pre-hook and a hook around each forward (no parameters, not sites):
+    # the MLP runs once per forward for all layers, and its output is dropped when the forward ends.
+    def _root_hooks(self, on: bool) -> None:
+        shared = self.shared
+        if not isinstance(shared, PrefixShared):
+            return
+        root, pre_key, post_key = self.backbone_model, (self._order_key, -1), (self._order_key, -2)
+        if not on:
+            remove_hook(root, pre_key, pre=True)
+            remove_hook(root, post_key)
+            shared.end_forward()
+            return
+
+        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            shared.begin_forward()
+            return args, kwargs
+
+        def end(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+            shared.end_forward()
+            return output
+
+        add_hook(root, pre_key, begin, pre=True)
+        add_hook(root, post_key, end)
+
+    def attach(self) -> PrefixModel:
+        super().attach()
+        self._root_hooks(True)
+        return self
+
+    def detach(self) -> PrefixModel:
+        super().detach()
+        self._root_hooks(False)
+        return self
+
     def prefix_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The current prefixes, ``{attention module name: (key, value)}``, each ``(kv_heads, n, head_dim)``
         (computed by the MLP when reparameterized; detached copies)."""
@@ -251,6 +299,8 @@ class PrefixModel(DeltaBase):
             return self
         if self.state not in ("attached", "detached"):
             raise DeltaStateError(f"Cannot fold {self._describe()} while it is {self.state}.")
+        if self.state == "attached":
+            self._root_hooks(False)
         for site in self.sites:
             site.module.fold()  # type: ignore[operator]
         if self.state == "attached":
