@@ -13,6 +13,7 @@ of encoders and decoders, and cross-attention); the transformers-specific inject
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,7 @@ from ..addressing import find_modules
 from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError
-from ..hooks import DeltaSite, add_hook, remove_hook
+from ..hooks import DeltaSite
 
 
 @dataclass
@@ -47,32 +48,29 @@ class PrefixConfig(DeltaConfig):
 
 
 class PrefixShared(DeltaSite):
-    """The reparameterization shared by all sites: ``out(tanh(mid(embedding)))``, one output slice per site."""
+    """The reparameterization shared by all sites: ``out(tanh(mid(embedding)))``.
 
-    def __init__(self, n: int, embed_dim: int, mid_dim: int, out_features: int, **factory: Any) -> None:
+    The output layer (``mid_dim`` -> every layer's keys and values) is stored as one row block per site,
+    ``out_weight[i]`` / ``out_bias[i]``: the same function as one big Linear, but each layer's backward writes only
+    its own block's gradient (slicing one big weight would make every layer produce, and autograd add up, a
+    gradient the size of the whole output layer).
+    """
+
+    def __init__(self, n: int, embed_dim: int, mid_dim: int, widths: list[int], **factory: Any) -> None:
         super().__init__()
         self.prefix_embedding = nn.Parameter(torch.randn(n, embed_dim, **factory))
         self.mid = nn.Linear(embed_dim, mid_dim, **factory)
-        self.out = nn.Linear(mid_dim, out_features, **factory)
+        # nn.Linear's default initialisation, per block (fan-in mid_dim for all of them).
+        bound = 1.0 / math.sqrt(mid_dim)
+        self.out_weight = nn.ParameterList(
+            [nn.Parameter(torch.empty(w, mid_dim, **factory).uniform_(-bound, bound)) for w in widths]
+        )
+        self.out_bias = nn.ParameterList([nn.Parameter(torch.empty(w, **factory).uniform_(-bound, bound)) for w in widths])
 
-    def site_output(self, start: int, stop: int) -> torch.Tensor:
-        """Rows ``start:stop`` of the output layer applied to the shared hidden prefix: ``(n, stop - start)``."""
-        computed = self.__dict__.get("_forward_output")
-        if computed is not None:
-            return computed[:, start:stop]
+    def site_output(self, index: int) -> torch.Tensor:
+        """Site ``index``'s block of the output layer applied to the shared hidden prefix: ``(n, width)``."""
         hidden = torch.tanh(self.mid(self.prefix_embedding))
-        return F.linear(hidden, self.out.weight[start:stop], self.out.bias[start:stop])
-
-    def begin_forward(self) -> None:
-        """Compute every site's prefix in one pass for the backbone forward that starts (with autograd only: one
-        MLP run and one weight gradient per step instead of one per layer)."""
-        self.__dict__.pop("_forward_output", None)
-        if torch.is_grad_enabled():
-            self.__dict__["_forward_output"] = self.out(torch.tanh(self.mid(self.prefix_embedding)))
-
-    def end_forward(self) -> None:
-        """Forget the per-forward output (sites called outside a backbone forward compute their own slice)."""
-        self.__dict__.pop("_forward_output", None)
+        return F.linear(hidden, self.out_weight[index], self.out_bias[index])
 
 
 class PrefixSite(DeltaSite):
@@ -86,7 +84,7 @@ class PrefixSite(DeltaSite):
         geometry: hf_compat.AttentionGeometry,
         n: int,
         shared: PrefixShared | None,
-        offset: int,
+        index: int,
         **factory: Any,
     ) -> None:
         super().__init__()
@@ -94,7 +92,7 @@ class PrefixSite(DeltaSite):
         self.signature = signature
         self.geometry = geometry
         self.n = n
-        self.offset = offset
+        self.index = index
         shape = (geometry.num_kv_heads, n, geometry.head_dim)
         if shared is None:
             # Small values: the prefix starts as a mild change of the attention pattern.
@@ -103,11 +101,6 @@ class PrefixSite(DeltaSite):
             self._shared: tuple[PrefixShared, ...] = ()
         else:
             self._shared = (shared,)  # referenced, not registered: stored once, on the backbone root
-
-    @property
-    def width(self) -> int:
-        """Columns of the shared output layer this site uses (keys and values)."""
-        return 2 * self.geometry.num_kv_heads * self.geometry.head_dim
 
     def prefixes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The key and value prefix of this site, ``(kv_heads, n, head_dim)`` each."""
@@ -125,7 +118,7 @@ class PrefixSite(DeltaSite):
         return cached[1]
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self._shared[0].site_output(self.offset, self.offset + self.width)
+        flat = self._shared[0].site_output(self.index)
         kv = flat.view(self.n, 2, self.geometry.num_kv_heads, self.geometry.head_dim).permute(1, 2, 0, 3)
         return kv[0], kv[1]
 
@@ -219,61 +212,25 @@ class PrefixModel(DeltaBase):
         return matches
 
     def _plan(self, matches: list[tuple[str, nn.Module]]) -> dict[str, tuple[hf_compat.AttentionGeometry, int]]:
-        plan, offset = {}, 0
-        for name, module in matches:
-            geometry = hf_compat.attention_geometry(name, module, self.backbone_model)
-            plan[name] = (geometry, offset)
-            offset += 2 * geometry.num_kv_heads * geometry.head_dim
-        return plan
+        return {
+            name: (hf_compat.attention_geometry(name, module, self.backbone_model), index)
+            for index, (name, module) in enumerate(matches)
+        }
 
     def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
         cfg: PrefixConfig = self.config  # type: ignore[assignment]
         self._site_plan = self._plan(matches)
         if not cfg.reparameterize or not matches:
             return None
-        total = sum(2 * g.num_kv_heads * g.head_dim for g, _ in self._site_plan.values())
-        return PrefixShared(cfg.prefix_token_num, cfg.embed_dim, cfg.mid_dim, total, **factory_kwargs(matches[0][1]))
+        widths = [2 * g.num_kv_heads * g.head_dim for g, _ in self._site_plan.values()]
+        return PrefixShared(cfg.prefix_token_num, cfg.embed_dim, cfg.mid_dim, widths, **factory_kwargs(matches[0][1]))
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: PrefixConfig = self.config  # type: ignore[assignment]
-        geometry, offset = self._site_plan[name]
+        geometry, index = self._site_plan[name]
         signature = hf_compat.AttentionSignature.probe(name, host)
         shared = self.shared if isinstance(self.shared, PrefixShared) else None
-        return PrefixSite(name, signature, geometry, cfg.prefix_token_num, shared, offset, **factory_kwargs(host))
-
-    # With the MLP, the backbone root gets a pre-hook and a hook around each forward (no parameters, not sites):
-    # the MLP runs once per forward for all layers, and its output is dropped when the forward ends.
-    def _root_hooks(self, on: bool) -> None:
-        shared = self.shared
-        if not isinstance(shared, PrefixShared):
-            return
-        root, pre_key, post_key = self.backbone_model, (self._order_key, -1), (self._order_key, -2)
-        if not on:
-            remove_hook(root, pre_key, pre=True)
-            remove_hook(root, post_key)
-            shared.end_forward()
-            return
-
-        def begin(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-            shared.begin_forward()
-            return args, kwargs
-
-        def end(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-            shared.end_forward()
-            return output
-
-        add_hook(root, pre_key, begin, pre=True)
-        add_hook(root, post_key, end)
-
-    def attach(self) -> PrefixModel:
-        super().attach()
-        self._root_hooks(True)
-        return self
-
-    def detach(self) -> PrefixModel:
-        super().detach()
-        self._root_hooks(False)
-        return self
+        return PrefixSite(name, signature, geometry, cfg.prefix_token_num, shared, index, **factory_kwargs(host))
 
     def prefix_tensors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """The current prefixes, ``{attention module name: (key, value)}``, each ``(kv_heads, n, head_dim)``
@@ -299,8 +256,6 @@ class PrefixModel(DeltaBase):
             return self
         if self.state not in ("attached", "detached"):
             raise DeltaStateError(f"Cannot fold {self._describe()} while it is {self.state}.")
-        if self.state == "attached":
-            self._root_hooks(False)
         for site in self.sites:
             site.module.fold()  # type: ignore[operator]
         if self.state == "attached":
