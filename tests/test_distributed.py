@@ -119,8 +119,10 @@ def test_delta_trainer_under_ddp(tmp_path) -> None:
 def test_deepspeed(tmp_path, reference, stage: int) -> None:
     report = torchrun("deepspeed_example.py", tmp_path, "--stage", str(stage), timeout=480)
     assert report["world"] == 2 and report["stage"] == stage
+    assert report["load_into_training_engine_refused"]  # ZeRO's fp32 master copies would undo a load
     if stage == 3:
         assert report["delta_partitioned_in_the_model"]  # really sharded, and still saved complete
+        assert report["load_into_zero3_inference_engine_exact"]
     assert_matches_reference(tmp_path, reference)
 
 

@@ -82,6 +82,17 @@ def unwrap_model(model_or_engine: Any) -> nn.Module:
     return model
 
 
+def _has_zero_master_copies(model_or_engine: Any) -> bool:
+    """A DeepSpeed engine training with a ZeRO optimizer (which owns fp32 copies of the parameters); an engine
+    sharded for inference (ZeRO-3 without an optimizer) has none."""
+    if not _is_deepspeed_engine(model_or_engine) or not model_or_engine.zero_optimization():
+        return False
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    optimizer = model_or_engine.optimizer
+    return optimizer is not None and not isinstance(optimizer, DeepSpeedZeRoOffload)
+
+
 def _check_owner(model_or_engine: Any, delta: DeltaBase) -> nn.Module:
     if not isinstance(delta, DeltaBase):
         raise DeltaError(f"Expected a deltakit delta object (e.g. LoraModel), got {type(delta).__name__}.")
@@ -190,7 +201,7 @@ def load_delta_state_dict(model_or_engine: Any, delta: DeltaBase, state: dict[st
             ``engine.load_checkpoint``.
     """
     _check_owner(model_or_engine, delta)
-    if _is_deepspeed_engine(model_or_engine) and model_or_engine.optimizer is not None and model_or_engine.zero_optimization():
+    if _has_zero_master_copies(model_or_engine):
         raise DeltaError(
             "Cannot load delta tensors into a DeepSpeed engine with a ZeRO optimizer: it keeps fp32 master copies "
             "that the next step would copy back over the loaded values. Load the delta into the model before "

@@ -23,7 +23,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dist_common import GLOBAL_BATCH, LR, STEPS, batch, build, rank_and_world, write_report  # noqa: E402
 
-from deltakit.integrations.distributed import save_delta_checkpoint  # noqa: E402
+from deltakit import DeltaError  # noqa: E402
+from deltakit.integrations.distributed import delta_state_dict, load_delta_checkpoint, save_delta_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,9 +55,37 @@ def main(argv: list[str] | None = None) -> int:
 
     lora_A = next(p for n, p in delta.named_parameters() if n.endswith("lora_A"))
     partitioned = tuple(lora_A.shape) == (0,) if args.stage == 3 else None
-    save_delta_checkpoint(engine, delta, f"{args.out}/delta")
+    path = f"{args.out}/delta"
+    saved = save_delta_checkpoint(engine, delta, path)
+
+    # Loading into a training engine is refused: ZeRO's fp32 master copies would undo it at the next step.
+    try:
+        load_delta_checkpoint(engine, delta, saved)
+        refused = False
+    except DeltaError:
+        refused = True
+    # Loading into a model sharded for inference (ZeRO-3 without an optimizer) works: the delta is gathered,
+    # rank 0's copy is written, and DeepSpeed re-partitions it.
+    reload_exact = None
+    if args.stage == 3:
+        fresh, fresh_delta = build()
+        with torch.no_grad():
+            for p in fresh_delta.parameters():
+                p.zero_()
+        inference = {k: v for k, v in config.items() if k != "zero_allow_untested_optimizer"}
+        fresh_engine, _, _, _ = deepspeed.initialize(model=fresh, config=inference)
+        load_delta_checkpoint(fresh_engine, fresh_delta, saved)
+        reloaded = delta_state_dict(fresh_engine, fresh_delta)
+        trained = delta_state_dict(engine, delta)
+        reload_exact = all(torch.equal(trained[k], reloaded[k]) for k in trained)
     if rank == 0:
-        report = {"world": world, "stage": args.stage, "delta_partitioned_in_the_model": partitioned}
+        report = {
+            "world": world,
+            "stage": args.stage,
+            "delta_partitioned_in_the_model": partitioned,
+            "load_into_training_engine_refused": refused,
+            "load_into_zero3_inference_engine_exact": reload_exact,
+        }
         write_report(args.out, report)
         print(report)
     dist.destroy_process_group()
