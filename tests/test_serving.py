@@ -366,3 +366,29 @@ def test_multitask_tasks_are_deterministic_and_balanced() -> None:
         assert not {t for t, _ in train} & {t for t, _ in test}  # disjoint splits
         labels = {y for _, y in train}
         assert labels == set(range(len(example.LABELS[name])))
+
+
+@pytest.mark.parametrize("method", ["prefix", "soft_prompt"])
+def test_route_refuses_prompt_methods_but_serves_them_by_switching(method: str) -> None:
+    from deltakit import PrefixModel, SoftPromptModel
+
+    arch = ARCHS["gpt2"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora")])
+    if method == "prefix":
+        prompt = PrefixModel(model, name="p", prefix_token_num=3, embed_dim=16, mid_dim=16)
+    else:
+        prompt = SoftPromptModel(model, name="p", soft_token_num=3)
+    group.add(prompt.detach())
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(DeltaError, match=r"\['p'\] \((PrefixModel|SoftPromptModel)\) do not support per-sample routing"):
+        with group.route(["a", "p"]):
+            pass
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+    with torch.no_grad(), group.route(["a", None]):  # the prompt delta may sit in the group unused
+        model(**batch_for(arch, 2))
+    group.switch("p")
+    assert group.active == ["p"]
+    group.switch(None)
+    assert hook_counts(model) == hooks
