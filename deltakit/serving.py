@@ -258,7 +258,9 @@ class DeltaGroup:
         self._check_not_routing("remove() a delta")
         delta = self[name]
         if delta.state == MERGED:
-            raise DeltaStateError(f"Cannot remove {delta._describe()} from the group: it is merged; unmerge() it first.")
+            raise DeltaStateError(
+                f"Cannot remove {delta._describe()} from the group: it is merged; unmerge() it first."
+            )
         if delta.state == ATTACHED:
             delta.detach()
         del self._deltas[name]

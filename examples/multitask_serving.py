@@ -57,7 +57,9 @@ TOPICS: dict[str, dict[str, tuple[str, ...]]] = {
     "travel": {
         "subjects": ("the tourists", "my sister", "the pilot", "our guide", "the backpacker", "the family"),
         "verbs": ("visited", "booked", "flew to", "explored", "missed", "packed for"),
-        "objects": ("the island", "a mountain village", "the airport", "the old harbour", "the museum", "a beach resort"),
+        "objects": (
+            "the island", "a mountain village", "the airport", "the old harbour", "the museum", "a beach resort",
+        ),
     },
 }  # fmt: skip
 FILLERS = ("", "yesterday", "last week", "again", "in the morning", "as usual")

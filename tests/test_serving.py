@@ -38,7 +38,9 @@ METHODS: dict[str, Callable[[nn.Module, str, int], DeltaBase]] = {
     "bitfit": lambda m, n, v: BitFitModel(m, name=n),
     "adapter": lambda m, n, v: AdapterModel(m, name=n, bottleneck_dim=4 + 2 * v),
     "parallel_adapter": lambda m, n, v: ParallelAdapterModel(m, name=n, bottleneck_dim=6 - v),
-    "low_rank_adapter": lambda m, n, v: LowRankAdapterModel(m, name=n, reduction_factor=4 * (1 + v), low_rank_rank=1 + v),
+    "low_rank_adapter": lambda m, n, v: LowRankAdapterModel(
+        m, name=n, reduction_factor=4 * (1 + v), low_rank_rank=1 + v
+    ),
     "compacter": lambda m, n, v: CompacterModel(m, name=n, reduction_factor=4, hypercomplex_division=2),
 }
 
@@ -67,7 +69,9 @@ def rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return {k: v[i : i + 1] for k, v in batch.items()}
 
 
-def alone_logits(group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor], names: list[Any]) -> list[torch.Tensor]:
+def alone_logits(
+    group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor], names: list[Any]
+) -> list[torch.Tensor]:
     """Each sample run on its own with its delta switched in (the reference routing must match)."""
     out = []
     for i, name in enumerate(names):
@@ -155,7 +159,9 @@ def test_route_generate(arch_name: str, mode: str) -> None:
             alone = model.generate(input_ids=ids[i : i + 1], attention_mask=torch.ones_like(ids[i : i + 1]), **kw)
         assert torch.equal(mixed.sequences[i * k : (i + 1) * k], alone.sequences), (name, mode)
         if kw["num_beams"] > 1:
-            torch.testing.assert_close(mixed.sequences_scores[i * k : (i + 1) * k], alone.sequences_scores, atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                mixed.sequences_scores[i * k : (i + 1) * k], alone.sequences_scores, atol=ATOL, rtol=0
+            )
         else:
             for step_mixed, step_alone in zip(mixed.scores, alone.scores):
                 torch.testing.assert_close(step_mixed[i], step_alone[0], atol=ATOL, rtol=0)
@@ -381,7 +387,8 @@ def test_route_refuses_prompt_methods_but_serves_them_by_switching(method: str) 
         prompt = SoftPromptModel(model, name="p", soft_token_num=3)
     group.add(prompt.detach())
     state, hooks = snapshot(model), hook_counts(model)
-    with pytest.raises(DeltaError, match=r"\['p'\] \((PrefixModel|SoftPromptModel)\) do not support per-sample routing"):
+    refused = r"\['p'\] \((PrefixModel|SoftPromptModel)\) do not support per-sample routing"
+    with pytest.raises(DeltaError, match=refused):
         with group.route(["a", "p"]):
             pass
     assert_state_equal(model, state)
