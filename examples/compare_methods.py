@@ -133,7 +133,7 @@ METHODS: dict[str, Method] = {
 #: Low-rank adapter  3e-3: 0.883, 1e-2: 0.975, [2e-2]: 1.000, 3e-2: 1.000, 6e-2: 0.502 (diverged)
 #: Compacter         3e-3: 0.600, 1e-2: 0.947, [3e-2]: 1.000, 6e-2: 0.998, 1e-1: 0.502 (diverged)
 #: BitFit            3e-3: 0.947, [5e-3]: 1.000, 1e-2: 1.000, 2e-2: 0.498 (diverged), 3e-2: 0.502 (diverged)
-#: Prefix tuning     [1e-2]: 0.922
+#: Prefix tuning     1e-2: 0.922, [2e-2]: 0.998
 #: Soft prompt       [3e-2]: 0.515 (20 tokens), 1e-1: 0.477, 3e-1: 0.420 (10 tokens): none learns the task
 #: Full fine-tuning  3e-5: 0.950, [1e-4]: 1.000, 3e-4: 1.000
 #: ================  =====================================================
@@ -149,7 +149,7 @@ LEARNING_RATES: dict[str, float] = {
     "low_rank_adapter": 2e-2,
     "compacter": 3e-2,
     "bitfit": 5e-3,
-    "prefix": 1e-2,
+    "prefix": 2e-2,
     "soft_prompt": 3e-2,
     "full": 1e-4,
 }
