@@ -176,9 +176,6 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                      f">= {serving_target('mixed_throughput_vs_peft_at_32')}x peft",
                      _verdict(ratio, serving_target("mixed_throughput_vs_peft_at_32"), higher_is_better=True)
                      + f" ({_fmt(ratio, 2)}x)"])
-        if "deltakit_added_ms" in last:
-            rows.append([f"time added to the bare backbone, ms ({last['deltas']} deltas, batch {m['vs_deltas']['batch']})",
-                         _fmt(last["deltakit_added_ms"], 1), _fmt(last["peft_added_ms"], 1), "-", "-"])
     ck = s.get("checkpoint")
     if ck:
         for scenario, e in ck["scenarios"].items():

@@ -313,7 +313,8 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
          switch_rows),
         ("Mixed batch vs one delta on the whole batch (paired median ratios)",
          ["setting", "deltakit mixed / single", "peft mixed / single", "deltakit mixed / peft mixed"], mixed_rows),
-        (f"Mixed-batch throughput vs distinct deltas (batch {v['batch']} x {v['seq']}, {v['loaded']} loaded)",
+        (f"Mixed-batch throughput vs distinct deltas (batch {v['batch']} x {v['seq']}, {v['loaded']} loaded; the "
+         f"'adds' columns are medians of per-round differences to the bare backbone, negative when below the noise)",
          ["distinct deltas", "deltakit samples/s", "peft samples/s", "deltakit / peft throughput",
           "deltakit adds (vs bare backbone)", "peft adds"], sweep_rows),
     ]
