@@ -176,6 +176,17 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
                      f">= {serving_target('mixed_throughput_vs_peft_at_32')}x peft",
                      _verdict(ratio, serving_target("mixed_throughput_vs_peft_at_32"), higher_is_better=True)
                      + f" ({_fmt(ratio, 2)}x)"])
+        st = srv.get("settings")
+        for pt in (st or {}).get("points", []):
+            ratio = _get(pt, "ratios", "peft/deltakit", "median")
+            ceiling = _get(pt, "ratios", "peft/base", "median")
+            step = f"prefill {pt['tokens_per_sample']} tokens" if pt["step"] == "prefill" else "decode step"
+            rows.append([f"mixed-batch throughput, samples/s ({st['deltas']} deltas, batch {st['batch']}, "
+                         f"{pt['targets']} {pt['sites']} sites, {step})",
+                         _fmt(pt["samples_per_s"]["deltakit"], 1), _fmt(pt["samples_per_s"]["peft"], 1),
+                         f">= {serving_target('mixed_throughput_vs_peft_at_32')}x peft (ceiling {_fmt(ceiling, 2)}x)",
+                         _verdict(ratio, serving_target("mixed_throughput_vs_peft_at_32"), higher_is_better=True)
+                         + f" ({_fmt(ratio, 2)}x)"])
     ck = s.get("checkpoint")
     if ck:
         for scenario, e in ck["scenarios"].items():

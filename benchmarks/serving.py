@@ -21,6 +21,15 @@ Parts:
     Batch 32, sequence 64, 32 LoRAs loaded; the batch uses 1, 4, 8, 16 or 32 distinct deltas. Throughput
     (samples per CPU second) of both libraries, and the time each adds to the bare backbone (timed in the same
     rounds; median of the per-round differences).
+``settings``
+    The issue's headline figure (32 deltas, batch 32, every sample its own delta) in the settings where per-sample
+    routing cost matters: LoRA on ``q,v`` (24 sites, the issue's setting) and on all seven linear layers (q, k, v,
+    o, gate, up, down: 84 sites), each for a prefill step (the 64-token prompt) and a decode step (one new token
+    per sample on a KV cache of the 64-token prompt, i.e. what ``generate()`` does per token; the cache is
+    prefilled by each variant itself, untimed, and cropped back to the prompt before every timed call). Variants
+    per setting: the bare backbone, deltakit ``group.route(names)``, PEFT ``adapter_names=names``, interleaved;
+    throughput ratio deltakit/PEFT and each library's time over the bare backbone's, all paired per round.
+    PEFT/bare is the ceiling of the deltakit/PEFT throughput ratio (reached if routing cost nothing).
 
 Run alone::
 
@@ -55,6 +64,8 @@ SITE_SWEEP: tuple[tuple[str, ...], ...] = (
     ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
 )
 PEFT_REFERENCE = {"set_adapter_ms": 3.1, "disable_adapter_ms": 15.7, "mixed/single": 1.07}
+ALL_LINEAR = SITE_SWEEP[-1]
+SETTINGS_TARGETS: tuple[tuple[str, tuple[str, ...]], ...] = (("q,v", SWITCH_TARGETS), ("all linear", ALL_LINEAR))
 TARGETS = {"switch_ms": 0.3, "mixed/single": 1.03, "mixed_throughput_vs_peft_at_32": 1.5}
 
 FULL = dict(config=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -63,14 +74,14 @@ FULL = dict(config=dict(vocab_size=32000, hidden_size=768, intermediate_size=204
                               num_key_value_heads=32, vocab_size=32000),
             site_sweep=SITE_SWEEP,
             deltas=8, batch=16, seq=64, sweep_batch=32, sweep_deltas=(1, 4, 8, 16, 32), switch_rounds=21,
-            mixed_rounds=7, sweep_rounds=3, k=20)
+            mixed_rounds=7, sweep_rounds=3, k=20, settings_rounds=5)
 QUICK = dict(config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4),
              sweep_config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                num_key_value_heads=4, vocab_size=1000),
              site_sweep=(SITE_SWEEP[0], SITE_SWEEP[-1]),
              deltas=8, batch=8, seq=16, sweep_batch=8, sweep_deltas=(1, 8), switch_rounds=3, mixed_rounds=3,
-             sweep_rounds=2, k=4)
+             sweep_rounds=2, k=4, settings_rounds=3)
 
 
 def _llama(config: dict[str, int], meta: bool = False) -> nn.Module:
@@ -262,6 +273,107 @@ def measure_mixed(p: dict[str, Any], log: Callable[[str], None], notes: list[str
     return out
 
 
+def _prefill(model: nn.Module, x: torch.Tensor, **kwargs: Any) -> Any:
+    """The prompt's forward with ``use_cache=True``: returns ``(last_hidden_state, cache)``."""
+    with torch.inference_mode():
+        out = model(input_ids=x, use_cache=True, **kwargs)
+    return out.last_hidden_state, out.past_key_values
+
+
+def _decode(model: nn.Module, token: torch.Tensor, cache: Any, **kwargs: Any) -> torch.Tensor:
+    """One decode step (one new token per sample) on ``cache``; returns the new token's hidden state."""
+    with torch.inference_mode():
+        return model(input_ids=token, past_key_values=cache, use_cache=True, **kwargs).last_hidden_state
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def measure_settings(p: dict[str, Any], log: Callable[[str], None], notes: list[str]) -> dict[str, Any]:
+    """32 deltas, batch 32, every sample its own delta: q,v and all linear layers, prefill and decode steps.
+
+    For each target set one pair (deltakit group, PEFT model; same factors) is built; the outputs of both
+    libraries are compared (prefill and decode) before anything is timed.
+    """
+    n, batch, seq = max(p["sweep_deltas"]), p["sweep_batch"], p["seq"]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, p["config"]["vocab_size"], (batch, seq), generator=gen)
+    token = torch.randint(0, p["config"]["vocab_size"], (batch, 1), generator=gen)
+    points: list[dict[str, Any]] = []
+    for label, targets in SETTINGS_TARGETS:
+        group, model, names = build_pair(p["config"], n, targets)
+        backbone = group.backbone_model
+        routed = [names[i % n] for i in range(batch)]
+        group.switch(None)
+        sites = len(group[names[0]].sites)
+
+        # Check: same prefill and same decode step (each library on its own cache) with the same factors.
+        base_h, base_cache = _prefill(backbone, x)
+        with group.route(routed):
+            dk_h, dk_cache = _prefill(backbone, x)
+        peft_h, peft_cache = _prefill(model, x, adapter_names=routed)
+        base_t = _decode(backbone, token, base_cache)
+        with group.route(routed):
+            dk_t = _decode(backbone, token, dk_cache)
+        peft_t = _decode(model, token, peft_cache, adapter_names=routed)
+        checks = {"prefill": (_max_diff(dk_h, peft_h), _max_diff(dk_h, base_h)),
+                  "decode": (_max_diff(dk_t, peft_t), _max_diff(dk_t, base_t))}
+        for step, (diff, vs_base) in checks.items():
+            if not diff < 1e-3:
+                notes.append(f"settings ({label}, {step}): deltakit and PEFT outputs differ by {diff:.3g}")
+            if not vs_base > 0:
+                notes.append(f"settings ({label}, {step}): routed output equals the bare backbone's")
+        del base_h, dk_h, peft_h, base_t, dk_t, peft_t
+
+        caches = {"base": base_cache, "deltakit": dk_cache, "peft": peft_cache}
+
+        def prefill_variants() -> dict[str, suite_utils.Prepare]:
+            def dk_call() -> None:
+                with group.route(routed):
+                    _forward(backbone, x)
+
+            return {"base": lambda index: lambda: _forward(backbone, x),
+                    "deltakit": lambda index: dk_call,
+                    "peft": lambda index: lambda: _forward(model, x, adapter_names=routed)}
+
+        def decode_variants() -> dict[str, suite_utils.Prepare]:
+            def prepared(name: str, call: Callable[[Any], Any]) -> suite_utils.Prepare:
+                def prepare(index: int) -> Callable[[], Any]:
+                    cache = caches[name]
+                    extra = cache.get_seq_length() - seq
+                    if extra:  # untimed: back to the prompt, so every timed step sees the same cache length
+                        cache.crop(-extra)
+                    return lambda: call(cache)
+                return prepare
+
+            def dk_call(cache: Any) -> None:
+                with group.route(routed):
+                    _decode(backbone, token, cache)
+
+            return {"base": prepared("base", lambda cache: _decode(backbone, token, cache)),
+                    "deltakit": prepared("deltakit", dk_call),
+                    "peft": prepared("peft", lambda cache: _decode(model, token, cache, adapter_names=routed))}
+
+        for step, variants in (("prefill", prefill_variants()), ("decode", decode_variants())):
+            log(f"serving: settings, {label} ({sites} sites), {step}, {n} deltas, batch {batch}")
+            with suite_utils.frozen_gc():
+                result = suite_utils.interleave(variants, rounds=p["settings_rounds"], warmup=1, progress=log)
+            medians = {name: common.summarize(v)["median"] for name, v in result.times["cpu"].items()}
+            points.append({
+                "targets": label, "modules": list(targets), "sites": sites, "step": step,
+                "tokens_per_sample": seq if step == "prefill" else 1,
+                "max_abs_diff_deltakit_vs_peft": checks[step][0], "max_abs_diff_deltakit_vs_base": checks[step][1],
+                "time": suite_utils.stats(result),
+                "samples_per_s": {name: batch / t for name, t in medians.items()},
+                # peft/deltakit time per round = deltakit/peft throughput; peft/base = that ratio's ceiling.
+                "ratios": suite_utils.ratios(result, [("peft", "deltakit"), ("deltakit", "base"), ("peft", "base")]),
+            })
+        del group, model, backbone, caches, dk_cache, peft_cache, base_cache
+    return {"deltas": n, "batch": batch, "prompt": seq, "rounds": p["settings_rounds"], "lora_r": LORA_R,
+            "points": points}
+
+
 def _routed_forward(group: Any, backbone: nn.Module, x: torch.Tensor, names: list[str]) -> None:
     with group.route(names):
         _forward(backbone, x)
@@ -280,6 +392,7 @@ def run(quick: bool = False, log: Callable[[str], None] = lambda line: None) -> 
                            "peft_reference": PEFT_REFERENCE, "targets": TARGETS}
     out["switch"] = measure_switch(p, log)
     out["mixed"] = measure_mixed(p, log, notes)
+    out["settings"] = measure_settings(p, log, notes)
     return out
 
 
@@ -307,7 +420,7 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
                    common.format_ratio(pt["throughput_deltakit/peft"]["median"]),
                    f"{pt.get('deltakit_added_ms', float('nan')):.1f} ms", f"{pt.get('peft_added_ms', float('nan')):.1f} ms"]
                   for pt in v["points"]]
-    return [
+    out = [
         ("Switching the active delta (CPU clock, median per switch)",
          ["model", "deltakit switch()", "peft set_adapter()", "peft disable_adapter() enter+exit", "deltakit / peft set"],
          switch_rows),
@@ -318,6 +431,24 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
          ["distinct deltas", "deltakit samples/s", "peft samples/s", "deltakit / peft throughput",
           "deltakit adds (vs bare backbone)", "peft adds"], sweep_rows),
     ]
+    st = section.get("settings")
+    if st:
+        rows = []
+        for pt in st["points"]:
+            r, sps = pt["ratios"], pt["samples_per_s"]
+            step = (f"prefill ({pt['tokens_per_sample']} tokens)" if pt["step"] == "prefill"
+                    else f"decode (1 token, KV cache {st['prompt']})")
+            rows.append([f"{pt['targets']} ({pt['sites']} sites)", step, f"{sps['base']:.1f}", f"{sps['deltakit']:.1f}",
+                         f"{sps['peft']:.1f}", common.format_ratio(r["peft/deltakit"]["median"]),
+                         common.format_ratio(r["deltakit/base"]["median"]), common.format_ratio(r["peft/base"]["median"]),
+                         f"{pt['max_abs_diff_deltakit_vs_peft']:.1e}"])
+        out.append((
+            f"Mixed batch at {st['deltas']} deltas, batch {st['batch']}, every sample its own delta (LoRA r={st['lora_r']};"
+            f" CPU clock, {st['rounds']} interleaved rounds, paired median ratios; 'peft / bare' is the ceiling of "
+            f"'deltakit / peft': the ratio deltakit would reach if routing cost nothing)",
+            ["LoRA on", "step", "bare samples/s", "deltakit samples/s", "peft samples/s", "deltakit / peft throughput",
+             "deltakit time / bare", "peft time / bare (ceiling)", "max |deltakit - peft|"], rows))
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -97,6 +97,25 @@ def test_serving_section_measures_switching_and_mixed_batches(quick) -> None:
     assert all(_positive(p["deltakit_samples_per_s"]) and _positive(p["peft_samples_per_s"]) for p in points)
 
 
+def test_serving_settings_cover_all_linear_layers_and_a_decode_step(quick) -> None:
+    settings = quick[0]["sections"]["serving"]["settings"]
+    assert settings["deltas"] == settings["batch"] == 8 and settings["prompt"] == 16
+    points = settings["points"]
+    # q,v (2 layers x 2) and all seven projections (2 layers x 7); each as a prefill and a KV-cache decode step
+    assert [(p["targets"], p["sites"], p["step"]) for p in points] == [
+        ("q,v", 4, "prefill"), ("q,v", 4, "decode"), ("all linear", 14, "prefill"), ("all linear", 14, "decode")]
+    assert [p["tokens_per_sample"] for p in points] == [16, 1, 16, 1]
+    for p in points:
+        assert p["max_abs_diff_deltakit_vs_peft"] < 1e-4  # same factors, same outputs
+        assert p["max_abs_diff_deltakit_vs_base"] > 1e-2  # and the deltas do change them
+        assert set(p["samples_per_s"]) == {"base", "deltakit", "peft"}
+        assert all(_positive(v) for v in p["samples_per_s"].values())
+        assert set(p["ratios"]) == {"peft/deltakit", "deltakit/base", "peft/base"}
+        assert all(_positive(r["median"]) for r in p["ratios"].values())
+    rows = [row for row in run_all.summary_rows(quick[0]) if "sites," in row[0] and "mixed-batch" in row[0]]
+    assert len(rows) == 4 and all("ceiling" in row[3] for row in rows)
+
+
 def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
     section = quick[0]["sections"]["checkpoint"]
     assert set(section["scenarios"]) == {"minilm q,v r=16", "minilm all linear r=16", "llama130m q,v r=8"}
