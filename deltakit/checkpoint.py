@@ -1,8 +1,12 @@
 """Delta-only checkpoints: ``delta_config.json`` + ``delta_model.safetensors``.
 
-The weights file holds this delta's tensors, keyed ``<host module>.<delta_type>.<param>`` relative to the backbone,
+The weights file holds this delta's tensors, named ``<host module>.<delta_type>.<param>`` relative to the backbone,
 plus the backbone tensors the user explicitly kept trainable through ``freeze_module`` (e.g. a classifier head),
-under their own names. Never pickle. Both files are written to temporary names in the target directory and renamed
+under their own names. Never pickle. Tensors of the same parameter, shape and dtype at many sites (the 48
+``lora_A``/``lora_B`` of a 24-site LoRA) are stored stacked as one tensor, with their owners listed once in the
+range form in the file's metadata (see :func:`pack_tensors`): safetensors spends ~110 header bytes per tensor,
+so this keeps a checkpoint within a few KB of its raw tensor bytes whatever the number of sites, and makes loading
+one read per stack. :func:`read_weights` gives back the named tensors. Both files are written to temporary names in the target directory and renamed
 into place, so a crash leaves either the old or the new file, never half of one.
 
 The config is kept small (the files add a few KB to the raw tensor bytes): one top-level key per line without
@@ -24,8 +28,8 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -40,8 +44,12 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "delta_model.safetensors"
 FORMAT = "deltakit-delta"
 #: Version 2 writes the site list in the compact range form of :func:`compress_sites`; version 1 (a plain list of
-#: names) is still read, and still written for the rare backbone whose module names contain braces.
-FORMAT_VERSION = 2
+#: names) is still read, and still written for the rare backbone whose module names contain braces. Version 3 stacks
+#: same-shaped tensors in the weights file (:func:`pack_tensors`); files of versions 1 and 2 hold none and still load.
+FORMAT_VERSION = 3
+#: Separator between a parameter name and the stack number in a stacked tensor's key (``lora_A#0``). Module and
+#: parameter names never contain it, so a stacked key cannot collide with a real tensor name.
+_STACK_MARK = "#"
 
 _ESSENTIALS = (
     "model_type",
@@ -161,6 +169,108 @@ def expand_sites(entries: list[Any], where: str = "the checkpoint") -> list[str]
     return names
 
 
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """Stack tensors that share a parameter name, shape and dtype across owners into one tensor each.
+
+    ``a.0.q.lora.lora_A`` ... ``a.11.v.lora.lora_A`` (all ``(8, 768)``) become one ``(24, 8, 768)`` tensor keyed
+    ``lora_A#0``, whose owners (``a.{0-11}.q.lora``, ``a.{0-11}.v.lora``, in :func:`compress_sites` form) give
+    the order along dimension 0. A tensor alone in its group, or whose owner names cannot be written in the range
+    form, is kept under its own name.
+
+    Args:
+        tensors: Named tensors (dotted names).
+
+    Returns:
+        ``(stored, stacks)``: the tensors to write, and ``{stacked key: owner entries}``.
+    """
+    groups: dict[tuple[str, tuple[int, ...], torch.dtype], list[str]] = {}
+    for name, tensor in tensors.items():
+        owner, _, leaf = name.rpartition(".")
+        groups.setdefault((leaf, tuple(tensor.shape), tensor.dtype), []).append(name)
+    stored: dict[str, torch.Tensor] = {}
+    stacks: dict[str, list[str]] = {}
+    counts: dict[str, int] = {}
+    for (leaf, _, _), names in groups.items():
+        owners = [name.rpartition(".")[0] for name in names]
+        entries = compress_sites(owners) if len(names) > 1 and all(owners) else None
+        if entries is None or any(_STACK_MARK in name for name in names):
+            stored.update((name, tensors[name]) for name in names)
+            continue
+        by_owner = dict(zip(owners, names))
+        key = f"{leaf}{_STACK_MARK}{counts.get(leaf, 0)}"
+        counts[leaf] = counts.get(leaf, 0) + 1
+        stored[key] = torch.stack([tensors[by_owner[owner]] for owner in expand_sites(entries)])
+        stacks[key] = entries
+    return stored, stacks
+
+
+def unpack_tensors(
+    stored: dict[str, torch.Tensor], stacks: dict[str, Any], where: str = "the checkpoint"
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`pack_tensors`: the named tensors (each its own copy).
+
+    Raises:
+        CheckpointError: The stack description does not fit the stored tensors (a corrupt file).
+    """
+    if not isinstance(stacks, dict):
+        raise CheckpointError(f"{where!r} has a corrupt stack table in its metadata.")
+    tensors = {key: value for key, value in stored.items() if key not in stacks}
+    for key, entries in stacks.items():
+        if not isinstance(key, str) or _STACK_MARK not in key or key not in stored or not isinstance(entries, list):
+            raise CheckpointError(f"{where!r} lists a stacked tensor {key!r} it does not hold; the file is corrupt.")
+        owners = expand_sites(entries, where)
+        stacked = stored[key]
+        if stacked.dim() == 0 or stacked.shape[0] != len(owners):
+            raise CheckpointError(
+                f"{where!r}: stacked tensor {key!r} has shape {tuple(stacked.shape)} but lists {len(owners)} owners; "
+                f"the file is corrupt."
+            )
+        leaf = key.rpartition(_STACK_MARK)[0]
+        for owner, tensor in zip(owners, stacked.unbind(0)):
+            name = f"{owner}.{leaf}"
+            if name in tensors:
+                raise CheckpointError(f"{where!r} holds tensor {name!r} twice; the file is corrupt.")
+            tensors[name] = tensor.clone()  # own storage: the caller may keep, change or save it
+    return tensors
+
+
+def write_weights(file: str, tensors: dict[str, torch.Tensor], *, stack: bool = True) -> None:
+    """Write named CPU tensors to the safetensors ``file`` in deltakit's layout (stacked, see :func:`pack_tensors`)."""
+    stored, stacks = pack_tensors(tensors) if stack else (tensors, {})
+    metadata = {"format": FORMAT}
+    if stacks:
+        metadata["stacks"] = json.dumps(stacks, separators=(",", ":"))
+    save_file(stored, file, metadata=metadata)
+
+
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The named tensors of a deltakit weights file (or of a checkpoint directory's ``delta_model.safetensors``).
+
+    Stacked tensors are split back into one tensor per owner, so the result is keyed exactly like
+    :meth:`DeltaBase.delta_state_dict` (plus any saved backbone tensors).
+
+    Raises:
+        CheckpointError: The file is missing, truncated or corrupt.
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise CheckpointError(f"The delta checkpoint {os.path.dirname(file) or '.'!r} has no {WEIGHTS_NAME}.")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
+    if "stacks" not in metadata:
+        return stored
+    try:
+        stacks = json.loads(metadata["stacks"])
+    except ValueError:
+        raise CheckpointError(f"{file!r} has a corrupt stack table in its metadata.") from None
+    return unpack_tensors(stored, stacks, file)
+
+
 def _compact_json(meta: dict[str, Any]) -> str:
     """One top-level key per line, everything inside it without spaces: readable, and a few hundred bytes."""
     lines = [f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}" for key, value in meta.items()]
@@ -207,9 +317,31 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
                 f"Cannot save {name!r}: it is on the meta device (no data). Materialise the model (e.g. "
                 f"model.to_empty(device='cpu') and load weights) before saving."
             )
+    os.makedirs(path, exist_ok=True)
+    write_checkpoint(delta, tensors, path)
+    return path
+
+
+def write_checkpoint(
+    delta: DeltaBase,
+    tensors: dict[str, torch.Tensor],
+    path: str,
+    *,
+    fingerprint: dict[str, Any] | None = None,
+) -> None:
+    """Write ``delta_config.json`` and ``delta_model.safetensors`` for ``delta`` with the given tensors.
+
+    The single writer of the format: :func:`save_delta` passes the delta's own tensors; the distributed helpers
+    pass tensors gathered from a sharded model (and the fingerprint computed from the full shapes).
+
+    Args:
+        delta: The delta the tensors belong to (type, config, sites).
+        tensors: ``{name: tensor}`` keyed like :meth:`DeltaBase.delta_state_dict` plus saved backbone tensors.
+        path: An existing directory.
+        fingerprint: The backbone fingerprint; computed from ``delta.backbone_model`` when ``None``.
+    """
     # Own, contiguous CPU copies: safetensors refuses shared storage (tied weights) and non-CPU memory.
     payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-
     sites = compress_sites(delta.modified_modules)
     meta = {
         "format": FORMAT,
@@ -219,10 +351,12 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
         "config": delta.config.to_dict(),
         "sites": sites if sites is not None else delta.modified_modules,
         "backbone_tensors": list(delta.unfrozen_parameter_names),
-        "fingerprint": backbone_fingerprint(delta.backbone_model, delta.modified_modules),
+        "fingerprint": fingerprint if fingerprint is not None else backbone_fingerprint(
+            delta.backbone_model, delta.modified_modules
+        ),
     }
-    os.makedirs(path, exist_ok=True)
-    _atomic_write(path, WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": FORMAT}))
+    # A site list that cannot be written in the range form (names with braces) keeps the version-1 layout.
+    _atomic_write(path, WEIGHTS_NAME, lambda tmp: write_weights(tmp, payload, stack=sites is not None))
     text = _compact_json(meta)
 
     def write_config(tmp: str) -> None:
@@ -230,7 +364,6 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
             handle.write(text)
 
     _atomic_write(path, CONFIG_NAME, write_config)
-    return path
 
 
 def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -262,13 +395,9 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    file = os.path.join(path, WEIGHTS_NAME)
-    if not os.path.isfile(file):
+    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         raise CheckpointError(f"The delta checkpoint {path!r} has no {WEIGHTS_NAME}.")
-    try:
-        return load_file(file, device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
+    return read_weights(os.path.join(path, WEIGHTS_NAME))
 
 
 def _resolve_name(saved: str, names: list[str], what: str, source: str) -> str:

@@ -378,10 +378,37 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
     tensors, metadata = read_safetensors_header(weights)
     out["weights_file"] = weights
     out["metadata"] = metadata
+    out["stored_tensors"] = len(tensors)
+    if "stacks" in metadata:
+        tensors = _unstack_entries(tensors, metadata["stacks"], weights)
     out["tensors"] = tensors
     out["total_parameters"] = sum(_numel(t["shape"]) for t in tensors.values())
     out["total_bytes"] = sum(t["bytes"] for t in tensors.values())
     return out
+
+
+def _unstack_entries(entries: dict[str, dict[str, Any]], stacks_json: str, file: str) -> dict[str, dict[str, Any]]:
+    """Per-owner rows for the stacked tensors of a deltakit weights file (see ``deltakit.checkpoint.pack_tensors``)."""
+    from .checkpoint import expand_sites
+
+    try:
+        stacks = json.loads(stacks_json)
+    except ValueError:
+        raise CliError(f"{file!r} has a corrupt stack table in its metadata.") from None
+    if not isinstance(stacks, dict):
+        raise CliError(f"{file!r} has a corrupt stack table in its metadata.")
+    rows = {name: entry for name, entry in entries.items() if name not in stacks}
+    for key, owners_entries in stacks.items():
+        entry = entries.get(key)
+        owners = expand_sites(owners_entries if isinstance(owners_entries, list) else [None], file)
+        if entry is None or not entry["shape"] or entry["shape"][0] != len(owners):
+            raise CliError(f"{file!r}: stacked tensor {key!r} does not match its stack table (corrupt file).")
+        leaf = key.rpartition("#")[0]
+        for owner in owners:
+            rows[f"{owner}.{leaf}"] = {
+                "dtype": entry["dtype"], "shape": entry["shape"][1:], "bytes": entry["bytes"] // len(owners)
+            }
+    return dict(sorted(rows.items()))
 
 
 def _numel(shape: list[int]) -> int:
@@ -420,7 +447,9 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, entry in info["tensors"].items():
         table.add_row(name, str(tuple(entry["shape"])), entry["dtype"], f"{entry['bytes']:,}")
     table.add_section()
-    table.add_row(f"{len(info['tensors'])} tensors, {info['total_parameters']:,} parameters", "", "",
+    stored = info.get("stored_tensors", len(info["tensors"]))
+    packing = f" (stored as {stored} stacked entries)" if stored != len(info["tensors"]) else ""
+    table.add_row(f"{len(info['tensors'])} tensors{packing}, {info['total_parameters']:,} parameters", "", "",
                   f"{info['total_bytes']:,}")
     console.print(table)
     fingerprint = info.get("fingerprint")

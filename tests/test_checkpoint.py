@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import deltakit.checkpoint as checkpoint
 from deltakit import (
@@ -19,7 +18,7 @@ from deltakit import (
     LoraConfig,
     LoraModel,
 )
-from deltakit.checkpoint import WEIGHTS_NAME
+from deltakit.checkpoint import WEIGHTS_NAME, read_weights
 from deltakit.config import CONFIG_NAME
 
 from .conftest import assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2, tiny_llama
@@ -43,7 +42,7 @@ def trained(tmp_path):
 def test_checkpoint_holds_only_delta_and_unfrozen_tensors(trained) -> None:
     delta, path, x, out = trained
     assert sorted(os.listdir(path)) == [CONFIG_NAME, WEIGHTS_NAME]
-    stored = load_file(os.path.join(path, WEIGHTS_NAME))
+    stored = read_weights(path)
     assert set(stored) == set(delta.delta_state_dict()) | {"classifier.weight", "classifier.bias"}
     meta = json.loads(open(os.path.join(path, CONFIG_NAME)).read())
     assert meta["delta_type"] == "lora" and meta["config"]["lora_r"] == 4

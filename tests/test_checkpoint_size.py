@@ -11,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
 
 from deltakit import AutoDeltaModel, LoraModel
-from deltakit.checkpoint import WEIGHTS_NAME, compress_sites, expand_sites
+from deltakit.checkpoint import WEIGHTS_NAME, compress_sites, expand_sites, pack_tensors, read_weights, unpack_tensors
 from deltakit.config import CONFIG_NAME
 from deltakit.errors import CheckpointError
 
@@ -106,7 +106,7 @@ def test_config_size_does_not_grow_with_the_number_of_layers(tmp_path) -> None:
     # 12x the sites, but only "{0-1}" -> "{0-23}" in each of the 7 entries and the layer count in the fingerprint.
     assert sizes[1] - sizes[0] == 7 + 1
     meta = json.loads((tmp_path / "l24" / CONFIG_NAME).read_text())
-    assert meta["format_version"] == 2
+    assert meta["format_version"] == 3
     assert meta["sites"][0] == "model.layers.{0-23}.self_attn.q_proj" and len(meta["sites"]) == 7
 
 
@@ -182,3 +182,88 @@ def test_a_corrupt_site_range_leaves_the_model_untouched(tmp_path) -> None:
         AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
     assert list(model.state_dict()) == keys and hook_counts(model) == hooks
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- stacked tensors in the weights file
+
+
+def _header(path) -> dict:
+    with open(os.path.join(path, WEIGHTS_NAME), "rb") as handle:
+        size = struct.unpack("<Q", handle.read(8))[0]
+        return json.loads(handle.read(size))
+
+
+def test_the_issue_setting_llama_12_layers_q_v_stays_within_4kb(tmp_path) -> None:
+    """48 LoRA tensors (12 layers x q,v x A,B): one safetensors entry each would cost ~5.3 KB of header alone."""
+    delta = LoraModel(_llama(12), lora_r=8, modified_modules=["q_proj", "v_proj"])
+    overhead, header, config = _overhead(delta, tmp_path / "ckpt")
+    assert overhead <= BOUND, (header, config)
+    stored = {k for k in _header(tmp_path / "ckpt") if k != "__metadata__"}
+    # k_proj/v_proj are narrower than q_proj (grouped-query attention): two shapes per parameter name.
+    assert stored == {"lora_A#0", "lora_B#0", "lora_B#1"}
+
+
+def test_header_size_does_not_grow_with_the_number_of_layers(tmp_path) -> None:
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    sizes = []
+    for layers in (2, 24):
+        delta = LoraModel(_llama(layers), lora_r=4, modified_modules=targets)
+        _, header, _ = _overhead(delta, tmp_path / f"l{layers}")
+        sizes.append(header)
+    assert sizes[1] - sizes[0] <= 64, sizes  # only digits of shapes, offsets and ranges change
+
+
+def test_read_weights_gives_back_exactly_the_named_tensors(tmp_path) -> None:
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                     intermediate_size=64, vocab_size=100))
+    delta = LoraModel(model, modified_modules=["query", "value", "intermediate.dense"], lora_r=2)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    perturb(delta)
+    delta.save_finetuned(tmp_path)
+    stored = read_weights(tmp_path)
+    expected = dict(delta.delta_state_dict())
+    expected.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
+    assert list(stored) != [] and set(stored) == set(expected)
+    assert all(torch.equal(stored[k], expected[k]) for k in expected)
+    # the tensors are independent copies (save_file refuses shared storage; callers may modify them)
+    ptrs = [t.untyped_storage().data_ptr() for t in stored.values()]
+    assert len(set(ptrs)) == len(ptrs)
+    # classifier tensors are alone in their groups: stored under their own names
+    assert {"classifier.weight", "classifier.bias"} <= set(_header(tmp_path))
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["q", "v", "dense"]), st.sampled_from(["a", "b"]),
+                          st.sampled_from([(2, 3), (3, 2), (4,)])), max_size=20, unique_by=lambda t: t[:3]))
+@settings(max_examples=60, deadline=None)
+def test_pack_then_unpack_is_the_identity(items) -> None:
+    tensors = {f"layer.{i}.{m}.lora.{p}": torch.randn(shape) for i, m, p, shape in items}
+    stored, stacks = pack_tensors(tensors)
+    assert sum(t.numel() for t in stored.values()) == sum(t.numel() for t in tensors.values())
+    back = unpack_tensors(stored, json.loads(json.dumps(stacks)))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+
+
+def test_a_corrupt_stack_table_is_a_clear_error_and_changes_nothing(tmp_path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    delta = LoraModel(tiny_bert(), modified_modules=["query"])
+    delta.save_finetuned(tmp_path)
+    file = str(tmp_path / WEIGHTS_NAME)
+    with safe_open(file, framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    model = tiny_bert()
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    stacks = json.loads(metadata["stacks"])
+    key = next(iter(stacks))
+    for bad, message in (
+        ("{not json", "corrupt stack table"),
+        (json.dumps({key: stacks[key] + ["extra.owner"]}), "lists 3 owners"),
+        (json.dumps({"missing#0": stacks[key]}), "does not hold"),
+    ):
+        save_file(tensors, file, metadata={**metadata, "stacks": bad})
+        with pytest.raises(CheckpointError, match=message):
+            AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
+        assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())

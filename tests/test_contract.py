@@ -6,7 +6,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from deltakit import (
@@ -22,7 +21,7 @@ from deltakit import (
     PrefixModel,
     SoftPromptModel,
 )
-from deltakit.checkpoint import WEIGHTS_NAME
+from deltakit.checkpoint import WEIGHTS_NAME, read_weights
 
 from .conftest import Arch, assert_state_equal, hook_counts, perturb, snapshot
 
@@ -143,7 +142,7 @@ def test_save_then_load_into_a_fresh_backbone(arch: Arch, variant: str, tmp_path
     perturb(delta)
     attached = arch.run(model)
     delta.save_finetuned(tmp_path / "ckpt")
-    stored = load_file(tmp_path / "ckpt" / WEIGHTS_NAME)
+    stored = read_weights(tmp_path / "ckpt" / WEIGHTS_NAME)
     assert set(stored) == set(delta.delta_state_dict())
     assert sum(t.numel() for t in stored.values()) == delta.num_delta_parameters()
     fresh = arch.build()

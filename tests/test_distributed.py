@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, LoraModel
-from deltakit.checkpoint import backbone_fingerprint
+from deltakit.checkpoint import backbone_fingerprint, read_weights
 from deltakit.integrations.distributed import (
     delta_state_dict,
     load_delta_checkpoint,
@@ -53,7 +52,7 @@ def torchrun(script: str, out: Path, *extra: str, timeout: int = 240) -> dict:
 
 
 def assert_matches_reference(out: Path, reference: dict[str, torch.Tensor]) -> None:
-    saved = load_file(str(out / "delta" / "delta_model.safetensors"))
+    saved = read_weights(str(out / "delta"))
     assert sorted(saved) == sorted(reference)  # the delta and the trainable head, nothing of the backbone
     for key, tensor in reference.items():
         assert saved[key].shape == tensor.shape, key  # complete, never torch.Size([0])
@@ -100,7 +99,7 @@ def test_accelerate(tmp_path, reference) -> None:
     assert report["world"] == 2
     assert report["state_holds_no_full_model"] and report["state_holds_the_delta"]
     assert report["load_state_then_same_step_is_exact"]
-    state = load_file(str(tmp_path / "state" / "delta_model.safetensors"))
+    state = read_weights(str(tmp_path / "state"))
     assert sorted(state) == sorted(reference)
     assert_matches_reference(tmp_path, reference)
 
@@ -136,7 +135,7 @@ def test_single_process_save_equals_save_finetuned(tmp_path) -> None:
     delta.freeze_module(exclude=["deltas", "classifier"])
     save_delta_checkpoint(model, delta, tmp_path / "a")
     delta.save_finetuned(str(tmp_path / "b"))
-    a, b = load_file(str(tmp_path / "a" / "delta_model.safetensors")), load_file(str(tmp_path / "b" / "delta_model.safetensors"))
+    a, b = read_weights(str(tmp_path / "a")), read_weights(str(tmp_path / "b"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     meta = json.loads((tmp_path / "a" / "delta_config.json").read_text())
     assert meta["fingerprint"] == backbone_fingerprint(model, delta.modified_modules)

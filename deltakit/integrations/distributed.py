@@ -25,18 +25,14 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .. import __version__
 from ..base import DeltaBase
-from ..checkpoint import FORMAT, WEIGHTS_NAME, _read_tensors, backbone_fingerprint, expand_sites, read_checkpoint_meta
-from ..config import CONFIG_NAME
+from ..checkpoint import _read_tensors, backbone_fingerprint, expand_sites, read_checkpoint_meta, write_checkpoint
 from ..errors import CheckpointError, DeltaError
 
 __all__ = [
@@ -248,21 +244,6 @@ def _fingerprint(delta: DeltaBase) -> dict[str, Any]:
     return fingerprint
 
 
-def _write_atomic(directory: str, name: str, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os.PathLike[str]) -> str:
     """Save the delta of a (possibly sharded) model as a deltakit checkpoint; rank 0 writes.
 
@@ -292,25 +273,8 @@ def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os
 def _write_checkpoint(delta: DeltaBase, state: dict[str, torch.Tensor], fingerprint: dict[str, Any], path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot save the delta to {path!r}: it exists and is not a directory.")
-    meta = {
-        "format": FORMAT,
-        "format_version": 1,  # the plain list of site names, readable by every deltakit version
-        "deltakit_version": __version__,
-        "delta_type": delta.delta_type,
-        "config": delta.config.to_dict(),
-        "sites": delta.modified_modules,
-        "backbone_tensors": list(delta.unfrozen_parameter_names),
-        "fingerprint": fingerprint,
-    }
     os.makedirs(path, exist_ok=True)
-    _write_atomic(path, WEIGHTS_NAME, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    text = json.dumps(meta, indent=1) + "\n"
-
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    _write_atomic(path, CONFIG_NAME, write_config)
+    write_checkpoint(delta, state, path, fingerprint=fingerprint)
 
 
 def read_delta_checkpoint(path: str | os.PathLike[str], delta: DeltaBase) -> dict[str, torch.Tensor]:
