@@ -368,6 +368,8 @@ def inject_prefix(
     cache = call.get(cache_name)
     cross = any(call.get(name) is not None for name in CROSS_KWARGS)
     inner = None if cross or cache is None else self_attention_part(cache)
+    if inner is not None and not callable(getattr(inner, "update", None)):
+        raise _unsupported(f"The KV cache given to {site!r} is a {type(inner).__name__} without update()")
     hidden = call.get(signature.hidden_name)
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise _unsupported(f"Attention module {site!r} was called without (batch, length, hidden) hidden states first")

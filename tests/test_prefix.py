@@ -450,3 +450,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(method: str) -> None:
         grads.append([p.grad.clone() for p in delta.parameters()])
     for plain, checkpointed in zip(*grads):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_a_cache_object_of_unknown_form_is_refused_clearly() -> None:
+    model = tiny_gpt2()
+    small_prefix(model)
+    attention = model.transformer.h[0].attn
+    with pytest.raises(DeltaError, match=r"without update\(\).*transformers"):
+        attention(torch.randn(1, 3, 32), **{hf_compat.cache_parameter(attention): object()})
