@@ -171,7 +171,8 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         points = m["vs_deltas"]["points"]
         last = points[-1]
         ratio = _get(last, "throughput_deltakit/peft", "median")
-        rows.append([f"mixed-batch throughput, samples/s ({last['deltas']} deltas, batch {m['vs_deltas']['batch']})",
+        rows.append([f"mixed-batch throughput, samples/s ({last['deltas']} deltas, batch {m['vs_deltas']['batch']} x "
+                     f"{m['vs_deltas']['seq']}, q,v; sweep)",
                      _fmt(last["deltakit_samples_per_s"], 1), _fmt(last["peft_samples_per_s"], 1),
                      f">= {serving_target('mixed_throughput_vs_peft_at_32')}x peft",
                      _verdict(ratio, serving_target("mixed_throughput_vs_peft_at_32"), higher_is_better=True)

@@ -33,7 +33,7 @@ Parts:
 
 Run alone::
 
-    python benchmarks/serving.py            # ~4-5 minutes on a busy 2-core machine
+    python benchmarks/serving.py            # ~6-7 minutes on a busy 2-core machine (~6 min CPU)
     python benchmarks/serving.py --quick    # tiny models, seconds
 """
 
