@@ -1,6 +1,6 @@
 """Inference overhead of LoRA r=16 on every linear layer of MiniLM: unmerged and merged, deltakit and PEFT.
 
-Five deep copies of one backbone (``BertModel`` of all-MiniLM-L6-v2, eval mode, ``torch.no_grad()``), timed
+Six deep copies of one backbone (``BertModel`` of all-MiniLM-L6-v2, eval mode, ``torch.no_grad()``), timed
 interleaved in one process, batch 1 and 16, sequence 128:
 
 ``base``             the backbone alone (the reference of every ratio)
@@ -8,6 +8,12 @@ interleaved in one process, batch 1 and 16, sequence 128:
 ``peft``             ``get_peft_model(..., LoraConfig(r=16, target_modules=<the same 36 layers>))``
 ``deltakit_merged``  the deltakit copy after ``delta.merge()`` (no hooks left: checked)
 ``peft_merged``      the PEFT copy after ``merge_adapter()``
+``base_copy``        one more plain copy of the backbone: the control for what a copy alone does to the timing
+
+A merged deltakit model is a plain model with other weight values (no hooks, no wrapper: checked), yet a copy of
+a model can time a little differently from the original at batch 1, where the forward is bound by reading the
+weights and where the copy's memory lands matters. ``base_copy / base`` measures that; ``deltakit_merged /
+base_copy`` compares a merged copy with an unmerged copy made the same way.
 
 Both LoRAs hold the same random non-zero factors (deltakit's are copied into PEFT's), so the unmerged outputs of
 the two libraries must agree (checked, ``allclose``); the merged outputs must agree with the unmerged ones.
@@ -41,8 +47,9 @@ LORA_ALPHA = 32
 #: The six linear layers of every BERT layer (the pooler is left out, as in "the encoder's linear layers").
 DELTAKIT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", r"[r]layer\.\d+\.output\.dense"]
 PEFT_TARGET_REGEX = r".*layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
-VARIANTS = ("base", "deltakit", "peft", "deltakit_merged", "peft_merged")
-PAIRS = [("deltakit", "base"), ("peft", "base"), ("deltakit", "peft"), ("deltakit_merged", "base"), ("peft_merged", "base")]
+VARIANTS = ("base", "deltakit", "peft", "deltakit_merged", "peft_merged", "base_copy")
+PAIRS = [("deltakit", "base"), ("peft", "base"), ("deltakit", "peft"), ("deltakit_merged", "base"), ("peft_merged", "base"),
+         ("base_copy", "base"), ("deltakit_merged", "base_copy"), ("peft_merged", "base_copy")]
 PEFT_REFERENCE = {1: 1.15, 16: 1.25}
 """PEFT's unmerged/base ratios measured earlier on this machine (batch -> ratio), from the issue."""
 
@@ -64,7 +71,7 @@ def build_base(quick: bool) -> nn.Module:
 
 
 def prepare(base: nn.Module) -> tuple[dict[str, nn.Module], dict[str, Any]]:
-    """Build the five variants from ``base`` (left untouched) and check they compute what they should.
+    """Build the six variants from ``base`` (left untouched) and check they compute what they should.
 
     Returns:
         ``(models, checks)``: the models by variant name, and the checks' findings.
@@ -102,7 +109,7 @@ def prepare(base: nn.Module) -> tuple[dict[str, nn.Module], dict[str, Any]]:
     peft_merged.merge_adapter()
 
     models = {"base": base, "deltakit": dk_model, "peft": peft_model,
-              "deltakit_merged": dk_merged_model, "peft_merged": peft_merged}
+              "deltakit_merged": dk_merged_model, "peft_merged": peft_merged, "base_copy": copy.deepcopy(base)}
     x = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         outs = {name: m(input_ids=x).last_hidden_state for name, m in models.items()}
@@ -134,7 +141,7 @@ def prepare(base: nn.Module) -> tuple[dict[str, nn.Module], dict[str, Any]]:
 
 def run(quick: bool = False, batches: Sequence[int] | None = None, rounds: int | None = None, warmup: int = 2,
         seq_len: int | None = None, log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
-    """Time the five variants at each batch size.
+    """Time the six variants at each batch size.
 
     Args:
         quick: Tiny random BERT, short sequences, few rounds.
@@ -185,13 +192,14 @@ def run(quick: bool = False, batches: Sequence[int] | None = None, rounds: int |
 def table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Markdown/rich table rows of a :func:`run` result."""
     headers = ["batch x seq", "base", "deltakit / base", "peft / base", "deltakit / peft", "deltakit merged / base",
-               "peft merged / base"]
+               "peft merged / base", "base copy / base", "deltakit merged / base copy"]
     rows = []
     for batch, e in section["batches"].items():
         r = e["ratios"]
         rows.append([f"{batch} x {section['seq_len']}", common.format_seconds(e["time"]["base"]["median"])]
                     + [common.format_ratio(r.get(k, {}).get("median")) for k in
-                       ("deltakit/base", "peft/base", "deltakit/peft", "deltakit_merged/base", "peft_merged/base")])
+                       ("deltakit/base", "peft/base", "deltakit/peft", "deltakit_merged/base", "peft_merged/base",
+                        "base_copy/base", "deltakit_merged/base_copy")])
     return headers, rows
 
 

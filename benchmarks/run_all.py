@@ -147,6 +147,11 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             dkm, pfm = _get(r, "deltakit_merged/base", "median"), _get(r, "peft_merged/base", "median")
             rows.append([f"merged inference / base (batch {batch})", _fmt(dkm), _fmt(pfm), "<= 1.01",
                          _verdict(dkm, 1.01)])
+            control = _get(r, "base_copy/base", "median")
+            if control is not None:
+                dkc, pfc = _get(r, "deltakit_merged/base_copy", "median"), _get(r, "peft_merged/base_copy", "median")
+                rows.append([f"merged inference / an unmerged copy of the base (batch {batch}; copy/base {_fmt(control)})",
+                             _fmt(dkc), _fmt(pfc), "<= 1.01", _verdict(dkc, 1.01)])
     inj = s.get("injection")
     if inj:
         for shape, e in inj["shapes"].items():
