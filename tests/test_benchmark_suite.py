@@ -71,7 +71,8 @@ def test_inference_section_checks_equal_outputs_and_hookless_merge(quick) -> Non
     assert checks["max_abs_diff"]["deltakit vs base"] > 0
     for batch in ("1", "4"):
         ratios = section["batches"][batch]["ratios"]
-        assert set(ratios) == {"deltakit/base", "peft/base", "deltakit/peft", "deltakit_merged/base", "peft_merged/base"}
+        assert set(ratios) == {"deltakit/base", "peft/base", "deltakit/peft", "deltakit_merged/base", "peft_merged/base",
+                               "base_copy/base", "deltakit_merged/base_copy", "peft_merged/base_copy"}
         assert all(_positive(r["median"]) for r in ratios.values())
 
 
