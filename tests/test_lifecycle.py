@@ -261,3 +261,77 @@ def test_low_rank_update_gradients_are_exact_in_every_path() -> None:
         assert torch.autograd.gradcheck(fn, (base_x, weight, A, B))
         reference = torch.nn.functional.linear(base_x, weight, bias if make_view else None) + 0.7 * (base_x @ A.T) @ B.T
         torch.testing.assert_close(fn(base_x, weight, A, B), reference)
+
+
+# ----------------------------------------------------------------------------- sibling sites sharing one input
+
+
+def _without_sharing(delta: LoraModel) -> dict:
+    removed = {}
+    for site in delta.sites:
+        removed[id(site.module)] = site.module.__dict__.pop("shared_input", None)
+    return removed
+
+
+def _forward_backward(model: nn.Module, delta: LoraModel, run) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    for p in delta.parameters():
+        p.grad = None
+    out = run(model)
+    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+    return out.detach(), [p.grad.clone() for p in delta.parameters()]
+
+
+@pytest.mark.parametrize("arch_name", ["bert", "llama", "t5"])
+def test_sibling_sites_share_one_projection_with_the_same_results(arch_name) -> None:
+    """q and v read the same tensor: one GEMM over [A_q; A_v]; results equal separate projections (allclose), also
+    where the siblings read different tensors (T5 cross-attention: q the decoder, v the encoder states)."""
+    arch = ARCHS[arch_name]
+    model = arch.build().double()  # fp64: the comparison is about the computation, not fp32 summation order
+    delta = LoraModel(model, modified_modules=["attn.q", "attn.k", "attn.v"], lora_r=2)
+    perturb(delta)
+    groups = {id(s.module.__dict__["shared_input"]) for s in delta.sites if "shared_input" in s.module.__dict__}
+    assert groups and all("shared_input" in s.module.__dict__ for s in delta.sites)
+    shared_out, shared_grads = _forward_backward(model, delta, arch.run)
+    assert all(s.module.__dict__["shared_input"].pending is None for s in delta.sites)  # nothing kept alive
+    # self-attention k and v reuse q's GEMM (2 per block); in T5's cross-attention q reads the decoder, k and v the
+    # encoder: they compute their own
+    calls = sum(g.shared_calls for g in {id(s.module.__dict__["shared_input"]): s.module.__dict__["shared_input"]
+                                         for s in delta.sites}.values())
+    blocks = sum(1 for s in delta.sites if s.name.endswith((".q", ".query", ".q_proj")))
+    cross = sum(1 for s in delta.sites if "EncDecAttention.q" in s.name)
+    assert calls == 2 * (blocks - cross)
+    again, _ = _forward_backward(model, delta, arch.run)
+    assert torch.equal(again, shared_out)  # the arithmetic of a call does not depend on earlier calls
+    _without_sharing(delta)
+    plain_out, plain_grads = _forward_backward(model, delta, arch.run)
+    torch.testing.assert_close(shared_out, plain_out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_follower_whose_input_changed_in_place_computes_its_own_projection() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.v = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.q(x)
+            x.mul_(2.0)  # the same object, modified: v must not reuse q's projection of the old values
+            return q + self.v(x)
+
+    torch.manual_seed(0)
+    model = Block()
+    delta = LoraModel(model, modified_modules=["q", "v"], lora_r=2)
+    perturb(delta)
+    assert delta.sites[0].module.__dict__["shared_input"] is delta.sites[1].module.__dict__["shared_input"]
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        out = model(x.clone())
+        expected = (
+            model.q(x) + model.v(2 * x)  # each host alone, hooks included
+        )
+    assert torch.allclose(out, expected, atol=1e-6)
+    _without_sharing(delta)
+    with torch.no_grad():
+        assert torch.allclose(model(x.clone()), out, atol=1e-6)

@@ -163,6 +163,50 @@ class LoraEmbeddingRouter(SiteRouter):
         return _add_routed(output, rows, stack["B_T"].index_select(0, slots))
 
 
+class SharedInputGroup:
+    """LoRA sites of one delta whose hosts are siblings reading the same input (q, k, v of an attention block).
+
+    Their ``A`` projections read the same activation ``x``; computing them as one GEMM over the concatenated
+    ``A``s reads ``x`` once instead of once per site, and in the backward pass produces one gradient for ``x``
+    (one accumulation) and one thin GEMM for the ``A`` gradients. On a CPU these thin GEMMs are bound by reading and
+    writing the activation, not by arithmetic, so this is where LoRA's training-step cost goes.
+
+    The first site in forward order (the *lead*) computes the fused projection and leaves it for the others; a
+    follower uses its slice only if it receives the very tensor the lead saw, unmodified (same object, same
+    in-place version), and otherwise computes its own projection. So a model that feeds the siblings different
+    inputs (cross-attention's k/v read the encoder states) stays correct, at the price of a few wasted columns in the
+    lead's GEMM. Membership is fixed when the delta is built, so the arithmetic of a call never depends on what
+    earlier calls did (detach / attach stay bit-for-bit).
+    """
+
+    def __init__(self, sites: list[LoraSite]) -> None:
+        self.sites = sites
+        self.offsets = [0]
+        for site in sites:
+            self.offsets.append(self.offsets[-1] + site.lora_A.shape[0])
+        self.pending: tuple[torch.Tensor, int, torch.Tensor] | None = None
+        self.shared_calls = 0  # follower calls served from the lead's projection (diagnostics, tests)
+
+    def projection(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor:
+        """``x @ site.lora_A^T``, shared with the group where the inputs allow."""
+        if x.is_inference():
+            # Inference-mode tensors keep no version counter, so an in-place change between the lead's and a
+            # follower's call could not be detected: no sharing for them.
+            return F.linear(x, site.lora_A)
+        index = next(i for i, member in enumerate(self.sites) if member is site)
+        if index == 0:
+            fused = F.linear(x, torch.cat([member.lora_A for member in self.sites]))
+            self.pending = (x, x._version, fused)
+            return fused[..., : self.offsets[1]]
+        pending = self.pending
+        if index == len(self.sites) - 1:
+            self.pending = None  # the last reader: drop the references to the activation
+        if pending is not None and pending[0] is x and pending[1] == x._version:
+            self.shared_calls += 1
+            return pending[2][..., self.offsets[index] : self.offsets[index + 1]]
+        return F.linear(x, site.lora_A)
+
+
 class LoraSite(DeltaSite):
     """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host."""
 
@@ -183,7 +227,12 @@ class LoraSite(DeltaSite):
         x = first_input(args, kwargs)
         if self.dropout is not None:
             x = self.dropout(x)
-        return add_low_rank(output, F.linear(x, self.lora_A), self.lora_B, self.scaling)
+        group = self.__dict__.get("shared_input")
+        if group is not None and not torch.compiler.is_compiling():
+            projected = group.projection(self, x)
+        else:
+            projected = F.linear(x, self.lora_A)
+        return add_low_rank(output, projected, self.lora_B, self.scaling)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
         delta = (self.lora_B @ self.lora_A) * self.scaling
@@ -260,6 +309,26 @@ class LoraModel(DeltaBase):
             unfrozen_modules=unfrozen_modules,
         )
         super().__init__(backbone_model, config, name=name)
+
+    def _setup(self, backbone_model: nn.Module, config: Any, name: str | None, matches: Any) -> None:
+        super()._setup(backbone_model, config, name, matches)
+        self._group_shared_inputs()
+
+    def _group_shared_inputs(self) -> None:
+        """Link sibling Linear/Conv1D sites of equal input size and dtype (see :class:`SharedInputGroup`)."""
+        groups: dict[tuple[Any, ...], list[LoraSite]] = {}
+        for site in self.sites:
+            module = site.module
+            if not isinstance(module, LoraSite) or module.dropout is not None:
+                continue
+            parent = site.name.rpartition(".")[0]
+            key = (parent, module.lora_A.shape[1], module.lora_A.dtype, module.lora_A.device)
+            groups.setdefault(key, []).append(module)
+        for members in groups.values():
+            if len(members) > 1:
+                shared = SharedInputGroup(members)
+                for member in members:
+                    member.__dict__["shared_input"] = shared  # a plain attribute: not a submodule, not saved
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: LoraConfig = self.config  # type: ignore[assignment]
