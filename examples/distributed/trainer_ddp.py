@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_report(args.out, report)
         print(report)
+    # Trainer (through accelerate) created the gloo group; tear it down on every rank before the interpreter exits.
+    # Left to interpreter shutdown, gloo's background threads can still be joinable when their owner is destroyed
+    # and the process aborts ("terminate called without an active exception") after a successful run.
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 
