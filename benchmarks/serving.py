@@ -25,8 +25,10 @@ Parts:
     The issue's headline figure (32 deltas, batch 32, every sample its own delta) in the settings where per-sample
     routing cost matters: LoRA on ``q,v`` (24 sites, the issue's setting) and on all seven linear layers (q, k, v,
     o, gate, up, down: 84 sites), each for a prefill step (the 64-token prompt) and a decode step (one new token
-    per sample on a KV cache of the 64-token prompt, i.e. what ``generate()`` does per token; the cache is
-    prefilled by each variant itself, untimed, and cropped back to the prompt before every timed call). Variants
+    per sample on a KV cache of the 64-token prompt, i.e. what ``generate()`` does per token; a timed sample is 8
+    such steps, deltakit's inside one ``route()`` block as around ``generate()``, and figures are per step; the
+    cache is prefilled by each variant itself, untimed, and cropped back to the prompt before every timed sample).
+    Variants
     per setting: the bare backbone, deltakit ``group.route(names)``, PEFT ``adapter_names=names``, interleaved;
     throughput ratio deltakit/PEFT and each library's time over the bare backbone's, all paired per round.
     PEFT/bare is the ceiling of the deltakit/PEFT throughput ratio (reached if routing cost nothing).
@@ -74,14 +76,14 @@ FULL = dict(config=dict(vocab_size=32000, hidden_size=768, intermediate_size=204
                               num_key_value_heads=32, vocab_size=32000),
             site_sweep=SITE_SWEEP,
             deltas=8, batch=16, seq=64, sweep_batch=32, sweep_deltas=(1, 4, 8, 16, 32), switch_rounds=21,
-            mixed_rounds=7, sweep_rounds=3, k=20, settings_rounds=5)
+            mixed_rounds=7, sweep_rounds=3, k=20, settings_rounds=5, decode_steps=8)
 QUICK = dict(config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4),
              sweep_config=dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                                num_key_value_heads=4, vocab_size=1000),
              site_sweep=(SITE_SWEEP[0], SITE_SWEEP[-1]),
              deltas=8, batch=8, seq=16, sweep_batch=8, sweep_deltas=(1, 8), switch_rounds=3, mixed_rounds=3,
-             sweep_rounds=2, k=4, settings_rounds=3)
+             sweep_rounds=2, k=4, settings_rounds=3, decode_steps=2)
 
 
 def _llama(config: dict[str, int], meta: bool = False) -> nn.Module:
@@ -347,25 +349,36 @@ def measure_settings(p: dict[str, Any], log: Callable[[str], None], notes: list[
                     return lambda: call(cache)
                 return prepare
 
+            steps = p["decode_steps"]
+
             def dk_call(cache: Any) -> None:
-                with group.route(routed):
+                with group.route(routed):  # one block for all steps, as around generate()
+                    for _ in range(steps):
+                        _decode(backbone, token, cache)
+
+            def base_call(cache: Any) -> None:
+                for _ in range(steps):
                     _decode(backbone, token, cache)
 
-            return {"base": prepared("base", lambda cache: _decode(backbone, token, cache)),
-                    "deltakit": prepared("deltakit", dk_call),
-                    "peft": prepared("peft", lambda cache: _decode(model, token, cache, adapter_names=routed))}
+            def peft_call(cache: Any) -> None:
+                for _ in range(steps):
+                    _decode(model, token, cache, adapter_names=routed)
+
+            return {"base": prepared("base", base_call), "deltakit": prepared("deltakit", dk_call),
+                    "peft": prepared("peft", peft_call)}
 
         for step, variants in (("prefill", prefill_variants()), ("decode", decode_variants())):
             log(f"serving: settings, {label} ({sites} sites), {step}, {n} deltas, batch {batch}")
             with suite_utils.frozen_gc():
                 result = suite_utils.interleave(variants, rounds=p["settings_rounds"], warmup=1, progress=log)
             medians = {name: common.summarize(v)["median"] for name, v in result.times["cpu"].items()}
+            calls = 1 if step == "prefill" else p["decode_steps"]  # forward calls per timed sample
             points.append({
                 "targets": label, "modules": list(targets), "sites": sites, "step": step,
-                "tokens_per_sample": seq if step == "prefill" else 1,
+                "tokens_per_sample": seq if step == "prefill" else 1, "steps_per_sample": calls,
                 "max_abs_diff_deltakit_vs_peft": checks[step][0], "max_abs_diff_deltakit_vs_base": checks[step][1],
                 "time": suite_utils.stats(result),
-                "samples_per_s": {name: batch / t for name, t in medians.items()},
+                "samples_per_s": {name: batch * calls / t for name, t in medians.items()},
                 # peft/deltakit time per round = deltakit/peft throughput; peft/base = that ratio's ceiling.
                 "ratios": suite_utils.ratios(result, [("peft", "deltakit"), ("deltakit", "base"), ("peft", "base")]),
             })
@@ -437,7 +450,8 @@ def tables(section: dict[str, Any]) -> list[tuple[str, list[str], list[list[str]
         for pt in st["points"]:
             r, sps = pt["ratios"], pt["samples_per_s"]
             step = (f"prefill ({pt['tokens_per_sample']} tokens)" if pt["step"] == "prefill"
-                    else f"decode (1 token, KV cache {st['prompt']})")
+                    else f"decode (1 token, KV cache {st['prompt']}; per step, {pt.get('steps_per_sample', 1)} steps "
+                         f"per route() block)")
             rows.append([f"{pt['targets']} ({pt['sites']} sites)", step, f"{sps['base']:.1f}", f"{sps['deltakit']:.1f}",
                          f"{sps['peft']:.1f}", common.format_ratio(r["peft/deltakit"]["median"]),
                          common.format_ratio(r["deltakit/base"]["median"]), common.format_ratio(r["peft/base"]["median"]),

@@ -66,6 +66,9 @@ class SiteRouter:
         self.slots: torch.Tensor | None = None
         self._expanded: dict[tuple[int, torch.device | None], torch.Tensor] = {}
         self._captured: torch.Tensor | None = None
+        # Gathered per-row factors kept between forward calls of one route() block (see gather()).
+        self._gathered: dict[str, tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]] = {}
+        self._budget: _GatherBudget | None = None
 
     # -------------------------------------------------------------- stacks
     def build(self) -> dict[str, torch.Tensor]:
@@ -123,6 +126,37 @@ class SiteRouter:
         expanded = self._expanded[key] = expanded.to(device) if device is not None else expanded
         return expanded
 
+    def gather(self, stack: dict[str, torch.Tensor], key: str, slots: torch.Tensor) -> torch.Tensor:
+        """``stack[key][slots]``: each row's factors, copied out of the stack.
+
+        ``generate()`` calls the model once per token with the same rows, so inside one :meth:`DeltaGroup.route`
+        block the copy is kept from the second identical call on (same stack tensor, same slots, same inference
+        mode) while the block's ``gather_cache_mb`` allows; a single forward pass keeps nothing. A rebuilt stack
+        (changed parameters) is a new tensor and is gathered afresh.
+        """
+        source = stack[key]
+        inference = torch.is_inference_mode_enabled()
+        entry = self._gathered.get(key)
+        if entry is not None and entry[0] is source and entry[1] is slots and entry[2] == inference:
+            if entry[3] is not None:
+                return entry[3]
+            gathered = source.index_select(0, slots)
+            if self._budget is not None and self._budget.take(gathered.nbytes):
+                self._gathered[key] = (source, slots, inference, gathered)
+            return gathered
+        gathered = source.index_select(0, slots)
+        if self._budget is not None and not source.requires_grad:
+            self._gathered[key] = (source, slots, inference, None)  # seen once: keep it if it comes again
+        return gathered
+
+    def _reset(self) -> None:
+        """Forget everything tied to one route() block."""
+        self.slots = None
+        self._expanded = {}
+        self._captured = None
+        self._gathered = {}
+        self._budget = None
+
     def _check_mode(self, module: nn.Module) -> None:
         if module.training:
             raise DeltaStateError(
@@ -142,6 +176,19 @@ class SiteRouter:
         """Forward pre-hook on :attr:`source`: remember its input for :meth:`forward_hook`."""
         self._captured = args[0] if args else next(iter(kwargs.values()))
         return args, kwargs
+
+
+class _GatherBudget:
+    """Bytes one route() block may still spend on kept gathered factors (shared by its routers)."""
+
+    def __init__(self, megabytes: float) -> None:
+        self.left = int(megabytes * 2**20)
+
+    def take(self, nbytes: int) -> bool:
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
 
 
 def _router_key(site: DeltaSite) -> Hashable:
@@ -337,7 +384,7 @@ class DeltaGroup:
         return routers
 
     @contextlib.contextmanager
-    def route(self, names: Sequence[str | None]) -> Iterator[DeltaGroup]:
+    def route(self, names: Sequence[str | None], *, gather_cache_mb: float = 256) -> Iterator[DeltaGroup]:
         """Per-sample routing: inside the block, row ``i`` of each batch runs with delta ``names[i]``.
 
         ``None`` routes a row to the bare backbone. Works in ``forward`` and in ``generate()`` (greedy, beam search,
@@ -345,17 +392,32 @@ class DeltaGroup:
         block is open the group's attached deltas are detached (each row sees only its own delta) and they are
         re-attached on exit. Inference only (eval mode).
 
+        Each modified module gathers every row's factors from its stack before its batched matmuls. From the
+        second forward call with the same rows on (``generate()``'s decoding steps) the gathered factors are kept
+        for the rest of the block, up to ``gather_cache_mb`` in all, which about halves the routing cost of a
+        decoding step; a single forward pass keeps nothing.
+
         Args:
             names: One delta name (or ``None``) per sample of the batch.
+            gather_cache_mb: Memory (MiB) the block may use to keep gathered factors between forward calls;
+                ``0`` gathers at every call. Freed when the block exits.
 
         Raises:
-            DeltaError: unknown name, a delta of a method without routing support, a batch of the wrong size.
+            DeltaError: unknown name, a delta of a method without routing support, a batch of the wrong size, a
+                negative ``gather_cache_mb``.
             DeltaStateError: training mode, a merged group delta, nested ``route()``.
         """
         if self._routing:
             raise DeltaStateError("DeltaGroup.route() blocks cannot be nested.")
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise DeltaError(f"route() needs a non-empty list with one delta name (or None) per sample, got {names!r}.")
+        if isinstance(gather_cache_mb, bool) or not isinstance(gather_cache_mb, (int, float)) or not (
+            gather_cache_mb >= 0
+        ):
+            raise DeltaError(
+                f"route(): gather_cache_mb must be a number of MiB >= 0 (0 disables keeping gathered factors), "
+                f"got {gather_cache_mb!r}."
+            )
         unknown = sorted({n for n in names if n is not None and n not in self._deltas}, key=str)
         if unknown:
             raise DeltaError(f"route(): the group has no delta named {unknown}; it has {self.names}.")
@@ -381,6 +443,7 @@ class DeltaGroup:
             )
 
         active: list[SiteRouter] = []
+        budget = _GatherBudget(gather_cache_mb) if gather_cache_mb > 0 else None
         by_members: dict[tuple[str, ...], torch.Tensor | None] = {}  # most modules hold the same deltas
         for router in self._routers:
             members = tuple(d.child_name for d in router.deltas)
@@ -391,8 +454,9 @@ class DeltaGroup:
                 by_members[members] = torch.tensor(slots, dtype=torch.long) if hit else None
             routed = by_members[members]
             if routed is not None:
+                router._reset()
                 router.slots = routed
-                router._expanded = {}
+                router._budget = budget
                 active.append(router)
 
         reattach = [d for d in self._deltas.values() if d.state == ATTACHED]
@@ -413,9 +477,7 @@ class DeltaGroup:
                 remove_hook(router.host, key)
                 if router.source is not None:
                     remove_hook(router.source, key, pre=True)
-                router.slots = None
-                router._expanded = {}
-                router._captured = None
+                router._reset()
             self._routing = False
             for delta in sorted(reattach, key=lambda d: d._order_key):
                 delta.attach()

@@ -231,6 +231,82 @@ def test_route_stacks_are_cached_and_follow_parameter_changes() -> None:
     torch.testing.assert_close(after[0], alone_logits(group, model, batch, ["b", None])[0], atol=ATOL, rtol=0)
 
 
+def _kept(group: DeltaGroup) -> int:
+    """Bytes of gathered factors the group's routers keep right now."""
+    return sum(e[3].nbytes for r in group._routers or [] for e in r._gathered.values() if e[3] is not None)
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_route_keeps_gathered_factors_from_the_second_call_within_the_budget(inference: bool) -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    group = make_group(
+        model, [("a", "lora_all"), ("b", "bitfit"), ("c", "adapter"), ("d", "compacter"), ("e", "lora")]
+    )
+    names = ["a", "b", None, "c", "d", "e"]
+    batch = batch_for(arch, len(names))
+    context = torch.inference_mode if inference else torch.no_grad
+    with context():
+        with group.route(names, gather_cache_mb=0):
+            reference = [model(**batch).logits for _ in range(3)]
+            assert _kept(group) == 0
+        with group.route(names):
+            first = model(**batch).logits
+            assert _kept(group) == 0  # one forward pass keeps nothing
+            second = model(**batch).logits
+            kept = _kept(group)
+            assert kept > 0
+            index_select = torch.Tensor.index_select
+            calls = []
+            try:
+                torch.Tensor.index_select = lambda *a, **k: calls.append(1) or index_select(*a, **k)  # type: ignore
+                third = model(**batch).logits
+            finally:
+                torch.Tensor.index_select = index_select  # type: ignore[method-assign]
+            assert calls == []  # everything came from the kept copies
+        assert _kept(group) == 0  # freed on exit
+        with group.route(names, gather_cache_mb=kept / 2**20 / 3):
+            model(**batch)
+            model(**batch)
+            assert 0 < _kept(group) <= kept / 3  # the budget caps what is kept
+    for out in (first, second, third):
+        assert torch.equal(out, reference[0])
+
+
+def test_route_kept_factors_follow_parameter_changes_inside_the_block() -> None:
+    arch = ARCHS["gpt2"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    names = ["a", "b"]
+    batch = batch_for(arch, 2)
+    with torch.no_grad(), group.route(names):
+        model(**batch)
+        before = model(**batch).logits
+        assert _kept(group) > 0
+        perturb(group["a"], seed=5)  # an in-place change while the block is open
+        perturb(group["b"], seed=6)
+        after = model(**batch).logits
+    assert not torch.allclose(after, before, atol=1e-4)
+    ref = alone_logits(group, model, batch, names)
+    for i in range(2):
+        torch.testing.assert_close(after[i], ref[i], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [-1, "64", True, float("nan"), None])
+def test_route_refuses_a_bad_gather_cache_size(bad: Any) -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora")])
+    group.switch("a")
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(DeltaError, match="gather_cache_mb must be a number of MiB >= 0"):
+        with group.route(["a", None], gather_cache_mb=bad):
+            pass
+    assert group.active == ["a"]
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+
+
 def test_route_follows_dtype_change() -> None:
     arch = ARCHS["bert"]
     model = arch.build()

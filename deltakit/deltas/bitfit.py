@@ -39,7 +39,7 @@ class BitFitRouter(SiteRouter):
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
-        bias = stack["bias"].index_select(0, slots)
+        bias = self.gather(stack, "bias", slots)
         extra = output.dim() - bias.dim()
         return output + bias.view(bias.shape[0], *([1] * extra), *bias.shape[1:])
 

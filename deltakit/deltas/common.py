@@ -109,11 +109,11 @@ class BottleneckRouter(SiteRouter):
 
     def update(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The adapters' values for the rows of ``x`` (``N x ... x in``), shaped ``N x ... x out``."""
-        w_down = stack["w_down"].index_select(0, slots)
+        w_down = self.gather(stack, "w_down", slots)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1]).to(w_down.dtype)
-        z = torch.baddbmm(stack["b_down"].index_select(0, slots).unsqueeze(1), x3, w_down)
+        z = torch.baddbmm(self.gather(stack, "b_down", slots).unsqueeze(1), x3, w_down)
         z = ACTIVATIONS[self.sites[0].non_linearity](z)  # type: ignore[attr-defined]
-        up = torch.baddbmm(stack["b_up"].index_select(0, slots).unsqueeze(1), z, stack["w_up"].index_select(0, slots))
+        up = torch.baddbmm(self.gather(stack, "b_up", slots).unsqueeze(1), z, self.gather(stack, "w_up", slots))
         return up.view(*x.shape[:-1], up.shape[-1])
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],

@@ -143,8 +143,8 @@ class LoraRouter(SiteRouter):
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
         x = first_input(args, kwargs)
-        a_t = stack["A_T"].index_select(0, slots)
-        b_t = stack["B_T"].index_select(0, slots)
+        a_t = self.gather(stack, "A_T", slots)
+        b_t = self.gather(stack, "B_T", slots)
         projected = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype), a_t)
         return _add_routed(output, projected, b_t)
 
@@ -160,7 +160,7 @@ class LoraEmbeddingRouter(SiteRouter):
         ids = first_input(args, kwargs)
         flat = ids.reshape(ids.shape[0], -1)
         rows = stack["A_T"][slots.unsqueeze(1), flat]  # N x T x r
-        return _add_routed(output, rows, stack["B_T"].index_select(0, slots))
+        return _add_routed(output, rows, self.gather(stack, "B_T", slots))
 
 
 class SharedInputGroup:
