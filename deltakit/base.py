@@ -114,6 +114,16 @@ def _follow_host(module: nn.Module, host: nn.Module) -> None:
         module.train(host.training)
 
 
+def _merged_after(host: nn.Module, order_key: int) -> list[str]:
+    """The deltas created after ``order_key`` that are merged into ``host``'s weights."""
+    later = []
+    for child in host._modules.values():
+        merged_by = child.__dict__.get("merged_by") if isinstance(child, DeltaSite) else None
+        if merged_by is not None and merged_by[0] > order_key:
+            later.append(merged_by[1])
+    return later
+
+
 def _register_child(host: nn.Module, name: str, module: nn.Module) -> None:
     """``host.add_module(name, module)`` for a name already checked free by the caller."""
     if getattr(_torch_module, "_global_module_registration_hooks", None):
@@ -340,6 +350,17 @@ class DeltaBase:
                 f"Cannot attach {self._describe()}: the backbone already has an attribute {self.shared_name!r}. Detach "
                 f"the delta that uses it first, or create this delta with another name=."
             )
+        # A delta that can itself be merged only adds a function of the host's input (out + f(x)), so it commutes
+        # with a merged one; any other (an adapter reads the output) must not end up behind a later merged delta.
+        additive = bool(self.sites) and getattr(type(self.sites[0].module), "merge_deltas", None) is not None
+        for site in () if additive else self.sites:
+            later = _merged_after(site.host, self._order_key)
+            if later:
+                raise DeltaStateError(
+                    f"Cannot attach {self._describe()}: on {site.name!r} a delta created after it is merged into the "
+                    f"weights ({', '.join(later)}), so this one would act on the merged weights instead of before "
+                    f"that delta, changing the result. unmerge() that delta first (you can merge it again afterwards)."
+                )
         if self.shared is not None:
             self.shared.to(**factory_kwargs(self.sites[0].host))
             self.shared.train(self.backbone_model.training)
@@ -446,6 +467,7 @@ class DeltaBase:
                     versions[pname] = (before, param._version)
                 self._merge_backup[id(site.module)] = backup
                 site.module.merge_versions = versions
+                site.module.__dict__["merged_by"] = (self._order_key, self._describe())
                 self._remove_site_hooks(site)
         self._remove_checkpointing_hooks()
         self._merge_exact = exact_unmerge
@@ -491,6 +513,7 @@ class DeltaBase:
                         param = getattr(site.host, pname)
                         param.sub_(delta.to(param.dtype))
                 site.module.merge_versions = {}
+                site.module.__dict__.pop("merged_by", None)
                 self._add_site_hooks(site)
         self._add_checkpointing_hooks()
         self._merge_backup.clear()

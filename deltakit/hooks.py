@@ -46,10 +46,13 @@ class _Dispatch:
         self.pre = pre
         self.keys: list[tuple[int, int]] = []
         self.fns: list[Any] = []
+        # The deltas are part of the host's computation, so their hooks sit innermost: the forward hook first in
+        # the host's table (user forward hooks always see the output with the deltas), the pre-hook last (after the
+        # user pre-hooks present at attach time). Re-attaching therefore restores the same order.
         if pre:
             self.handle: RemovableHandle = host.register_forward_pre_hook(self, with_kwargs=True)
         else:
-            self.handle = host.register_forward_hook(self, with_kwargs=True)
+            self.handle = host.register_forward_hook(self, with_kwargs=True, prepend=True)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], *rest: Any) -> Any:
         if self.pre:
@@ -58,8 +61,8 @@ class _Dispatch:
             return args, kwargs
         output = rest[0]
         if next(iter(module._forward_hooks.values())) is not self and isinstance(output, torch.Tensor):
-            # A hook registered before ours may have kept a reference to the output: deltas may update the
-            # output in place, so give them a copy.
+            # A hook put before ours (registered later with prepend=True) may have kept a reference to the
+            # output: deltas may update the output in place, so give them a copy.
             output = output.clone()
         for fn in self.fns:
             output = fn(module, args, kwargs, output)

@@ -96,6 +96,79 @@ def test_merge_beside_other_deltas_is_well_defined() -> None:
     assert_state_equal(model, base_weights)
 
 
+def test_attach_refuses_to_go_under_a_later_delta_merged_on_the_same_host() -> None:
+    """An earlier delta re-attached after a later one was merged would act on the merged weight, i.e. after it."""
+    from deltakit import AdapterModel
+
+    arch = ARCHS["bert"]
+    model = arch.build()
+    adapter = AdapterModel(model, modified_modules=["attention.output.dense"])  # created first: applied first
+    lora = LoraModel(model, modified_modules=["attention.output.dense"])
+    perturb(adapter, seed=1)
+    perturb(lora, seed=2)
+    with torch.no_grad():
+        both = arch.run(model)
+        adapter.detach()
+        lora.merge()  # legal: nothing is applied before it now
+        state, hooks = snapshot(model), hook_counts(model)
+        with pytest.raises(DeltaStateError, match="created after it is merged.*unmerge\\(\\) that delta first"):
+            adapter.attach()
+        assert adapter.state == "detached"
+        assert_state_equal(model, state)
+        assert hook_counts(model) == hooks
+        lora.unmerge()
+        adapter.attach()  # the documented order again
+        assert torch.equal(arch.run(model), both)
+        # merging the later delta while the earlier one is attached stays refused, as before
+        with pytest.raises(DeltaStateError, match="applied before it"):
+            lora.merge()
+        # a delta created after the merged one may be (re-)attached: it applies after the merged weight anyway
+        adapter.detach()
+        lora.merge()
+        later = LoraModel(model, modified_modules=["attention.output.dense"], name="later")
+        later.detach()
+        later.attach()
+        assert later.state == "attached"
+
+
+def test_user_forward_hooks_keep_their_place_across_detach_and_attach() -> None:
+    """deltakit's forward hook is innermost: a user hook sees the output with the delta, before and after a
+    detach/attach or a switch, whenever it was registered."""
+    from deltakit import AdapterModel, DeltaGroup
+
+    arch = ARCHS["bert"]
+    model = arch.build()
+    host = model.bert.encoder.layer[0].attention.output.dense
+    seen: list[torch.Tensor] = []
+
+    def early(module, args, out):  # registered before the delta exists
+        return out * 1.5
+
+    def late(module, args, out):  # registered while the delta is attached
+        seen.append(out.detach().clone())
+        return out * 2
+
+    host.register_forward_hook(early)
+    delta = AdapterModel(model, modified_modules=["attention.output.dense"])
+    perturb(delta)
+    host.register_forward_hook(late)
+    with torch.no_grad():
+        before, captured = arch.run(model), seen[-1]
+        delta.detach()
+        delta.attach()
+        assert torch.equal(arch.run(model), before)
+        assert torch.equal(seen[-1], captured)
+        group = DeltaGroup(model)
+        group.add(delta)
+        group.switch(None)
+        group.switch(delta.name)
+        assert torch.equal(arch.run(model), before)
+        # and the hooks see the delta: removing the delta changes what they capture
+        group.switch(None)
+        arch.run(model)
+        assert not torch.equal(seen[-1], captured)
+
+
 def test_inexact_unmerge_subtracts() -> None:
     arch = ARCHS["llama"]
     model = arch.build()
@@ -218,15 +291,21 @@ def test_exact_unmerge_refuses_after_the_merged_weight_was_trained() -> None:
 def test_in_place_update_never_changes_an_output_a_user_hook_kept() -> None:
     model = tiny_bert()
     host = model.bert.encoder.layer[0].attention.self.query
-    kept = []
-    host.register_forward_hook(lambda m, a, out: kept.append(out))  # registered before the delta's hook
+    before_ours, after_ours = [], []
     x = torch.randint(2, 100, (2, 6))
-    base = model(x).logits
-    reference = kept[-1].clone()
     delta = LoraModel(model, modified_modules=["query"])
     perturb(delta)
+    delta.detach()
+    base = model(x).logits
+    host_output = host(model.bert.embeddings(x)).clone()
+    delta.attach()
+    # a hook put in front of deltakit's (prepend=True) sees the host's own output; deltakit updates outputs in
+    # place, so it must give the deltas a copy and leave the user's tensor alone
+    host.register_forward_hook(lambda m, a, out: before_ours.append(out), prepend=True)
+    host.register_forward_hook(lambda m, a, out: after_ours.append(out))  # an ordinary hook runs after the delta
     attached = model(x).logits
-    assert torch.equal(kept[-1], reference)  # the user's tensor is the host's own output, untouched
+    assert torch.equal(before_ours[-1], host_output)  # the user's tensor is the host's own output, untouched
+    assert not torch.equal(after_ours[-1], host_output)  # ... while ordinary hooks see the delta applied
     assert not torch.allclose(attached, base)
     delta.detach()
     assert torch.equal(model(x).logits, base)
