@@ -435,7 +435,7 @@ def _innermost_with(model: nn.Module, needed: tuple[str, ...]) -> tuple[str, nn.
 def soft_prompt_targets(model: nn.Module) -> tuple[tuple[str, nn.Module], tuple[str, nn.Module] | None]:
     """Where soft prompts go in: the module that embeds the tokens and takes the attention mask (the base model, or
     the encoder of an encoder-decoder), and for encoder-decoders also the decoder (whose cross-attention mask must
-    cover the prompt).
+    cover the prompt). For a bare base model (``BertModel``, ``LlamaModel``) the first is the root, named ``""``.
     """
     names = {id(m): n for n, m in model.named_modules()}
     if is_encoder_decoder(model):
@@ -451,12 +451,72 @@ def soft_prompt_targets(model: nn.Module) -> tuple[tuple[str, nn.Module], tuple[
             parts.append((names[id(part)], part))
         return parts[0], parts[1]
     target = _innermost_with(model, ("inputs_embeds", "attention_mask", "input_ids"))
-    if target is None or target[0] == "":
+    if target is None:
         raise UnsupportedModuleError(
-            f"Soft prompts found no submodule of {type(model).__name__} taking input_ids, inputs_embeds and "
-            f"attention_mask (the base model) (transformers {transformers_version()})."
+            f"Soft prompts found no module of {type(model).__name__} (itself included) whose forward takes input_ids, "
+            f"inputs_embeds and attention_mask, as a transformers base model's does (transformers "
+            f"{transformers_version()}). Pass the transformers model itself (e.g. BertModel or LlamaForCausalLM)."
         )
     return target, None
+
+
+def module_name(model: nn.Module, module: nn.Module, what: str) -> str:
+    """The name of ``module`` inside ``model`` (``""`` for the root).
+
+    Raises:
+        UnsupportedModuleError: ``module`` is not part of ``model``.
+    """
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise UnsupportedModuleError(
+        f"The {what} of {type(model).__name__} ({type(module).__name__}) is not one of its modules "
+        f"(transformers {transformers_version()})."
+    )
+
+
+#: Child names of the head that ``*ForSequenceClassification`` models apply to every position before pooling one.
+SEQUENCE_HEAD_NAMES = ("score", "classifier")
+
+
+def sequence_classification_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The ``*ForSequenceClassification`` module of a model that is not an encoder-decoder, and its classification
+    head (``score``, or ``classifier``), or None.
+
+    Decoder-only classifiers (GPT-2, Llama, Mistral, Qwen2, GPT-NeoX, OPT, ...) apply the head at every position and
+    pool the logits at the last non-padding token, an index they compute from the caller's ``input_ids``: with a
+    soft prompt in front it must index the real tokens, see :func:`keep_real_positions`. Heads applied to one pooled
+    vector (BERT's, RoBERTa's) return no position dimension and are never changed.
+    """
+    if is_encoder_decoder(model):
+        return None
+    for module in model.modules():
+        if type(module).__name__.endswith("ForSequenceClassification"):
+            for name in SEQUENCE_HEAD_NAMES:
+                head = module._modules.get(name)
+                if isinstance(head, nn.Module):
+                    return module, head
+            return None
+    return None
+
+
+def input_length(params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """The number of positions the caller passes (from ``input_ids``, else ``inputs_embeds``), or None."""
+    call = CallArgs(params, args, kwargs)
+    ids, embeds = call.get("input_ids"), call.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() >= 1:
+        return int(ids.shape[-1])
+    if isinstance(embeds, torch.Tensor) and embeds.dim() == 3:
+        return int(embeds.shape[1])
+    return None
+
+
+def keep_real_positions(output: Any, length: int | None) -> Any:
+    """The per-position output ``(batch, positions, ...)`` of a classification head, cut to its last ``length``
+    positions (the real tokens; soft prompts sit in front) when it has more. Anything else is returned unchanged."""
+    if length is None or not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[1] <= length:
+        return output
+    return output[:, -length:]
 
 
 def _prepend_mask(mask: torch.Tensor, count: int, where: str) -> torch.Tensor:
@@ -532,15 +592,22 @@ def extend_encoder_mask(
 def extend_token_labels(
     params: list[str], args: tuple[Any, ...], kwargs: dict[str, Any], count: int, ignore_index: int = -100
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """Token-level ``labels`` (one per input token) get ``count`` ignored positions in front, matching the logits
-    of the soft prompt positions; sequence-level labels are left alone."""
+    """Token-level ``labels`` (one integer per input token) get ``count`` ignored positions in front, matching the
+    logits of the soft prompt positions; sequence-level labels (class ids, or float multi-label / regression targets
+    of shape ``(batch, num_labels)``) are left alone."""
     call = CallArgs(params, args, kwargs)
     labels, ids, embeds = call.get("labels"), call.get("input_ids"), call.get("inputs_embeds")
     length = ids.shape[1] if isinstance(ids, torch.Tensor) else embeds.shape[1] if isinstance(embeds, torch.Tensor) else None
     cache_name = call.first_present(CACHE_KWARGS)
     if cache_name is not None and cache_length(call.get(cache_name)) > 0:
         return call.result()
-    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and length is not None and labels.shape[1] == length:
+    if (
+        isinstance(labels, torch.Tensor)
+        and labels.dim() == 2
+        and not labels.is_floating_point()
+        and length is not None
+        and labels.shape[1] == length
+    ):
         head = torch.full((labels.shape[0], count), ignore_index, dtype=labels.dtype, device=labels.device)
         call.set("labels", torch.cat([head, labels], dim=1))
     return call.result()

@@ -4,12 +4,22 @@ contract runs in tests/test_contract.py."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
 
 from deltakit import AutoDeltaModel, SoftPromptModel
-from deltakit.errors import DeltaConfigError, DeltaError
+from deltakit.errors import DeltaConfigError, DeltaError, DeltaStateError
 
 from .conftest import VOCAB, hook_counts, perturb, tiny_bert, tiny_gpt2, tiny_llama
 from .test_prefix import BUILDERS, CAUSAL, ENC_DEC, check_generation, ids_batch, run
@@ -199,3 +209,179 @@ def test_save_load_and_two_prompts_stack(tmp_path) -> None:
     fresh = tiny_gpt2()
     AutoDeltaModel.from_finetuned(tmp_path / "soft", backbone_model=fresh)
     assert torch.equal(fresh(input_ids=ids).logits, one)
+
+
+# ---------------------------------------------------------------- decoder-only sequence classification
+def tiny_llama_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=VOCAB, max_position_embeddings=64, pad_token_id=0, num_labels=3,
+    )
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def tiny_gpt2_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=VOCAB, n_positions=64, pad_token_id=0, num_labels=3)
+    return GPT2ForSequenceClassification(cfg).eval()
+
+
+CLASSIFIERS = {"llama": tiny_llama_classifier, "gpt2": tiny_gpt2_classifier}
+
+
+def padded_batch(side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences (7 and 4 real tokens, ids >= 3) padded with the pad id 0 on ``side`` ("none": both full)."""
+    ids = ids_batch()
+    mask = torch.ones_like(ids)
+    if side == "right":
+        mask[1, 4:] = 0
+    elif side == "left":
+        mask[1, :3] = 0
+    return ids * mask, mask
+
+
+def pooled_reference(
+    model: nn.Module, prompts: list[torch.Tensor], ids: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The unmodified model's backbone fed ``[prompts...; E(x)]`` (the last prompt given first: it is prepended last),
+    its head applied at every position, pooled by hand at the last real token (``n + last real index``)."""
+    batch = ids.shape[0]
+    parts = [p.expand(batch, -1, -1) for p in reversed(prompts)] + [model.get_input_embeddings()(ids)]
+    count = sum(p.shape[0] for p in prompts)
+    wide = torch.cat([torch.ones(batch, count, dtype=mask.dtype), mask], dim=1)
+    hidden = model.base_model(inputs_embeds=torch.cat(parts, dim=1), attention_mask=wide).last_hidden_state
+    last_real = torch.stack([torch.nonzero(row).max() for row in mask])
+    return model.score(hidden)[torch.arange(batch), count + last_real]
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+@pytest.mark.parametrize("side", ["right", "left", "none"])
+def test_decoder_sequence_classification_pools_the_last_real_token(name: str, side: str) -> None:
+    model = CLASSIFIERS[name]()
+    delta = soft(model)
+    perturb(delta, scale=0.3)
+    ids, mask = padded_batch(side)
+    labels = torch.tensor([2, 0])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        prompt = delta.sites[0].module.soft_embeds.detach().clone()
+        delta.detach()
+        expected = pooled_reference(model, [prompt], ids, mask)
+    assert out.logits.shape == (2, 3)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(expected, labels), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+def test_decoder_sequence_classification_with_inputs_embeds(name: str) -> None:
+    """Given inputs_embeds, transformers pools the last position (it cannot see padding): still the last real token."""
+    model = CLASSIFIERS[name]()
+    delta = soft(model)
+    perturb(delta, scale=0.3)
+    ids, mask = padded_batch("none")
+    with torch.no_grad():
+        out = model(inputs_embeds=model.get_input_embeddings()(ids), attention_mask=mask).logits
+        prompt = delta.sites[0].module.soft_embeds.detach().clone()
+        delta.detach()
+        expected = pooled_reference(model, [prompt], ids, mask)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_decoder_sequence_classification_hooks_follow_the_delta() -> None:
+    model = tiny_llama_classifier()
+    hooks = hook_counts(model)
+    ids, mask = padded_batch("right")
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        first = soft(model)
+        perturb(first, seed=1, scale=0.3)
+        one = model(input_ids=ids, attention_mask=mask).logits
+        second = soft(model, soft_token_num=2)  # two prompts stacked: still pooled at the last real token
+        perturb(second, seed=2, scale=0.3)
+        both = model(input_ids=ids, attention_mask=mask).logits
+        prompts = [d.sites[0].module.soft_embeds.detach().clone() for d in (first, second)]
+        with pytest.raises(DeltaStateError):
+            first.merge()
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, both)
+        second.detach()
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, one)
+        first.detach()
+        assert hook_counts(model) == hooks
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)
+        torch.testing.assert_close(both, pooled_reference(model, prompts, ids, mask), rtol=1e-5, atol=1e-6)
+        # the head, called by itself, is not touched
+        hidden = torch.randn(2, 9, 32)
+        first.attach()
+        assert torch.equal(model.score(hidden), nn.functional.linear(hidden, model.score.weight))
+
+
+def test_sequence_level_float_labels_are_not_token_labels() -> None:
+    """Multi-label targets (batch, num_labels) of float dtype are left alone even when num_labels equals the length."""
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=VOCAB,
+        max_position_embeddings=64, num_labels=7, problem_type="multi_label_classification",
+    )
+    model = BertForSequenceClassification(cfg).eval()
+    soft(model)
+    ids = ids_batch()
+    targets = (torch.rand(2, 7, generator=torch.Generator().manual_seed(3)) > 0.5).float()
+    out = model(input_ids=ids, labels=targets)
+    expected = nn.functional.binary_cross_entropy_with_logits(out.logits, targets)
+    torch.testing.assert_close(out.loss, expected)
+
+
+# ---------------------------------------------------------------- bare base models
+BASE_MODELS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+@pytest.mark.parametrize("name", list(BASE_MODELS))
+def test_bare_base_model_equals_the_prompt_given_as_input_embeddings(name: str, tmp_path) -> None:
+    model = BASE_MODELS[name]().base_model
+    hooks = hook_counts(model)
+    delta = soft(model)
+    perturb(delta, scale=0.3)
+    assert [n for n, _ in delta.named_parameters()] == [n for n, p in model.named_parameters() if "soft_prompt" in n]
+    ids = ids_batch()
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        prompt = delta.sites[0].module.soft_embeds.detach().clone()
+        delta.save_finetuned(tmp_path / "soft")
+        delta.detach()
+        assert hook_counts(model) == hooks
+        embeds = torch.cat([prompt.expand(2, -1, -1), model.get_input_embeddings()(ids)], dim=1)
+        wide = torch.cat([torch.ones(2, N, dtype=mask.dtype), mask], dim=1)
+        reference = model(inputs_embeds=embeds, attention_mask=wide).last_hidden_state
+        assert ours.shape == (2, N + 7, 32)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+        delta.attach()
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).last_hidden_state, ours)
+        fresh = BASE_MODELS[name]().base_model
+        AutoDeltaModel.from_finetuned(tmp_path / "soft", backbone_model=fresh)
+        assert torch.equal(fresh(input_ids=ids, attention_mask=mask).last_hidden_state, ours)
+
+
+# ---------------------------------------------------------------- pickling the whole model
+@pytest.mark.parametrize("name", ["gpt2", "t5", "llama-classifier"])
+def test_whole_model_pickles_with_the_prompt(name: str) -> None:
+    model = tiny_llama_classifier() if name == "llama-classifier" else BUILDERS[name]()
+    delta = soft(model)
+    perturb(delta, scale=0.3)
+    ids, mask = padded_batch("right")
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if name == "t5":
+        kwargs["decoder_input_ids"] = ids_batch(seed=5, batch=2, length=4)
+    if name == "gpt2":
+        kwargs["labels"] = ids
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        out, again = model(**kwargs), loaded(**kwargs)
+    assert torch.equal(out.logits, again.logits)
+    if name == "gpt2":
+        assert torch.equal(out.loss, again.loss)

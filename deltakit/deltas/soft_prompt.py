@@ -5,12 +5,17 @@ attention mask (ones), token type ids (zeros) and position ids are extended to m
 the module that embeds the tokens and takes the attention mask (the base model, e.g. ``LlamaModel``/``BertModel``,
 or the encoder of an encoder-decoder); encoder-decoders also get a pre-hook on the decoder that widens the
 cross-attention mask, and decoder-only / encoder-only models one on the root that puts ignored positions in front
-of token-level ``labels``. The outputs gain ``soft_token_num`` leading positions (the real tokens' come last).
+of token-level ``labels``. The outputs gain ``soft_token_num`` leading positions (the real tokens' come last),
+except in ``*ForSequenceClassification`` models that pool the last non-padding token (GPT-2, Llama, ...): there the
+head's per-position output keeps only the real tokens' positions during the model's forward, so the index
+transformers computes from ``input_ids`` picks the last real token (see :class:`_ClassifierPooling`). A bare base
+model (``AutoModel``) is its own target; the prompt parameter then lives on its input embedding module.
 The caller's tensors are never modified. The transformers-specific rewriting lives in :mod:`deltakit.hf_compat`.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,10 +23,13 @@ import torch
 from torch import nn
 
 from .. import hf_compat
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase, Site, factory_kwargs
 from ..config import DeltaConfig, check_positive_int
 from ..errors import DeltaConfigError
 from ..hooks import DeltaSite, add_hook, remove_hook
+
+#: What a forward pre-hook with kwargs returns: the call's new ``(args, kwargs)``.
+Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -48,17 +56,89 @@ class SoftPromptConfig(DeltaConfig):
 
 
 class SoftPromptSite(DeltaSite):
-    """The soft prompt ``soft_embeds`` ``(soft_token_num, hidden)`` and the pre-hook that prepends it."""
+    """The soft prompt ``soft_embeds`` ``(soft_token_num, hidden)`` and the pre-hook that prepends it.
 
-    def __init__(self, site: str, params: list[str], embedding: nn.Module, prompt: torch.Tensor) -> None:
+    The pre-hook runs on ``target``, the module that embeds the tokens and takes the attention mask. That is the
+    site's host, except for a bare base model (``BertModel``, ``LlamaModel``): there the target is the root, and the
+    site is hosted by the input embedding module (a child of the root, so the prompt has a name in the backbone).
+    """
+
+    def __init__(
+        self, site: str, params: list[str], embedding: nn.Module, prompt: torch.Tensor, target: nn.Module
+    ) -> None:
         super().__init__()
         self.site = site
         self.params = params
         self._embedding = (embedding,)  # referenced, not registered: it belongs to the backbone
+        self._target = (target,)  # likewise
         self.soft_embeds = nn.Parameter(prompt)
 
-    def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    @property
+    def target(self) -> nn.Module:
+        """The module whose calls get the prompt in front of their token embeddings."""
+        return self._target[0]
+
+    def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         return hf_compat.prepend_soft_prompt(self.params, args, kwargs, self.soft_embeds, self._embedding[0], self.site)
+
+
+# The hooks below carry no parameters. They are module-level classes (not closures) so that a model with a soft
+# prompt attached can be pickled whole (``torch.save(model)``, ``copy.deepcopy``).
+class _EncoderMaskHook:
+    """Pre-hook on an encoder-decoder's decoder: widen the cross-attention mask over the encoder's prompt positions."""
+
+    def __init__(self, params: list[str], count: int, where: str) -> None:
+        self.params = params
+        self.count = count
+        self.where = where
+
+    def __call__(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return hf_compat.extend_encoder_mask(self.params, args, kwargs, self.count, self.where)
+
+
+class _TokenLabelsHook:
+    """Pre-hook on the root: token-level ``labels`` get ignored positions in front of them, for the prompt's."""
+
+    def __init__(self, params: list[str], count: int) -> None:
+        self.params = params
+        self.count = count
+
+    def __call__(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        return hf_compat.extend_token_labels(self.params, args, kwargs, self.count)
+
+
+class _ClassifierPooling:
+    """Keeps a decoder-only sequence classifier pooling the last *real* token.
+
+    Such a model applies its head (``score``) at every position of the base model's output and picks the logits at
+    an index computed from the caller's ``input_ids`` (length ``T``); with soft prompts in front the output has more
+    positions. ``enter`` (pre-hook on the classifier) notes ``T`` for the running call, ``cut`` (forward hook on the
+    head) keeps the last ``T`` positions of the head's per-position output, ``leave`` (forward hook on the
+    classifier) forgets ``T``. So the head is only changed inside a call of its classifier, only when its output is
+    longer than the caller's input, and stacked prompts are cut by the first delta's hook. ``T`` is kept per thread.
+    """
+
+    def __init__(self, params: list[str]) -> None:
+        self.params = params
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"params": self.params}  # the per-thread call state is not part of the model
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.params = state["params"]
+        self._local = threading.local()
+
+    def enter(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        self._local.length = hf_compat.input_length(self.params, args, kwargs)
+        return args, kwargs
+
+    def cut(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        return hf_compat.keep_real_positions(output, getattr(self._local, "length", None))
+
+    def leave(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        self._local.length = None
+        return output
 
 
 class SoftPromptModel(DeltaBase):
@@ -101,6 +181,11 @@ class SoftPromptModel(DeltaBase):
     def _match_sites(self) -> list[tuple[str, nn.Module]]:
         target, decoder = hf_compat.soft_prompt_targets(self.backbone_model)
         self._decoder = decoder
+        if target[0] == "":
+            # A bare base model: the root takes the tokens. Sites are named modules, so the prompt is kept on the
+            # input embedding module (see SoftPromptSite) and the pre-hook still goes on the root.
+            embedding = hf_compat.input_embeddings(self.backbone_model)
+            return [(hf_compat.module_name(self.backbone_model, embedding, "input embedding"), embedding)]
         return [target]
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
@@ -108,6 +193,10 @@ class SoftPromptModel(DeltaBase):
         if not hasattr(self, "_decoder"):  # built from a checkpoint: the site was given, find the decoder again
             self._decoder = hf_compat.soft_prompt_targets(self.backbone_model)[1]
         embedding = hf_compat.input_embeddings(self.backbone_model)
+        target, where = host, name
+        if host is embedding:  # the prompt lives on the embedding module (saved from a bare base model)
+            where, target = hf_compat.soft_prompt_targets(self.backbone_model)[0]
+            where = where or type(target).__name__
         weight = getattr(embedding, "weight", None)
         factory = factory_kwargs(embedding)
         if cfg.token_init and isinstance(weight, torch.Tensor) and weight.dim() == 2:
@@ -121,42 +210,49 @@ class SoftPromptModel(DeltaBase):
                     f"Soft prompts cannot tell the embedding width of {type(embedding).__name__}; it has no 2-D weight."
                 )
             prompt = torch.empty(cfg.soft_token_num, hidden, **factory).uniform_(-cfg.init_range, cfg.init_range)
-        return SoftPromptSite(name, hf_compat.forward_parameters(host), embedding, prompt)
+        return SoftPromptSite(where, hf_compat.forward_parameters(target), embedding, prompt, target)
 
-    # The extra hooks (decoder cross-attention mask, token-level labels) carry no parameters: they are not sites,
-    # but their handles live in the same per-host dispatchers and go with attach/detach.
-    def _extra_hooks(self) -> list[tuple[nn.Module, Any]]:
+    def _add_site_hooks(self, site: Site) -> None:
+        module: SoftPromptSite = site.module  # type: ignore[assignment]
+        add_hook(module.target, self._hook_key(site), module.forward_pre_hook, pre=True)
+
+    def _remove_site_hooks(self, site: Site) -> None:
+        module: SoftPromptSite = site.module  # type: ignore[assignment]
+        remove_hook(module.target, self._hook_key(site), pre=True)
+
+    # The extra hooks (decoder cross-attention mask, token-level labels, classifier pooling) carry no parameters:
+    # they are not sites, but their handles live in the same per-host dispatchers and go with attach/detach.
+    def _extra_hooks(self) -> list[tuple[nn.Module, Any, bool]]:
+        """``(module, hook, is_pre_hook)`` for every hook besides the sites'."""
         count = self.config.soft_token_num  # type: ignore[attr-defined]
-        hooks: list[tuple[nn.Module, Any]] = []
+        hooks: list[tuple[nn.Module, Any, bool]] = []
         if self._decoder is not None:
             name, decoder = self._decoder
-            params = hf_compat.forward_parameters(decoder)
-
-            def widen(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                return hf_compat.extend_encoder_mask(params, args, kwargs, count, name)
-
-            hooks.append((decoder, widen))
-        else:
-            root = self.backbone_model
-            root_params = hf_compat.forward_parameters(root)
-            if "labels" in root_params:
-
-                def labels(host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-                    return hf_compat.extend_token_labels(root_params, args, kwargs, count)
-
-                hooks.append((root, labels))
+            hooks.append((decoder, _EncoderMaskHook(hf_compat.forward_parameters(decoder), count, name), True))
+            return hooks
+        classifier = hf_compat.sequence_classification_head(self.backbone_model)
+        if classifier is not None:
+            # Sequence classification has no token-level labels: only the pooled position needs care.
+            model, head = classifier
+            pooling = _ClassifierPooling(hf_compat.forward_parameters(model))
+            hooks += [(model, pooling.enter, True), (head, pooling.cut, False), (model, pooling.leave, False)]
+            return hooks
+        root = self.backbone_model
+        root_params = hf_compat.forward_parameters(root)
+        if "labels" in root_params:
+            hooks.append((root, _TokenLabelsHook(root_params, count), True))
         return hooks
 
     def attach(self) -> SoftPromptModel:
         super().attach()
         self._extra = self._extra_hooks()
-        for index, (module, fn) in enumerate(self._extra):
-            add_hook(module, (self._order_key, -1 - index), fn, pre=True)
+        for index, (module, fn, pre) in enumerate(self._extra):
+            add_hook(module, (self._order_key, -1 - index), fn, pre=pre)
         return self
 
     def detach(self) -> SoftPromptModel:
         super().detach()
-        for index, (module, _) in enumerate(self._extra):
-            remove_hook(module, (self._order_key, -1 - index), pre=True)
+        for index, (module, _, pre) in enumerate(self._extra):
+            remove_hook(module, (self._order_key, -1 - index), pre=pre)
         self._extra = []
         return self
