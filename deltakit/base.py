@@ -354,6 +354,8 @@ class DeltaBase:
         # with a merged one; any other (an adapter reads the output) must not end up behind a later merged delta.
         additive = bool(self.sites) and getattr(type(self.sites[0].module), "merge_deltas", None) is not None
         for site in () if additive else self.sites:
+            if _member(site.module, "forward_hook") is None:
+                continue  # it does not act on this host's output
             later = _merged_after(site.host, self._order_key)
             if later:
                 raise DeltaStateError(
@@ -446,6 +448,7 @@ class DeltaBase:
         merger = getattr(type(self.sites[0].module), "merge_deltas", None) if self.sites else None
         if merger is None:
             raise DeltaStateError(f"{type(self).__name__} cannot be merged: its delta is not a change of host weights.")
+        self._check_hosts_in_place("merge")
         for site in self.sites:
             keys = hook_keys(site.host)
             if keys and keys[0] != self._hook_key(site):
@@ -473,6 +476,21 @@ class DeltaBase:
         self._merge_exact = exact_unmerge
         self._state = MERGED
         return self
+
+    def _check_hosts_in_place(self, action: str) -> None:
+        """Refuse when a host is no longer the module at its name (the model replaced it, e.g.
+        ``resize_token_embeddings`` on an untied output layer): the delta would act on a module nobody calls."""
+        for site in self.sites:
+            try:
+                current = self.backbone_model.get_submodule(site.name)
+            except AttributeError:
+                current = None
+            if current is not site.host:
+                raise DeltaStateError(
+                    f"Cannot {action}() {self._describe()}: the module it modified at {site.name!r} is no longer part "
+                    f"of the model (it was replaced, e.g. by resize_token_embeddings()), so the delta has no effect. "
+                    f"Create deltas after resizing or replacing modules."
+                )
 
     def _check_not_tied(self, planned: list[tuple[Site, dict[str, torch.Tensor]]]) -> None:
         """Refuse to merge into a tensor shared with another module (tied embeddings): both would change."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..base import DeltaBase, factory_kwargs
 from ..config import DeltaConfig, check_positive_int, check_probability
-from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
 from ..hooks import DeltaSite
 from ..serving import SiteRouter
 from ..structures import is_conv1d, linear_dims
@@ -171,40 +171,71 @@ class SharedInputGroup:
     (one accumulation) and one thin GEMM for the ``A`` gradients. On a CPU these thin GEMMs are bound by reading and
     writing the activation, not by arithmetic, so this is where LoRA's training-step cost goes.
 
-    The first site in forward order (the *lead*) computes the fused projection and leaves it for the others; a
-    follower uses its slice only if it receives the very tensor the lead saw, unmodified (same object, same
-    in-place version), and otherwise computes its own projection. So a model that feeds the siblings different
-    inputs (cross-attention's k/v read the encoder states) stays correct, at the price of a few wasted columns in the
-    lead's GEMM. Membership is fixed when the delta is built, so the arithmetic of a call never depends on what
-    earlier calls did (detach / attach stay bit-for-bit).
+    Bookkeeping follows one forward pass: the members called so far in the pass are remembered, and the pass ends
+    when every member was called or one is called again. The first member called with some ``x`` computes one GEMM
+    for itself and the members still to come in the pass and leaves it *pending*; a later member uses its slice
+    only if it receives the very tensor the pending GEMM read, unmodified (same object, same in-place version), its
+    ``A`` unchanged since, and it was part of that GEMM; otherwise it starts a new pending GEMM for itself and the
+    members still to come (cross-attention: q reads the decoder, k and v share the encoder states), or computes
+    its own projection when it is the last one. A pending GEMM never outlives its pass, so a projection is never
+    reused from an earlier forward (whose graph may be gone), whatever order the model calls its modules in.
+    A member's arithmetic depends only on the model's call order, so repeated passes and detach / attach are
+    bit-for-bit.
     """
 
     def __init__(self, sites: list[LoraSite]) -> None:
         self.sites = sites
-        self.offsets = [0]
-        for site in sites:
-            self.offsets.append(self.offsets[-1] + site.lora_A.shape[0])
-        self.pending: tuple[torch.Tensor, int, torch.Tensor] | None = None
-        self.shared_calls = 0  # follower calls served from the lead's projection (diagnostics, tests)
+        self.called: set[int] = set()  # members called in the current pass
+        # (x, x's version, fused projection, {member: (start, stop)}, the members' A versions)
+        self.pending: tuple[torch.Tensor, int, torch.Tensor, dict[int, tuple[int, int]], tuple[int, ...]] | None
+        self.pending = None
+        self.shared_calls = 0  # calls served from another member's GEMM (diagnostics, tests)
+
+    def reset(self) -> None:
+        """Forget the current pass (on attach / detach)."""
+        self.called = set()
+        self.pending = None
 
     def projection(self, site: LoraSite, x: torch.Tensor) -> torch.Tensor:
         """``x @ site.lora_A^T``, shared with the group where the inputs allow."""
         if x.is_inference():
-            # Inference-mode tensors keep no version counter, so an in-place change between the lead's and a
-            # follower's call could not be detected: no sharing for them.
+            # Inference-mode tensors keep no version counter, so an in-place change between two members' calls
+            # could not be detected: no sharing for them.
             return F.linear(x, site.lora_A)
-        index = next(i for i, member in enumerate(self.sites) if member is site)
-        if index == 0:
-            fused = F.linear(x, torch.cat([member.lora_A for member in self.sites]))
-            self.pending = (x, x._version, fused)
-            return fused[..., : self.offsets[1]]
+        index = next(i for i, member in enumerate(self.sites) if member is site)  # (ids would not survive copies)
+        if index in self.called:  # called again: a new forward pass
+            self.reset()
+        self.called.add(index)
         pending = self.pending
-        if index == len(self.sites) - 1:
-            self.pending = None  # the last reader: drop the references to the activation
-        if pending is not None and pending[0] is x and pending[1] == x._version:
+        if (
+            pending is not None
+            and pending[0] is x
+            and pending[1] == x._version
+            and index in pending[3]
+            and pending[4] == tuple(member.lora_A._version for member in self.sites)
+        ):
+            start, stop = pending[3][index]
+            projected = pending[2][..., start:stop]
             self.shared_calls += 1
-            return pending[2][..., self.offsets[index] : self.offsets[index + 1]]
-        return F.linear(x, site.lora_A)
+        else:
+            members = [index] + [i for i in range(len(self.sites)) if i not in self.called]
+            if len(members) == 1:
+                projected = F.linear(x, site.lora_A)
+                self.pending = None
+            else:
+                members.sort()
+                slices, offset = {}, 0
+                for i in members:
+                    rank = self.sites[i].lora_A.shape[0]
+                    slices[i] = (offset, offset + rank)
+                    offset += rank
+                fused = F.linear(x, torch.cat([self.sites[i].lora_A for i in members]))
+                versions = tuple(member.lora_A._version for member in self.sites)
+                self.pending = (x, x._version, fused, slices, versions)
+                projected = fused[..., slices[index][0] : slices[index][1]]
+        if len(self.called) == len(self.sites):
+            self.reset()  # the pass is complete: keep nothing alive
+        return projected
 
 
 class LoraSite(DeltaSite):
@@ -258,6 +289,12 @@ class LoraEmbeddingSite(DeltaSite):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        if host.num_embeddings != self.lora_A.shape[1]:
+            raise DeltaStateError(
+                f"This LoRA was built for an embedding of {self.lora_A.shape[1]} rows, but the module now has "
+                f"{host.num_embeddings} (resize_token_embeddings() after creating the delta?). Create the delta after "
+                f"resizing, or resize back."
+            )
         rows = F.embedding(first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
         if self.dropout is not None:
             rows = self.dropout(rows)
@@ -313,6 +350,22 @@ class LoraModel(DeltaBase):
     def _setup(self, backbone_model: nn.Module, config: Any, name: str | None, matches: Any) -> None:
         super()._setup(backbone_model, config, name, matches)
         self._group_shared_inputs()
+
+    def attach(self) -> LoraModel:
+        super().attach()
+        self._reset_shared_inputs()
+        return self
+
+    def detach(self) -> LoraModel:
+        super().detach()
+        self._reset_shared_inputs()
+        return self
+
+    def _reset_shared_inputs(self) -> None:
+        for site in self.sites:
+            group = site.module.__dict__.get("shared_input")
+            if group is not None:
+                group.reset()
 
     def _group_shared_inputs(self) -> None:
         """Link sibling Linear/Conv1D sites of equal input size and dtype (see :class:`SharedInputGroup`)."""
