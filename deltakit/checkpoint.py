@@ -11,9 +11,12 @@ into place, so a crash leaves either the old or the new file, never half of one.
 
 The config is kept small (the files add a few KB to the raw tensor bytes): one top-level key per line without
 indentation, and the site list in a lossless range form (``model.layers.{0-79}.self_attn.q_proj``, see
-:func:`compress_sites`), so its size does not grow with the number of layers.
+:func:`compress_sites`), so its size does not grow with the number of layers. It also records the SHA-256 of the
+weights file's bytes (``weights_sha256``): safetensors has no checksum of its own, so a flipped byte in the tensor
+data would otherwise load silently.
 
-Loading validates everything first: the config, the delta type, the file's integrity, that every saved site
+Loading validates everything first: the config, the delta type, the file's integrity (its structure, then the
+recorded SHA-256 when the config has one; checkpoints written before it was recorded still load), that every saved site
 resolves to exactly one module of the new backbone, that tensor names and shapes fit, and that the backbone
 fingerprint (model type and config essentials, host shapes) agrees. Only then is the model touched.
 """
@@ -34,7 +37,7 @@ from torch import nn
 
 from . import __version__
 from .config import CONFIG_NAME, CONFIG_REGISTRY, AutoDeltaConfig, load_json
-from .errors import CheckpointError, DeltaError
+from .errors import CheckpointError, DeltaError, DeltaStateError
 from .hooks import DeltaSite
 from .structures import find_config
 
@@ -247,7 +250,8 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The named tensors of a deltakit weights file (or of a checkpoint directory's ``delta_model.safetensors``).
 
     Stacked tensors are split back into one tensor per owner, so the result is keyed exactly like
-    :meth:`DeltaBase.delta_state_dict` (plus any saved backbone tensors).
+    :meth:`DeltaBase.delta_state_dict` (plus any saved backbone tensors). This reads the file alone: the SHA-256
+    recorded in the config is checked by the loaders (see :func:`check_weights_hash`).
 
     Raises:
         CheckpointError: The file is missing, truncated or corrupt.
@@ -311,6 +315,7 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
                 f"freeze_module() again."
             )
         tensors[name] = backbone_params[name]
+    tensors.update(_without_own_merge(delta))
     for name, tensor in tensors.items():
         if tensor.is_meta:
             raise CheckpointError(
@@ -320,6 +325,46 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
     os.makedirs(path, exist_ok=True)
     write_checkpoint(delta, tensors, path)
     return path
+
+
+def _without_own_merge(delta: DeltaBase) -> dict[str, torch.Tensor]:
+    """The pre-merge values of the saved backbone tensors that ``delta`` is merged into.
+
+    A host tensor kept trainable by ``freeze_module`` (``exclude=["deltas", "query"]``) is saved, and loading
+    re-attaches the delta on top of it: saving the merged value would apply the delta twice. The copy that
+    ``merge()`` keeps for an exact unmerge is that value, as long as the tensor was not written since.
+
+    Raises:
+        DeltaStateError: No such copy exists (``merge(exact_unmerge=False)``) or the tensor was modified after the
+            merge; nothing has been written yet.
+    """
+    if delta.state != "merged":
+        return {}
+    merged: dict[int, tuple[Any, str]] = {}
+    for site in delta.sites:
+        for pname in site.module.merge_versions:
+            merged[id(getattr(site.host, pname))] = (site, pname)
+    backbone_params = dict(delta.backbone_model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    for name in delta.unfrozen_parameter_names:
+        param = backbone_params[name]
+        if id(param) not in merged:
+            continue
+        site, pname = merged[id(param)]
+        backup = delta._merge_backup.get(id(site.module), {}).get(pname) if delta._merge_exact else None
+        if backup is None:
+            why = "it was merged with exact_unmerge=False, so its value without the delta is not kept"
+        elif param._version != site.module.merge_versions[pname][1]:
+            why = "it was modified after the merge (e.g. an optimizer step), so its value without the delta is unknown"
+        else:
+            out[name] = backup
+            continue
+        raise DeltaStateError(
+            f"Cannot save {delta._describe()} while merged: the backbone tensor {name!r} is kept trainable by "
+            f"freeze_module() and saved with the delta, but it holds the merged delta and {why}. Loading would apply "
+            f"the delta twice. Call unmerge() first, then save_finetuned()."
+        )
+    return out
 
 
 def write_checkpoint(
@@ -355,8 +400,15 @@ def write_checkpoint(
             delta.backbone_model, delta.modified_modules
         ),
     }
-    # A site list that cannot be written in the range form (names with braces) keeps the version-1 layout.
-    _atomic_write(path, WEIGHTS_NAME, lambda tmp: write_weights(tmp, payload, stack=sites is not None))
+    digest: dict[str, str] = {}
+
+    def write_weights_file(tmp: str) -> None:
+        # A site list that cannot be written in the range form (names with braces) keeps the version-1 layout.
+        write_weights(tmp, payload, stack=sites is not None)
+        digest["sha256"] = weights_sha256(tmp)
+
+    _atomic_write(path, WEIGHTS_NAME, write_weights_file)
+    meta["weights_sha256"] = digest["sha256"]
     text = _compact_json(meta)
 
     def write_config(tmp: str) -> None:
@@ -394,10 +446,51 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+def weights_sha256(file: str | os.PathLike[str]) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights_hash(path: str | os.PathLike[str], meta: dict[str, Any]) -> bool | None:
+    """Compare the weights file of the checkpoint directory ``path`` with the SHA-256 its config records.
+
+    Returns:
+        ``True`` when it matches, ``None`` when the config records none (a checkpoint from before deltakit
+        recorded it).
+
+    Raises:
+        CheckpointError: The bytes differ (the file is corrupt or was modified after saving), or the recorded
+            value is malformed.
+    """
+    path = os.fspath(path)
+    expected = meta.get("weights_sha256")
+    if expected is None:
+        return None
+    config = os.path.join(path, CONFIG_NAME)
+    if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
+        raise CheckpointError(f"{config!r} has a malformed weights_sha256 entry {expected!r}; the file is corrupt.")
+    file = os.path.join(path, WEIGHTS_NAME)
+    if weights_sha256(file) != expected:
+        raise CheckpointError(
+            f"{file!r} does not match the SHA-256 recorded in {config!r} when it was saved: the weights file is "
+            f"corrupt or was modified (or the two files come from different saves). Save the delta again, or "
+            f"restore both files from a copy."
+        )
+    return True
+
+
+def _read_tensors(path: str, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the checkpoint directory ``path``, checked against the SHA-256 in ``meta`` (the directory's
+    config, read again when ``None``). A file that does not parse gets its own, more precise error first."""
     if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
         raise CheckpointError(f"The delta checkpoint {path!r} has no {WEIGHTS_NAME}.")
-    return read_weights(os.path.join(path, WEIGHTS_NAME))
+    tensors = read_weights(os.path.join(path, WEIGHTS_NAME))
+    check_weights_hash(path, meta if meta is not None else read_checkpoint_meta(path))
+    return tensors
 
 
 def _resolve_name(saved: str, names: list[str], what: str, source: str) -> str:
@@ -441,7 +534,7 @@ def load_delta(
             f"{path!r} holds a {cls.__name__} ({meta['delta_type']!r}) delta, not a {expected_type.__name__}; "
             f"load it with {cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned."
         )
-    tensors = _read_tensors(path)
+    tensors = _read_tensors(path, meta)
 
     modules = dict(backbone_model.named_modules())
     site_prefixes = [n for n, m in modules.items() if isinstance(m, DeltaSite)]

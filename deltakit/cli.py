@@ -7,17 +7,20 @@
   ``--modified-modules``, ``--exclude-modules``, ``--option key=value``, or the method's default positions) previews
   exactly which modules that delta would modify, without changing anything.
 * ``deltakit inspect DIR`` prints a checkpoint's config, tensor table (names, shapes, dtypes, bytes) and backbone
-  fingerprint, reading only the safetensors header (no tensor data, no backbone). PEFT adapter directories are
-  shown too.
+  fingerprint, reading only the safetensors header (no tensors are loaded, no backbone), and checks the weights
+  file's bytes against the SHA-256 recorded at save time (exit code 1 when they differ). PEFT adapter directories
+  are shown too.
 
-Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error. :func:`main`
-returns the code; like any argparse program it raises ``SystemExit`` for ``--help``/``--version`` (0) and usage
-errors (2).
+Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error, 141 the
+reader of stdout went away (``deltakit inspect DIR | head``: no message, as ``cat`` or ``git`` would end through
+SIGPIPE, 128 + 13). :func:`main` returns the code; like any argparse program it raises ``SystemExit`` for
+``--help``/``--version`` (0) and usage errors (2).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import shutil
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[debug],
         help="print a checkpoint's config, tensor table and fingerprint",
         description="Print a delta checkpoint's config, tensor table (names, shapes, dtypes, bytes) and backbone "
-        "fingerprint, reading only the safetensors header. Also reads PEFT adapter directories.",
+        "fingerprint, reading only the safetensors header, and check the weights file against the SHA-256 recorded "
+        "when it was saved (exit code 1 if it differs). Also reads PEFT adapter directories.",
     )
     inspect.add_argument("directory", metavar="DIR", help="a directory written by save_finetuned (or a PEFT adapter)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
@@ -104,8 +108,36 @@ def _delta_types() -> list[str]:
     return sorted(DELTA_REGISTRY)
 
 
+#: Exit code when stdout's reader has gone away: what a shell reports for a process ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deltakit`` console script; returns the process exit code."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """End quietly after a write to a closed stdout pipe (``deltakit inspect DIR | head``).
+
+    Output still buffered would fail again when Python flushes stdout at exit, so stdout is pointed at
+    ``os.devnull`` first (the idiom of the Python docs' note on SIGPIPE).
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # a stdout without a file descriptor (e.g. captured in-process)
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     # --help and --version exit with 0 and usage errors with 2 through SystemExit, as argparse does.
@@ -123,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             return _show(args, parser)
         return _inspect(args)
+    except BrokenPipeError:
+        raise  # not a failure to report: main() ends quietly
     except Exception as exc:  # noqa: BLE001 - every failure becomes a one-line message, unless --debug
         if args.debug:
             raise
@@ -139,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
 def _console() -> Any:
     from rich.console import Console
 
-    return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            # rich's default exits with status 1 itself; let main() end the command like any other closed pipe.
+            self.quiet = True
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+    return _Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
 
 
 # ------------------------------------------------------------------------------------------------------ show
@@ -276,7 +316,7 @@ def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
     console = _console()
     if not args.no_tree:
-        Visualization(model).structure_graph()
+        console.print(Visualization(model).structure_graph(printTree=False))
     if roles is not None:
         table = Table(title=f"Common-structure roles ({roles['source']})")
         for column in ("role", "modules", "first module"):
@@ -340,9 +380,15 @@ def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], dict[
 
 
 def inspect_checkpoint(directory: str) -> dict[str, Any]:
-    """Everything ``deltakit inspect`` shows, as a dict: kind, config, sites, tensors, totals, fingerprint."""
-    from .checkpoint import WEIGHTS_NAME, expand_sites, read_checkpoint_meta
+    """Everything ``deltakit inspect`` shows, as a dict: kind, config, sites, tensors, totals, fingerprint.
+
+    For a deltakit checkpoint, ``weights_sha256`` is the hash its config records (``None`` for checkpoints saved
+    before it was recorded) and ``weights_sha256_ok`` whether the weights file matches it (``None``: nothing to
+    compare; ``False`` comes with the reason in ``weights_sha256_error``).
+    """
+    from .checkpoint import WEIGHTS_NAME, check_weights_hash, expand_sites, read_checkpoint_meta
     from .config import CONFIG_NAME
+    from .errors import CheckpointError
     from .integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, read_peft_config
 
     if not os.path.isdir(directory):
@@ -359,6 +405,7 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
             "sites": expand_sites(meta["sites"], where),
             "backbone_tensors": meta["backbone_tensors"],
             "fingerprint": meta.get("fingerprint"),
+            "weights_sha256": meta.get("weights_sha256"),
         }
         weights = os.path.join(directory, WEIGHTS_NAME)
     elif os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
@@ -376,6 +423,13 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
             f"{directory!r} holds neither {CONFIG_NAME} (a deltakit checkpoint) nor {PEFT_CONFIG_NAME} (a PEFT adapter)."
         )
     tensors, metadata = read_safetensors_header(weights)
+    if out["kind"] == "deltakit delta checkpoint":
+        # One pass over the file's bytes: safetensors has no checksum, a flipped data byte shows only here.
+        try:
+            out["weights_sha256_ok"] = check_weights_hash(directory, meta)
+        except CheckpointError as exc:
+            out["weights_sha256_ok"] = False
+            out["weights_sha256_error"] = str(exc)
     out["weights_file"] = weights
     out["metadata"] = metadata
     out["stored_tensors"] = len(tensors)
@@ -422,7 +476,7 @@ def _inspect(args: argparse.Namespace) -> int:
     info = inspect_checkpoint(args.directory)
     if args.json:
         print(json.dumps(info, indent=2))
-        return 0
+        return _hash_verdict(info)
     from rich.table import Table
 
     console = _console()
@@ -438,6 +492,13 @@ def _inspect(args: argparse.Namespace) -> int:
         sites = info["sites"]
         head.add_row("sites", f"{len(sites)}: " + ", ".join(sites[:3]) + (" ..." if len(sites) > 3 else ""))
         head.add_row("backbone tensors", ", ".join(info["backbone_tensors"]) or "-")
+    if "weights_sha256_ok" in info:
+        verdict = {True: "matches the weights file", False: "MISMATCH: the weights file is corrupt or was modified"}
+        head.add_row(
+            "weights sha256",
+            f"{info['weights_sha256']} ({verdict[info['weights_sha256_ok']]})"
+            if info["weights_sha256_ok"] is not None else "not recorded (saved by an older deltakit)",
+        )
     console.print(head)
     table = Table(title=f"Tensors in {os.path.basename(info['weights_file'])}")
     table.add_column("name", no_wrap=True)
@@ -460,6 +521,14 @@ def _inspect(args: argparse.Namespace) -> int:
         for key, value in fingerprint.items():
             fp.add_row(key, json.dumps(value))
         console.print(fp)
+    return _hash_verdict(info)
+
+
+def _hash_verdict(info: dict[str, Any]) -> int:
+    """Exit code 1, with the reason on stderr, when the weights file does not match its recorded SHA-256."""
+    if info.get("weights_sha256_ok") is False:
+        print(f"deltakit inspect: error: {info['weights_sha256_error']}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -292,7 +292,9 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
 def norm_shape(module: nn.Module) -> tuple[int, ...] | None:
     """The normalized shape of a LayerNorm or an RMSNorm-like module (T5LayerNorm, LlamaRMSNorm, ...), else None.
 
-    RMSNorm-like means: a class whose name ends with ``Norm``, with a weight parameter and no child modules.
+    RMSNorm-like means: a class whose name ends with ``Norm``, with a 1-d weight parameter and no child modules
+    besides deltakit's own per-site modules (a :class:`~deltakit.hooks.DeltaSite` that an attached delta registered
+    on the norm does not change what the norm is, so a second delta can still modify it).
     """
     if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
         return tuple(module.normalized_shape)
@@ -301,7 +303,7 @@ def norm_shape(module: nn.Module) -> tuple[int, ...] | None:
         type(module).__name__.endswith("Norm")
         and isinstance(weight, nn.Parameter)
         and weight.dim() == 1
-        and not any(True for _ in module.children())
+        and all(isinstance(child, DeltaSite) for child in module.children())
     ):
         return tuple(weight.shape)
     return None

@@ -10,6 +10,7 @@ import torch
 from deltakit import (
     AdapterModel,
     AutoDeltaModel,
+    BitFitModel,
     CompacterModel,
     LowRankAdapterModel,
     ParallelAdapterModel,
@@ -231,3 +232,61 @@ def test_default_positions_cover_t5_encoder_and_decoder_including_cross_attentio
     assert sum(n.startswith("encoder.") for n in names) == 2 * 2  # attn.o and ff.w2 of 2 encoder blocks
     assert sum(n.startswith("decoder.") for n in names) == 2 * 3  # self-attn o, cross-attn o, ff.w2
     assert sum("EncDecAttention.o" in n for n in names) == 2
+
+
+def _hand_biases(model, deltas):
+    """Forward hooks adding each delta's BitFit biases in order, on a model without deltakit hooks."""
+    modules = dict(model.named_modules())
+    handles = []
+    for name in deltas[0].modified_modules:
+        biases = [next(s.module.bias for s in d.sites if s.name == name) for d in deltas]
+
+        def add(module, args, out, biases=biases):
+            for bias in biases:
+                out = out + bias
+            return out
+
+        handles.append(modules[name].register_forward_hook(add))
+    return handles
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "t5"])
+def test_two_bitfit_deltas_stack_on_rms_norms_and_detach_exactly(arch_name: str) -> None:
+    """A first BitFit delta's site module is a child of each norm; a second BitFit must still see an RMSNorm there."""
+    arch = ARCHS[arch_name]
+    model = arch.build()
+    x = arch.inputs()
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    base = arch.run(model, x)
+    first = BitFitModel(model, name="task_a")
+    perturb(first, seed=1)
+    only_first = arch.run(model, x)
+    second = BitFitModel(model, name="task_b")
+    perturb(second, seed=2)
+    assert second.modified_modules == first.modified_modules
+    assert any(type(s.host).__name__ in ("LlamaRMSNorm", "T5LayerNorm") for s in second.sites)
+    both = arch.run(model, x)
+
+    reference = ARCHS[arch_name].build()
+    handles = _hand_biases(reference, [first, second])
+    try:
+        assert torch.equal(arch.run(reference, x), both)
+    finally:
+        for handle in handles:
+            handle.remove()
+    handles = _hand_biases(reference, [second])
+    try:
+        only_second = arch.run(reference, x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    second.detach()
+    assert torch.equal(arch.run(model, x), only_first)
+    second.attach()
+    first.detach()
+    assert torch.equal(arch.run(model, x), only_second)
+    second.detach()
+    assert torch.equal(arch.run(model, x), base)
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    assert_state_equal(model, state)

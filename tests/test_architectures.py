@@ -252,3 +252,16 @@ def test_no_layers_means_a_clear_error() -> None:
 def test_tiny_model_rejects_unknown_names() -> None:
     with pytest.raises(ModuleMatchError, match="llama"):
         structures.tiny_model("no-such-arch")
+
+
+def test_norm_shape_ignores_deltakit_site_children_but_not_other_children() -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from deltakit.hooks import DeltaSite
+
+    norm = LlamaRMSNorm(8)
+    assert structures.norm_shape(norm) == (8,)
+    norm.add_module("bitfit", DeltaSite())  # what an attached delta leaves on its host
+    assert structures.norm_shape(norm) == (8,)
+    norm.add_module("proj", nn.Linear(8, 8))  # a norm with a real sub-module is not RMSNorm-like
+    assert structures.norm_shape(norm) is None

@@ -15,13 +15,15 @@ from deltakit import (
     BitFitModel,
     CheckpointError,
     DeltaConfigError,
+    DeltaGroup,
+    DeltaStateError,
     LoraConfig,
     LoraModel,
 )
 from deltakit.checkpoint import WEIGHTS_NAME, read_weights
 from deltakit.config import CONFIG_NAME
 
-from .conftest import assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2, tiny_llama
 
 
 @pytest.fixture
@@ -130,8 +132,15 @@ def test_wrong_delta_type_and_tampered_tensors_fail_cleanly(trained, fresh, tmp_
     other = tiny_bert()
     bitfit = BitFitModel(other, modified_modules=["query"])
     bitfit.save_finetuned(tmp_path / "bitfit")
-    # a weights file from another delta under a lora config: tensor names do not fit
+    # a weights file from another delta under a lora config: it is not the file the config was saved with ...
     os.replace(tmp_path / "bitfit" / WEIGHTS_NAME, os.path.join(path, WEIGHTS_NAME))
+    with pytest.raises(CheckpointError, match="corrupt or was modified"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    # ... and, for a config without the recorded hash (older deltakit), its tensor names do not fit
+    meta_path = os.path.join(path, CONFIG_NAME)
+    meta = json.loads(open(meta_path).read())
+    del meta["weights_sha256"]
+    open(meta_path, "w").write(json.dumps(meta))
     with pytest.raises(CheckpointError, match="does not fit"):
         AutoDeltaModel.from_finetuned(path, backbone_model=model)
     _assert_untouched(model, keys, hooks, state)
@@ -205,3 +214,163 @@ def test_checkpoint_files_get_the_usual_file_mode(trained) -> None:
     os.umask(umask)
     for name in os.listdir(path):
         assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o666 & ~umask
+
+
+# ----------------------------------------------------------------------------- BitFit checkpoints on RMSNorm models
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "t5"])
+def test_two_bitfit_checkpoints_load_onto_one_rms_norm_backbone(arch_name, tmp_path) -> None:
+    """The norms already carry the first delta's site module when the second checkpoint is loaded."""
+    arch = ARCHS[arch_name]
+    x = arch.inputs()
+    for seed in (1, 2):
+        delta = BitFitModel(arch.build(), name="bitfit")
+        perturb(delta, seed=seed)
+        delta.save_finetuned(tmp_path / f"task{seed}")
+    model = arch.build()
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    base = arch.run(model, x)
+    group = DeltaGroup(model)
+    a = group.load("a", tmp_path / "task1", attach=True)
+    only_a = arch.run(model, x)
+    b = group.load("b", tmp_path / "task2", attach=True)
+    assert a.modified_modules == b.modified_modules
+    both = arch.run(model, x)
+    # reference: the same biases added by hand, in load order
+    reference = arch.build()
+    modules = dict(reference.named_modules())
+    handles = [
+        modules[sa.name].register_forward_hook(lambda m, args, out, ba=sa.module.bias, bb=sb.module.bias: out + ba + bb)
+        for sa, sb in zip(a.sites, b.sites)
+    ]
+    try:
+        assert torch.equal(arch.run(reference, x), both)
+    finally:
+        for handle in handles:
+            handle.remove()
+    b.detach()
+    assert torch.equal(arch.run(model, x), only_a)
+    a.detach()
+    assert torch.equal(arch.run(model, x), base)
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    assert_state_equal(model, state)
+
+
+def test_one_bitfit_checkpoint_loads_twice_onto_a_llama(tmp_path) -> None:
+    arch = ARCHS["llama"]
+    x = arch.inputs()
+    delta = BitFitModel(arch.build())
+    perturb(delta)
+    delta.save_finetuned(tmp_path / "ckpt")
+    model = arch.build()
+    base = arch.run(model, x)
+    first = AutoDeltaModel.from_finetuned(tmp_path / "ckpt", backbone_model=model)
+    once = arch.run(model, x)
+    second = AutoDeltaModel.from_finetuned(tmp_path / "ckpt", backbone_model=model)
+    assert second.name != first.name and second.modified_modules == first.modified_modules
+    assert not torch.equal(arch.run(model, x), once)  # the biases now apply twice
+    second.detach()
+    assert torch.equal(arch.run(model, x), once)
+    first.detach()
+    assert torch.equal(arch.run(model, x), base)
+
+
+# ----------------------------------------------------------------------------- merged deltas and unfrozen hosts
+
+
+def _merged_with_trainable_host(tmp_path, make, host_pattern):
+    """A perturbed delta whose host tensors stay trainable, saved once attached (reference) and then merged."""
+    arch = ARCHS["bert"]
+    model = arch.build()
+    x = arch.inputs()
+    delta = make(model)
+    perturb(delta)
+    delta.freeze_module(exclude=["deltas", host_pattern])
+    attached = arch.run(model, x)
+    delta.save_finetuned(tmp_path / "attached")
+    return arch, model, x, delta, attached
+
+
+@pytest.mark.parametrize(
+    "make, host_pattern, pname",
+    [
+        (lambda m: LoraModel(m, modified_modules=["query"], lora_r=4), "query", "weight"),
+        (lambda m: BitFitModel(m, modified_modules=["query"]), "query", "bias"),
+    ],
+    ids=["lora", "bitfit"],
+)
+def test_saving_a_merged_delta_stores_the_unfrozen_host_tensor_without_the_delta(tmp_path, make, host_pattern, pname):
+    arch, model, x, delta, attached = _merged_with_trainable_host(tmp_path, make, host_pattern)
+    key = f"bert.encoder.layer.0.attention.self.query.{pname}"
+    assert key in delta.unfrozen_parameter_names
+    original = dict(model.named_parameters())[key].detach().clone()
+    delta.merge()
+    assert not torch.equal(dict(model.named_parameters())[key], original)
+    delta.save_finetuned(tmp_path / "merged")
+    stored = read_weights(tmp_path / "merged")
+    assert torch.equal(stored[key], original)  # not the merged tensor: reloading would apply the delta twice
+    assert all(torch.equal(v, read_weights(tmp_path / "attached")[k]) for k, v in stored.items())
+    fresh = arch.build()
+    AutoDeltaModel.from_finetuned(tmp_path / "merged", backbone_model=fresh)
+    assert torch.equal(arch.run(fresh, x), attached)
+    delta.unmerge()  # saving left the merge intact
+    assert torch.equal(arch.run(model, x), attached)
+
+
+def test_a_merged_delta_whose_unfrozen_host_cannot_be_recovered_refuses_to_save(tmp_path) -> None:
+    arch, model, x, delta, attached = _merged_with_trainable_host(
+        tmp_path, lambda m: LoraModel(m, modified_modules=["query"], lora_r=4), "query"
+    )
+    path = tmp_path / "attached"
+    before = {n: (path / n).read_bytes() for n in os.listdir(path)}
+    delta.merge(exact_unmerge=False)  # no copy of the weight without the delta is kept
+    with pytest.raises(DeltaStateError, match=r"query\.weight.*unmerge\(\)"):
+        delta.save_finetuned(path)
+    assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
+    delta.unmerge()
+    delta.merge()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight.add_(1.0)  # e.g. an optimizer step after merge()
+    with pytest.raises(DeltaStateError, match="modified after"):
+        delta.save_finetuned(path)
+    assert {n: (path / n).read_bytes() for n in os.listdir(path)} == before
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def _flip_last_data_byte(path) -> None:
+    weights = os.path.join(path, WEIGHTS_NAME)
+    data = bytearray(open(weights, "rb").read())
+    data[-1] ^= 0x01  # inside the last tensor's data: the header still parses
+    open(weights, "wb").write(bytes(data))
+
+
+def test_a_flipped_tensor_byte_is_a_clear_error_and_changes_nothing(fresh, tmp_path) -> None:
+    delta = LoraModel(tiny_bert(), modified_modules=["query", "value"], lora_r=4)
+    perturb(delta)
+    path = delta.save_finetuned(tmp_path / "ckpt")
+    model, keys, hooks, state = fresh
+    assert len(json.loads(open(os.path.join(path, CONFIG_NAME)).read())["weights_sha256"]) == 64
+    _flip_last_data_byte(path)
+    read_weights(path)  # safetensors itself has no checksum: the file still parses
+    with pytest.raises(CheckpointError, match=r"delta_model\.safetensors.*corrupt or was modified"):
+        AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    _assert_untouched(model, keys, hooks, state)
+    group = DeltaGroup(model)
+    with pytest.raises(CheckpointError, match="corrupt or was modified"):
+        group.load("task", path)
+    assert group.names == []
+    _assert_untouched(model, keys, hooks, state)
+
+
+def test_checkpoints_without_a_weights_hash_still_load(trained) -> None:
+    _, path, x, out = trained
+    meta_path = os.path.join(path, CONFIG_NAME)
+    meta = json.loads(open(meta_path).read())
+    del meta["weights_sha256"]
+    open(meta_path, "w").write(json.dumps(meta))
+    model = tiny_bert()
+    AutoDeltaModel.from_finetuned(path, backbone_model=model)
+    assert torch.equal(model(x).logits, out)

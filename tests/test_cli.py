@@ -163,3 +163,42 @@ def test_console_script_exit_codes() -> None:
     usage = subprocess.run([*cmd, "show"], capture_output=True, text=True, env=env, timeout=300)
     assert usage.returncode == 2 and "usage:" in usage.stderr
     assert torch.__version__  # the subprocess used the same interpreter and packages
+
+
+@pytest.mark.parametrize("json_output", [False, True], ids=["tables", "json"])
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly(tmp_path, json_output) -> None:
+    """``deltakit inspect DIR | head``: a closed stdout is not a failure to report; exit 141 (128 + SIGPIPE) as
+    cat, grep or git do, with nothing on stderr."""
+    LoraModel(tiny_model("bert")).save_finetuned(tmp_path / "ckpt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "deltakit.cli", "inspect", str(tmp_path / "ckpt")]
+    argv += ["--json"] if json_output else []
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # the reader goes away before the command writes anything: every write hits a closed pipe
+    _, err = proc.communicate(timeout=300)
+    assert err.decode() == "" and proc.returncode == 141
+
+
+def test_inspect_verifies_the_recorded_weights_hash(capsys, tmp_path) -> None:
+    path = tmp_path / "ckpt"
+    LoraModel(tiny_model("bert")).save_finetuned(path)
+    meta = json.loads((path / "delta_config.json").read_text())
+    code, out, err = run_cli(capsys, "inspect", str(path), "--json")
+    info = json.loads(out)
+    assert code == 0 and err == ""
+    assert info["weights_sha256"] == meta["weights_sha256"] and info["weights_sha256_ok"] is True
+    code, out, err = run_cli(capsys, "inspect", str(path))
+    assert code == 0 and "weights sha256" in out and "matches" in out
+    weights = path / "delta_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01
+    weights.write_bytes(bytes(data))
+    code, out, err = run_cli(capsys, "inspect", str(path), "--json")
+    assert code == 1 and json.loads(out)["weights_sha256_ok"] is False
+    assert "delta_model.safetensors" in err and "corrupt or was modified" in err
+    code, out, err = run_cli(capsys, "inspect", str(path))
+    assert code == 1 and "MISMATCH" in out and "corrupt or was modified" in err
+    del meta["weights_sha256"]  # a checkpoint written before the hash was recorded
+    (path / "delta_config.json").write_text(json.dumps(meta))
+    code, out, err = run_cli(capsys, "inspect", str(path), "--json")
+    assert code == 0 and err == "" and json.loads(out)["weights_sha256_ok"] is None
