@@ -25,7 +25,7 @@ from torch import nn
 
 from .base import ATTACHED, DETACHED, MERGED, DeltaBase, factory_kwargs
 from .errors import DeltaError, DeltaStateError
-from .hooks import DeltaSite, add_hook, remove_hook
+from .hooks import DeltaSite, add_hook, hook_keys, remove_hook
 
 __all__ = ["DeltaGroup", "SiteRouter"]
 
@@ -383,6 +383,25 @@ class DeltaGroup:
         self._routable = routable
         return routers
 
+    @staticmethod
+    def _check_outside_order(active: list[SiteRouter]) -> None:
+        """A router applies all its deltas at one place in the host's order; a delta outside the group attached
+        on the same host and created between two of them would run on the wrong side of some (unless all of them
+        only add a function of the host's input, which commutes)."""
+        for router in active:
+            keys = [d._order_key for d in router.deltas]
+            between = [k for k in hook_keys(router.host) if min(keys) < k[0] < max(keys)]
+            if not between:
+                continue
+            children = {id(child): child for child in router.host._modules.values()}
+            modules = [*router.sites, *(children.get(k[1]) for k in between)]
+            if not all(getattr(type(m), "merge_deltas", None) is not None for m in modules):
+                raise DeltaStateError(
+                    f"route(): on {router.host_name!r} a delta outside the group is attached and was created between "
+                    f"group deltas, so routing (which applies the group's deltas at one place) would change the "
+                    f"order for some rows. Detach it, or add it to the group."
+                )
+
     @contextlib.contextmanager
     def route(self, names: Sequence[str | None], *, gather_cache_mb: float = 256) -> Iterator[DeltaGroup]:
         """Per-sample routing: inside the block, row ``i`` of each batch runs with delta ``names[i]``.
@@ -462,6 +481,12 @@ class DeltaGroup:
         reattach = [d for d in self._deltas.values() if d.state == ATTACHED]
         for delta in reattach:
             delta.detach()
+        try:
+            self._check_outside_order(active)
+        except DeltaStateError:
+            for delta in sorted(reattach, key=lambda d: d._order_key):
+                delta.attach()
+            raise
         installed: list[tuple[SiteRouter, tuple[int, int]]] = []
         self._routing = True
         try:

@@ -421,6 +421,56 @@ def test_route_errors_change_nothing() -> None:
     group["b"].unmerge().detach()
 
 
+def test_route_refuses_a_delta_outside_the_group_created_between_group_deltas() -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    group = DeltaGroup(model)
+    first = AdapterModel(model, name="a1", modified_modules=["o_proj"])
+    outside = LoraModel(model, name="outside", modified_modules=["o_proj"])  # not in the group, stays attached
+    second = AdapterModel(model, name="a2", modified_modules=["o_proj"])
+    for i, delta in enumerate([first, outside, second]):
+        perturb(delta, seed=i, scale=0.5)
+    first.detach()
+    second.detach()
+    group.add(first)
+    group.add(second)
+    group.switch("a2")
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(DeltaStateError, match="outside the group is attached and was created between group deltas"):
+        with torch.no_grad(), group.route(["a2", "a1"]):
+            pass
+    assert group.active == ["a2"]
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+    # outside the span of the group's deltas it is fine: one router place serves every row
+    outside.detach()
+    late = LoraModel(model, name="late", modified_modules=["o_proj"])
+    perturb(late, seed=9, scale=0.5)
+    names = ["a2", "a1", None]
+    batch = batch_for(arch, len(names))
+    with torch.no_grad(), group.route(names):
+        mixed = model(**batch).logits
+    for i, ref in enumerate(alone_logits(group, model, batch, names)):
+        torch.testing.assert_close(mixed[i], ref, atol=ATOL, rtol=0)
+    # deltas that only add a function of the host input commute: a LoRA between two group LoRAs is allowed
+    late.detach()
+    lora_group = DeltaGroup(model)
+    l1 = LoraModel(model, name="l1", modified_modules=["o_proj"])
+    outside.attach()  # created before l1 and l2: not between them
+    mid = LoraModel(model, name="mid", modified_modules=["o_proj"])
+    l2 = LoraModel(model, name="l2", modified_modules=["o_proj"])
+    for i, delta in enumerate([l1, mid, l2]):
+        perturb(delta, seed=20 + i, scale=0.5)
+    l1.detach()
+    l2.detach()
+    lora_group.add(l1)
+    lora_group.add(l2)
+    with torch.no_grad(), lora_group.route(["l2", "l1", None]):
+        mixed = model(**batch).logits
+    for i, ref in enumerate(alone_logits(lora_group, model, batch, ["l2", "l1", None])):
+        torch.testing.assert_close(mixed[i], ref, atol=ATOL, rtol=0)
+
+
 # ------------------------------------------------------------------ the example
 
 
