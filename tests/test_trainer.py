@@ -154,3 +154,60 @@ def test_bad_inputs_raise_clear_errors(tmp_path) -> None:
         trainer._load_from_checkpoint(str(elsewhere))
     for name, tensor in before.items():
         assert torch.equal(dict(model.named_parameters())[name], tensor)
+
+
+def test_trainable_tensors_that_checkpoints_miss_are_refused_before_training(tmp_path) -> None:
+    def hand_unfrozen_head():
+        model = tiny_bert(0)
+        torch.manual_seed(1)
+        delta = LoraModel(model, modified_modules=["query", "value"], lora_r=4)
+        delta.freeze_module(exclude=["deltas"])
+        model.classifier.requires_grad_(True)  # trainable, but freeze_module did not record it
+        return model, delta
+
+    def never_frozen():
+        model = tiny_bert(0)
+        torch.manual_seed(1)
+        return model, LoraModel(model, modified_modules=["query", "value"], lora_r=4)
+
+    # A checkpoint of the documented set-up, to resume from below.
+    good_model, good_delta = make()
+    DeltaTrainer(model=good_model, delta=good_delta, args=args(str(tmp_path / "good"), max_steps=3),
+                 train_dataset=Pairs()).train()
+    good_ckpt = str(tmp_path / "good" / "checkpoint-3")
+
+    cases = [
+        (hand_unfrozen_head, {}, r"\['classifier.weight', 'classifier.bias'\].*exclude=\[\"deltas\", \"classifier\"\]"),
+        (never_frozen, {}, r"'bert.embeddings.word_embeddings.weight'.*freeze_module"),
+        (hand_unfrozen_head, {"resume_from_checkpoint": good_ckpt}, r"'classifier.weight'"),
+    ]
+    for i, (build, train_kwargs, message) in enumerate(cases):
+        model, delta = build()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        out = tmp_path / f"bad{i}"
+        trainer = DeltaTrainer(model=model, delta=delta, args=args(str(out)), train_dataset=Pairs())
+        with pytest.raises(DeltaError, match=message):
+            trainer.train(**train_kwargs)
+        assert trainer.state.global_step == 0
+        assert not out.exists() or not any(p.startswith("checkpoint-") for p in os.listdir(out))
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        for key, tensor in before.items():
+            assert torch.equal(after[key], tensor), (i, key)
+
+    # Frozen by hand after freeze_module, the head is neither trained nor saved: fine.
+    model, delta = make()
+    model.classifier.requires_grad_(False)
+    head = model.classifier.weight.detach().clone()
+    DeltaTrainer(model=model, delta=delta, args=args(str(tmp_path / "frozen"), max_steps=2), train_dataset=Pairs()).train()
+    assert torch.equal(model.classifier.weight, head)
+
+    # An optimizer passed in that holds only the delta trains only the delta, whatever requires_grad says: fine.
+    model, delta = never_frozen()
+    embeddings = model.bert.embeddings.word_embeddings.weight.detach().clone()
+    lora = {k: v.clone() for k, v in delta.delta_state_dict().items()}
+    optimizer = torch.optim.AdamW(delta.parameters(), lr=1e-2)
+    DeltaTrainer(model=model, delta=delta, args=args(str(tmp_path / "own"), max_steps=2), train_dataset=Pairs(),
+                 optimizers=(optimizer, None)).train()
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, embeddings)
+    assert any(not torch.equal(v, lora[k]) for k, v in delta.delta_state_dict().items())

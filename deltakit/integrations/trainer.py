@@ -11,6 +11,10 @@ What Trainer sees, and why a subclass:
 
 - The model is the user's own model with the delta attached by hooks; Trainer trains it unchanged (the optimizer
   gets exactly the parameters with ``requires_grad``: the delta and what ``freeze_module`` kept trainable).
+  ``train()`` first checks that a checkpoint will hold every tensor the optimizer trains: one set trainable by hand
+  (``model.classifier.requires_grad_(True)`` after ``freeze_module(exclude=["deltas"])``) or a backbone never
+  frozen would be trained but not saved, and a resume would silently continue from another model. It raises a
+  ``DeltaError`` naming them instead, before anything is loaded or trained.
 - Trainer recognises only PEFT's classes as adapters and otherwise writes the *full* model as
   ``model.safetensors`` (+ ``config.json``), which ``from_pretrained`` would load. A delta-only file under that
   name would load "successfully" with a random backbone. So checkpoints must use other names, and then Trainer's
@@ -87,6 +91,81 @@ class DeltaTrainer(Trainer):
                 "save_delta_checkpoint (see docs/ecosystem.md)."
             )
         self.deltas: list[DeltaBase] = deltas
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """:meth:`transformers.Trainer.train`, after checking that every tensor it would train is checkpointed.
+
+        Raises:
+            DeltaError: A trainable tensor is neither a delta parameter nor recorded by ``freeze_module`` (so a
+                checkpoint would not hold it); raised before anything is loaded, trained or saved.
+        """
+        self._check_trained_tensors_are_saved()
+        return super().train(*args, **kwargs)
+
+    def _check_trained_tensors_are_saved(self) -> None:
+        """Refuse to train a tensor that checkpoints leave out (resume / best model would restore another model).
+
+        A checkpoint holds each delta's parameters and the backbone tensors listed in its
+        ``unfrozen_parameter_names`` (what ``freeze_module`` kept trainable). Trainer optimises every parameter with
+        ``requires_grad`` (or, with an optimizer passed in or kept from an earlier ``train()``, those of its
+        parameters that have ``requires_grad``).
+        """
+        saved: set[int] = set()
+        for delta in self.deltas:
+            saved.update(id(p) for p in delta.parameters())
+            params = dict(delta.backbone_model.named_parameters())
+            saved.update(id(params[n]) for n in delta.unfrozen_parameter_names if n in params)
+        in_optimizer = (
+            None if self.optimizer is None
+            else {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        )
+        unsaved = [
+            (name, param)
+            for name, param in self.model.named_parameters()
+            if param.requires_grad and id(param) not in saved and (in_optimizer is None or id(param) in in_optimizer)
+        ]
+        if not unsaved:
+            return
+        # Name the offending modules as freeze_module sees them (relative to a delta's backbone).
+        backbone_names: dict[int, str] = {}
+        for delta in self.deltas:
+            for n, p in delta.backbone_model.named_parameters():
+                backbone_names.setdefault(id(p), n)
+        inside: list[str] = []
+        outside: list[str] = []
+        for name, param in unsaved:
+            owner = backbone_names[id(param)].rpartition(".")[0] if id(param) in backbone_names else None
+            if not owner:  # outside every delta's backbone, or a parameter of the backbone's root module
+                outside.append(name)
+            elif owner and owner not in inside:
+                inside.append(owner)
+        names = [name for name, _ in unsaved]
+        how = []
+        if 0 < len(inside) <= 3:
+            example = ", ".join(f'"{m}"' for m in inside)
+            how.append(
+                f"keep them trainable through freeze_module, which records them for saving "
+                f'(delta.freeze_module(exclude=["deltas", {example}])), or freeze them with requires_grad_(False)'
+            )
+        elif inside:
+            how.append(
+                f"freeze the backbone with delta.freeze_module(exclude=[\"deltas\", <the modules you mean to train, "
+                f"e.g. \"{inside[-1]}\">]), which freezes the rest and records those for saving ({len(inside)} modules "
+                f"hold such tensors now, starting with {inside[:3]})"
+            )
+        if outside:
+            shown = outside if len(outside) <= 3 else str(outside[:3])[:-1] + ", ...]"
+            how.append(
+                f"{shown} belong to no module of the backbone the deltas "
+                f"were created on, so freeze_module cannot record them: freeze them, or create the delta on the "
+                f"whole model"
+            )
+        raise DeltaError(
+            f"DeltaTrainer would train {len(names)} tensor(s) that its checkpoints do not save: "
+            f"{names if len(names) <= 5 else str(names[:5])[:-1] + ', ...]'}. A checkpoint holds only the deltas' parameters and the backbone "
+            f"tensors freeze_module() kept trainable, so resume_from_checkpoint and load_best_model_at_end would "
+            f"restore a different model. To fix: {'; '.join(how)}. Nothing was loaded, trained or saved."
+        )
 
     def _delta_dir(self, root: str, delta: DeltaBase) -> str:
         return root if len(self.deltas) == 1 else os.path.join(root, delta.child_name)
