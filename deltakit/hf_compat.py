@@ -32,7 +32,7 @@ from torch import nn
 from .errors import DeltaError, UnsupportedModuleError
 
 #: Names the KV-cache keyword has had in transformers 5.x (``past_key_values`` is the deprecated alias of ``cache``).
-CACHE_KWARGS = ("cache", "past_key_values")
+CACHE_KWARGS = ("cache", "past_key_values", "layer_past")  # layer_past: GPT-NeoX / Falcon attention modules
 #: Names of an attention module's mask argument (``mask`` in T5).
 MASK_KWARGS = ("attention_mask", "mask")
 #: Arguments whose presence (not ``None``) makes an attention call a cross-attention call.
@@ -73,9 +73,19 @@ def is_kv_attention(module: nn.Module) -> bool:
     """Whether ``module`` is an attention module that consumes a KV cache itself: it takes a cache argument and no
     submodule of it does (so ``LlamaAttention``, not ``LlamaDecoderLayer``; ``BertSelfAttention``, not
     ``BertAttention``)."""
-    if cache_parameter(module) is None:
+    if cache_parameter(module) is None or _is_whole_model(module):
         return False
     return not any(cache_parameter(child) is not None for _, child in module.named_modules() if child is not module)
+
+
+def _is_whole_model(module: nn.Module) -> bool:
+    """A transformers model (``GPTNeoXModel``): never an attention module, even when its attention layers take their
+    cache under a name deltakit does not know."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(module, PreTrainedModel)
 
 
 def find_attention_modules(model: nn.Module, skip_types: tuple[type, ...] = ()) -> list[tuple[str, nn.Module]]:
@@ -138,8 +148,10 @@ def attention_geometry(name: str, module: nn.Module, backbone: nn.Module) -> Att
             f"modified_modules at the attention modules (e.g. 'self_attn', 'attention.self', 'SelfAttention')."
         )
     groups = _int_attr(module, ("num_key_value_groups",))
-    if groups is None and config is not None:
-        kv = _int_attr(config, ("num_key_value_heads",))
+    if groups is None:
+        kv = _int_attr(module, ("num_key_value_heads", "num_kv_heads"))  # Falcon: multi-query on the module
+        if kv is None and config is not None:
+            kv = _int_attr(config, ("num_key_value_heads", "num_kv_heads"))
         groups = heads // kv if kv and heads % kv == 0 else 1
     groups = groups or 1
     if heads % groups:
@@ -196,6 +208,8 @@ def cache_length(cache: Any, layer_idx: int | None = None) -> int:
 
 def self_attention_part(cache: Any) -> Any:
     """The self-attention cache of an encoder-decoder cache object, or the cache itself."""
+    if isinstance(cache, PrefixedCache):
+        return cache  # another prefix delta on the same module went first: stack on top of its cache
     inner = getattr(cache, "self_attention_cache", None)
     return cache if inner is None else inner
 
@@ -535,17 +549,30 @@ def prepend_soft_prompt(
     prompt: torch.Tensor,
     embedding: nn.Module,
     where: str,
+    limit: int | None = None,
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Rewrite a call of the embedding module's consumer: soft prompt embeddings ``(n, hidden)`` in front of the
     token embeddings, attention mask and token type ids extended, position ids shifted. When the call continues a
     KV cache that already holds the prompt, only the mask and positions are adjusted. New tensors are built; the
-    caller's are never modified.
+    caller's are never modified. ``limit``: the model's number of absolute positions (see :func:`position_limit`),
+    checked so that an input the prompt pushes past it gets a clear error.
     """
     call = CallArgs(params, args, kwargs)
     count = prompt.shape[0]
     cache_name = call.first_present(CACHE_KWARGS)
     cache = call.get(cache_name) if cache_name else None
-    continuing = cache is not None and cache_length(cache) > 0
+    past = cache_length(cache) if cache is not None else 0
+    continuing = past > 0
+    if limit is not None:
+        tokens = next((t.shape[1] for t in (call.get("input_ids"), call.get("inputs_embeds"))
+                       if isinstance(t, torch.Tensor) and t.dim() >= 2), 0)
+        total = past + tokens + (0 if continuing else count)
+        if total > limit:
+            raise DeltaError(
+                f"Soft prompts: {where!r} would need {total} positions ({count} soft prompt tokens, "
+                f"{total - count} of input and cache), but the model has {limit} position embeddings. Shorten the "
+                f"input (or max_new_tokens) by {total - limit}, or use fewer soft tokens."
+            )
     mask = call.get("attention_mask")
     if mask is not None:
         call.set("attention_mask", _prepend_mask(mask, count, where))
@@ -575,6 +602,17 @@ def prepend_soft_prompt(
             head = head.expand(*value.shape[:-1], count) if value.dim() > 1 else head
             call.set(name, torch.cat([head, value + count], dim=-1))
     return call.result()
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many absolute positions the model's learned position embedding has (GPT-2 ``wpe``, BERT
+    ``position_embeddings``, OPT/BART ``embed_positions`` minus their offset), or None (rotary / relative positions)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and name.rpartition(".")[2] in (
+            "position_embeddings", "wpe", "embed_positions"
+        ):
+            return module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+    return None
 
 
 def extend_encoder_mask(

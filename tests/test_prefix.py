@@ -458,3 +458,117 @@ def test_a_cache_object_of_unknown_form_is_refused_clearly() -> None:
     attention = model.transformer.h[0].attn
     with pytest.raises(DeltaError, match=r"without update\(\).*transformers"):
         attention(torch.randn(1, 3, 32), **{hf_compat.cache_parameter(attention): object()})
+
+
+# ---------------------------------------------------------------------------------------------------- stacking
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("padded", [False, True])
+def test_two_prefix_deltas_stack_like_one_longer_prefix(name: str, padded: bool) -> None:
+    """The later delta's prefix goes in front of the earlier one's: [p2; p1; tokens], checked against the model's
+    own cache holding that concatenation."""
+    model = BUILDERS[name]()
+    first = small_prefix(model, prefix_token_num=2)
+    second = small_prefix(model, prefix_token_num=3, name="prefix2")
+    perturb(first, seed=1, scale=0.3)
+    perturb(second, seed=2, scale=0.3)
+    ids = ids_batch()
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, :3] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    p1, p2 = first.prefix_tensors(), second.prefix_tensors()
+    second.detach()
+    first.detach()
+    cache = DynamicCache()
+    for layer, site in enumerate(first.modified_modules):
+        key = torch.cat([p2[site][0], p1[site][0]], dim=1).unsqueeze(0).expand(2, -1, -1, -1)
+        value = torch.cat([p2[site][1], p1[site][1]], dim=1).unsqueeze(0).expand(2, -1, -1, -1)
+        cache.update(key, value, layer)
+    wide = torch.cat([torch.ones(2, 5, dtype=mask.dtype), mask], dim=1)
+    kwarg = hf_compat.cache_parameter(model)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=wide, position_ids=positions, **{kwarg: cache}).logits
+    keep = mask.bool()
+    torch.testing.assert_close(ours[keep], reference[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "t5", "bart"])
+def test_two_prefix_deltas_in_generate_match_recomputation(name: str) -> None:
+    model = BUILDERS[name]()
+    first = small_prefix(model, prefix_token_num=2)
+    second = small_prefix(model, prefix_token_num=3, name="prefix2")
+    perturb(first, seed=1, scale=0.5)
+    perturb(second, seed=2, scale=0.5)
+    inputs = generation_inputs(name)
+    with torch.no_grad():
+        out = greedy(model, inputs, 4)
+        for step in range(4):
+            torch.testing.assert_close(
+                out.logits[step], full_step_logits(name, model, inputs, out.sequences, step), rtol=1e-5, atol=1e-5
+            )
+        second.detach()
+        only_first = greedy(model, inputs, 4)
+    assert not torch.allclose(out.logits[0], only_first.logits[0], rtol=1e-3, atol=1e-3)  # the second one acts
+
+
+def tiny_gpt_neox() -> nn.Module:
+    from transformers import GPTNeoXForCausalLM
+
+    from deltakit.structures import tiny_config
+
+    torch.manual_seed(0)
+    return GPTNeoXForCausalLM(tiny_config("gpt_neox")).eval()
+
+
+def tiny_falcon() -> nn.Module:
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(0)
+    cfg = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)  # multi-query
+    return FalconForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_gpt_neox, tiny_falcon], ids=["gpt_neox", "falcon"])
+def test_attention_taking_layer_past_gets_the_prefix(build) -> None:
+    """GPT-NeoX and Falcon attention take their cache as ``layer_past``: the default positions are those modules
+    (not the whole base model), Falcon's single key/value head is respected, and the result equals the prefix put
+    in the model's own cache; generate() with the cache equals recomputation."""
+    model = build()
+    delta = small_prefix(model, prefix_token_num=2)
+    perturb(delta, scale=0.3)
+    assert [type(s.host).__name__ for s in delta.sites] == [type(s.host).__name__ for s in delta.sites[:1]] * 2
+    assert type(delta.sites[0].host).__name__.endswith("Attention")
+    ids = ids_batch()
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    prefixes = delta.prefix_tensors()
+    delta.detach()
+    cache = DynamicCache()
+    for layer, site in enumerate(delta.modified_modules):
+        key, value = prefixes[site]
+        cache.update(key.unsqueeze(0).expand(2, -1, -1, -1), value.unsqueeze(0).expand(2, -1, -1, -1), layer)
+    positions = torch.arange(ids.shape[1]).expand(2, -1)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=torch.ones(2, 2 + ids.shape[1], dtype=torch.long),
+                          position_ids=positions, **{hf_compat.cache_parameter(model): cache}).logits
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    delta.attach()
+    inputs = generation_inputs("llama")
+    with torch.no_grad():
+        out = greedy(model, inputs, 4)
+        for step in range(4):
+            torch.testing.assert_close(
+                out.logits[step], full_step_logits("llama", model, inputs, out.sequences, step), rtol=1e-5, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fold_keeps_the_delta_frozen_or_trainable(frozen: bool) -> None:
+    model = tiny_llama()
+    delta = small_prefix(model)
+    if frozen:
+        delta.freeze_module(exclude=[])  # everything frozen, the delta included
+    delta.fold_reparameterization()
+    assert all(p.requires_grad is not frozen for p in delta.parameters())

@@ -385,3 +385,22 @@ def test_whole_model_pickles_with_the_prompt(name: str) -> None:
     assert torch.equal(out.logits, again.logits)
     if name == "gpt2":
         assert torch.equal(out.loss, again.loss)
+
+
+def test_an_input_the_prompt_pushes_past_the_position_table_gets_a_clear_error() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=100)).eval()
+    SoftPromptModel(model, soft_token_num=10)
+    ids = torch.randint(3, 100, (1, 54))
+    with torch.no_grad():
+        model(input_ids=ids)  # 10 + 54 = 64: fits
+        with pytest.raises(DeltaError, match="would need 65 positions .*has 64 position embeddings.*Shorten"):
+            model(input_ids=torch.randint(3, 100, (1, 55)))
+        with pytest.raises(DeltaError, match="would need 65 positions"):
+            model.generate(input_ids=ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                           max_new_tokens=55, do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=ids[:, :5], attention_mask=torch.ones(1, 5, dtype=torch.long),
+                             max_new_tokens=49, do_sample=False, pad_token_id=0)  # the last position that fits
+    assert out.shape == (1, 54)

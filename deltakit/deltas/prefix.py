@@ -126,8 +126,10 @@ class PrefixSite(DeltaSite):
         """Store the current prefixes as own parameters and drop the reference to the shared MLP."""
         with torch.no_grad():
             key, value = (t.detach().clone().contiguous() for t in self.prefixes())
-        self.prefix_key = nn.Parameter(key)
-        self.prefix_value = nn.Parameter(value)
+        # trainable only if the reparameterization was (a frozen delta stays frozen)
+        trainable = any(p.requires_grad for shared in self._shared for p in shared.parameters())
+        self.prefix_key = nn.Parameter(key, requires_grad=trainable)
+        self.prefix_value = nn.Parameter(value, requires_grad=trainable)
         self._shared = ()
         self.__dict__.pop("_cached", None)
 

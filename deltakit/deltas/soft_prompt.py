@@ -71,6 +71,7 @@ class SoftPromptSite(DeltaSite):
         self.params = params
         self._embedding = (embedding,)  # referenced, not registered: it belongs to the backbone
         self._target = (target,)  # likewise
+        self.position_limit = hf_compat.position_limit(target)  # absolute positions of the model, if it has them
         self.soft_embeds = nn.Parameter(prompt)
 
     @property
@@ -79,7 +80,9 @@ class SoftPromptSite(DeltaSite):
         return self._target[0]
 
     def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
-        return hf_compat.prepend_soft_prompt(self.params, args, kwargs, self.soft_embeds, self._embedding[0], self.site)
+        return hf_compat.prepend_soft_prompt(
+            self.params, args, kwargs, self.soft_embeds, self._embedding[0], self.site, self.position_limit
+        )
 
 
 # The hooks below carry no parameters. They are module-level classes (not closures) so that a model with a soft
