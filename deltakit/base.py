@@ -617,7 +617,8 @@ class DeltaBase:
 
         Args:
             module: The module to freeze (default: the backbone).
-            exclude: What stays trainable: ``"deltas"`` (this delta's parameters) and module name patterns in the
+            exclude: What stays trainable: ``"deltas"`` (this delta's parameters), other delta objects (their
+                parameters: ``exclude=["deltas", other_delta]`` trains both) and module name patterns in the
                 ``modified_modules`` syntax (e.g. ``"classifier"``). Default: the config's ``unfrozen_modules``
                 (``["deltas"]``). Parameters of modules kept trainable here are saved by :meth:`save_finetuned`.
             set_state_dict: Make ``backbone_model.state_dict()`` return only the trainable tensors (through a
@@ -625,12 +626,15 @@ class DeltaBase:
                 only the delta.
         """
         module = self.backbone_model if module is None else module
-        exclude = list(self.config.unfrozen_modules if exclude is None else [exclude] if isinstance(exclude, str) else exclude)
+        exclude = list(self.config.unfrozen_modules if exclude is None else [exclude] if isinstance(exclude, (str, DeltaBase)) else exclude)
         keep: set[int] = set()
         backbone_keep: set[int] = set()
         for pattern in exclude:
             if pattern == "deltas":
                 keep.update(id(p) for p in self.parameters())
+                continue
+            if isinstance(pattern, DeltaBase):  # another delta on this backbone stays trainable too
+                keep.update(id(p) for p in pattern.parameters())
                 continue
             for _, matched in find_modules(module, [pattern], what="freeze_module exclude", skip_types=(DeltaSite,)):
                 ids = {id(p) for p in matched.parameters()}

@@ -509,3 +509,27 @@ def test_a_copied_model_with_shared_lora_projections_runs_and_matches(copy_kind:
     with torch.no_grad():
         assert torch.equal(arch.run(clone), expected)
         assert torch.equal(arch.run(model), expected)
+
+
+def test_freeze_module_can_keep_another_delta_trainable() -> None:
+    from deltakit import AdapterModel
+
+    model = tiny_bert()
+    lora = LoraModel(model)
+    adapter = AdapterModel(model)
+    lora.freeze_module(exclude=["deltas", adapter, "classifier"])
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in [*lora.parameters(), *adapter.parameters(), *model.classifier.parameters()]}
+    adapter.freeze_module(exclude=lora)  # a single delta object works too; "deltas" not given: adapter frozen
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in lora.parameters()}
+
+
+@pytest.mark.parametrize("alpha", [0, -8, 0.0])
+def test_lora_alpha_must_be_positive(alpha) -> None:
+    from deltakit.errors import DeltaConfigError
+
+    model = tiny_bert()
+    state = snapshot(model)
+    with pytest.raises(DeltaConfigError, match="lora_alpha must be > 0"):
+        LoraModel(model, lora_alpha=alpha)
+    assert_state_equal(model, state)

@@ -39,6 +39,11 @@ class LoraConfig(DeltaConfig):
         check_probability(self, "lora_dropout")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise DeltaConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}.")
+        if not self.lora_alpha > 0:  # 0 makes the delta a no-op, a negative one flips it: both are mistakes
+            raise DeltaConfigError(
+                f"LoraConfig.lora_alpha must be > 0 (the update is scaled by lora_alpha / lora_r), got "
+                f"{self.lora_alpha!r}. A common choice is twice lora_r."
+            )
 
 
 class _AddLowRankInPlace(torch.autograd.Function):
