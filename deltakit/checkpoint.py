@@ -19,6 +19,11 @@ Loading validates everything first: the config, the delta type, the file's integ
 recorded SHA-256 when the config has one; checkpoints written before it was recorded still load), that every saved site
 resolves to exactly one module of the new backbone, that tensor names and shapes fit, and that the backbone
 fingerprint (model type and config essentials, host shapes) agrees. Only then is the model touched.
+
+Saved names are resolved with one offset for the whole checkpoint: as they are, with a prefix added (the new model
+wraps the saved backbone: saved from ``BertModel``, loaded into ``BertForSequenceClassification``), or with a
+leading prefix removed (the other way round). Parts are never dropped from inside a name, so a delta saved on
+``blocks.1.proj`` never lands on ``blocks.0.proj`` (see :func:`_resolve_placement`).
 """
 
 from __future__ import annotations
@@ -493,23 +498,102 @@ def _read_tensors(path: str, meta: dict[str, Any] | None = None) -> dict[str, to
     return tensors
 
 
-def _resolve_name(saved: str, names: list[str], what: str, source: str) -> str:
-    """Map a name saved from one backbone to the unique name in another that ends with its longest suffix."""
+#: How the saved backbone sits in the one loaded into: ``(strip, add)``, dotted prefixes ending with ``"."`` (or
+#: empty), at most one of them non-empty. A saved name ``strip + rest`` becomes ``add + rest``.
+_Placement = tuple[str, str]
+
+
+def _place(saved: str, placement: _Placement) -> str | None:
+    """The name ``saved`` gets under ``placement``, or ``None`` when it lies outside the part that was moved."""
+    strip, add = placement
+    if not saved.startswith(strip) or len(saved) == len(strip):
+        return None
+    return add + saved[len(strip) :]
+
+
+def _placements_of(saved: str, names: set[str]) -> list[_Placement]:
+    """Every placement under which ``saved`` names an existing module: as it is, inside a wrapper that this model
+    adds (a model name ends with ``"." + saved``), or without the wrapper it was saved with (a model name equals
+    ``saved`` without some leading parts). Parts are only ever added or removed in front, never from inside."""
+    found: list[_Placement] = [("", "")] if saved in names else []
+    found += [("", n[: -len(saved)]) for n in sorted(names) if n.endswith("." + saved)]
     parts = saved.split(".")
-    for i in range(len(parts)):
-        suffix = ".".join(parts[i:])
-        found = [n for n in names if n == suffix or n.endswith("." + suffix)]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
+    found += [(".".join(parts[:i]) + ".", "") for i in range(1, len(parts)) if ".".join(parts[i:]) in names]
+    return found
+
+
+def _describe_placement(placement: _Placement) -> str:
+    strip, add = placement
+    if add:
+        return f"inside {add[:-1]!r} (this model wraps the saved backbone)"
+    if strip:
+        return f"without the saved wrapper {strip[:-1]!r} (the saved backbone wrapped this model)"
+    return "under its saved name"
+
+
+def _like(saved: str, names: list[str], least: int = 1) -> str:
+    """A few names of this backbone ending the same way as ``saved`` (in at least ``least`` dotted parts): a hint
+    for the error messages."""
+    parts = saved.split(".")
+    for keep in range(min(len(parts), 3), least - 1, -1):
+        tail = "." + ".".join(parts[-keep:])
+        similar = [n for n in names if ("." + n).endswith(tail)]
+        if similar and len(similar) <= 50:
+            more = f" and {len(similar) - 3} more" if len(similar) > 3 else ""
+            return f" Names ending like it here: {similar[:3]}{more}."
+    return ""
+
+
+def _resolve_placement(
+    sites: list[str], tensors: list[str], modules: list[str], params: list[str], source: str, backbone: nn.Module
+) -> _Placement:
+    """The one placement under which every saved site is a module of this backbone.
+
+    A backbone wrapped in another module is fine in both directions (saved from ``BertModel`` and loaded into
+    ``BertForSequenceClassification``, or the other way round), with one offset for the whole checkpoint. A saved
+    site never moves elsewhere inside the model (``blocks.1.proj`` is never taken for ``blocks.0.proj``).
+
+    Raises:
+        CheckpointError: A site exists under no placement, the sites need different placements, or several
+            placements fit (this backbone holds the saved one more than once).
+    """
+    where = f"this backbone ({type(backbone).__name__})"
+    keys, names = (sites, set(modules)) if sites else (tensors, set(params))
+    what = "Delta site" if sites else "Backbone tensor"
+    if not keys:
+        return ("", "")
+
+    def missing(key: str) -> CheckpointError:
+        return CheckpointError(
+            f"{what} {key!r} saved in {source!r} does not exist in {where}: no "
+            f"{'module' if sites else 'parameter'} there has this name, ends with it (a wrapper around the "
+            f"saved backbone) or equals it without leading parts (the saved backbone wrapped around this one)."
+            f"{_like(key, sorted(names))} The checkpoint was made for another architecture or another size."
+        )
+
+    common = _placements_of(keys[0], names)
+    if not common:
+        raise missing(keys[0])
+    for key in keys[1:]:
+        fits = [p for p in common if _place(key, p) in names]
+        if not fits:
+            own = _placements_of(key, names)
+            if not own:
+                raise missing(key)
             raise CheckpointError(
-                f"{what} {saved!r} saved in {source!r} is ambiguous in this backbone: it matches {found[:4]}. "
-                f"Load into the same model class the delta was trained on."
+                f"The saved sites of {source!r} do not sit together in {where}: {keys[0]!r} is found "
+                f"{_describe_placement(common[0])} but {key!r} only {_describe_placement(own[0])}. Load into the "
+                f"model the delta was trained on (or one of the same class)."
             )
-    raise CheckpointError(
-        f"{what} {saved!r} saved in {source!r} does not exist in this backbone "
-        f"({len(names)} modules searched). The checkpoint was made for another architecture."
-    )
+        common = fits
+    if len(common) > 1:
+        at = [_place(keys[0], p) for p in common]
+        raise CheckpointError(
+            f"{source!r} fits {where} in {len(common)} places: its {what.lower()} {keys[0]!r} could be {at[:4]}. "
+            f"This model holds the saved backbone more than once; load into the submodule you mean "
+            f"(backbone_model=<that submodule>)."
+        )
+    return common[0]
 
 
 def load_delta(
@@ -542,7 +626,11 @@ def load_delta(
         n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in site_prefixes)
     ]
     saved_sites = expand_sites(meta["sites"], path) if meta["format_version"] >= 2 else list(meta["sites"])
-    resolved = [_resolve_name(s, names, "Delta site", path) for s in saved_sites]
+    backbone_params = dict(backbone_model.named_parameters())
+    placement = _resolve_placement(
+        saved_sites, list(meta["backbone_tensors"]), names, list(backbone_params), path, backbone_model
+    )
+    resolved = [_place(s, placement) for s in saved_sites]
     if len(set(resolved)) != len(resolved):
         raise CheckpointError(f"Several saved sites of {path!r} map to the same module of this backbone: {resolved}.")
     if meta["format_version"] >= 2:
@@ -581,13 +669,22 @@ def load_delta(
                 f"{tuple(expected[key].shape)}. The delta was trained on a backbone of another size or with other "
                 f"hyper-parameters."
             )
-    backbone_params = dict(backbone_model.named_parameters())
-    param_names = list(backbone_params)
     backbone_tensors: dict[str, torch.Tensor] = {}
     for saved in meta["backbone_tensors"]:
         if saved not in tensors:
             raise CheckpointError(f"{path!r} lists backbone tensor {saved!r} but does not contain it; file corrupt.")
-        target = _resolve_name(saved, param_names, "Backbone tensor", path)
+        target = _place(saved, placement)
+        if target not in backbone_params:
+            at = (
+                f"which puts it at {target!r}, and there is no such parameter" if target is not None
+                else f"and it lies outside {placement[0][:-1]!r}"
+            )
+            raise CheckpointError(
+                f"Backbone tensor {saved!r} saved in {path!r} (kept trainable by freeze_module, e.g. a head) does not "
+                f"exist in this backbone ({type(backbone_model).__name__}): the delta's sites are found "
+                f"{_describe_placement(placement)}, {at}.{_like(saved, list(backbone_params), least=2)} Load into "
+                f"the model class the delta was trained on."
+            )
         if tuple(backbone_params[target].shape) != tuple(tensors[saved].shape):
             raise CheckpointError(
                 f"Shape mismatch for backbone tensor {target!r}: checkpoint {tuple(tensors[saved].shape)}, "

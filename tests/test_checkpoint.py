@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from transformers import BertConfig, BertForSequenceClassification
 
 import deltakit.checkpoint as checkpoint
 from deltakit import (
@@ -23,7 +24,17 @@ from deltakit import (
 from deltakit.checkpoint import WEIGHTS_NAME, read_weights
 from deltakit.config import CONFIG_NAME
 
-from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2, tiny_llama
+from .conftest import (
+    ARCHS,
+    assert_state_equal,
+    hook_counts,
+    perturb,
+    snapshot,
+    tiny_bert,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_roberta,
+)
 
 
 @pytest.fixture
@@ -374,3 +385,103 @@ def test_checkpoints_without_a_weights_hash_still_load(trained) -> None:
     model = tiny_bert()
     AutoDeltaModel.from_finetuned(path, backbone_model=model)
     assert torch.equal(model(x).logits, out)
+
+
+class _Blocks(torch.nn.Module):
+    """A plain module (no config) with ``blocks.<i>.proj``; the blocks listed in ``without`` have no ``proj``."""
+
+    def __init__(self, n: int, without: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential() for _ in range(n))
+        for i, block in enumerate(self.blocks):
+            if i not in without:
+                block.add_module("proj", torch.nn.Linear(8, 8))
+
+
+def _refuses(path, model, match: str, **kwargs) -> str:
+    keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
+    with pytest.raises(CheckpointError, match=match) as info:
+        AutoDeltaModel.from_finetuned(path, backbone_model=model, **kwargs)
+    _assert_untouched(model, keys, hooks, state)
+    return str(info.value)
+
+
+def test_a_saved_site_never_lands_on_another_layer(tmp_path) -> None:
+    # A plain module has no config, so the default fingerprint check cannot tell the sizes apart.
+    torch.manual_seed(0)
+    LoraModel(_Blocks(2), modified_modules=["blocks.1.proj"]).save_finetuned(tmp_path / "net")
+    message = _refuses(
+        tmp_path / "net", _Blocks(1), r"'blocks.1.proj' saved in .* does not exist in this backbone \(_Blocks\)"
+    )
+    assert "'blocks.0.proj'" in message  # named as a hint only
+
+    # Layer 1 of a BERT never goes to layer 0 of a one-layer BERT, even without the fingerprint check.
+    LoraModel(tiny_bert(), modified_modules=["query"], exclude_modules=["encoder.layer.0"]).save_finetuned(
+        tmp_path / "bert"
+    )
+    torch.manual_seed(0)
+    one_layer = BertForSequenceClassification(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=100,
+                   max_position_embeddings=64, num_labels=2)
+    ).eval()
+    _refuses(tmp_path / "bert", one_layer, r"'bert.encoder.layer.1.attention.self.query' saved in .* does not exist",
+             check_backbone=False)
+
+
+def test_wrapped_backbones_load_in_both_directions_with_one_offset(trained, tmp_path) -> None:
+    x = torch.randint(2, 100, (2, 6))
+    # Saved from the BertModel inside a classifier, loaded into a whole classifier (which wraps it as 'bert').
+    model = tiny_bert()
+    inner_delta = LoraModel(model.bert, modified_modules=["query", "value"], lora_r=4)
+    perturb(inner_delta)
+    want = model.bert(x).last_hidden_state
+    inner_delta.save_finetuned(tmp_path / "inner")
+    fresh = tiny_bert()
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "inner", backbone_model=fresh)
+    assert loaded.modified_modules[0] == "bert.encoder.layer.0.attention.self.query"
+    assert torch.equal(fresh.bert(x).last_hidden_state, want)
+
+    # Saved from a whole classifier (delta only), loaded into the BertModel of a fresh one: 'bert.' is dropped.
+    model = tiny_bert()
+    outer_delta = LoraModel(model, modified_modules=["query", "value"], lora_r=4)
+    perturb(outer_delta)
+    want = model.bert(x).last_hidden_state
+    outer_delta.save_finetuned(tmp_path / "outer")
+    fresh = tiny_bert()
+    loaded = AutoDeltaModel.from_finetuned(tmp_path / "outer", backbone_model=fresh.bert)
+    assert loaded.modified_modules[0] == "encoder.layer.0.attention.self.query"
+    assert torch.equal(fresh.bert(x).last_hidden_state, want)
+
+    # A model that holds the saved backbone twice: refused, whichever copy would be meant.
+    class Twins(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = tiny_bert(), tiny_bert()
+
+    _refuses(tmp_path / "outer", Twins(), r"fits this backbone \(Twins\) in 2 places.*backbone_model=")
+
+    # Sites found only under different offsets (one inside 'a', one inside 'b') are never split across them.
+    class Halves(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = _Blocks(1), _Blocks(2, without=(0,))
+
+    torch.manual_seed(0)
+    LoraModel(_Blocks(2), modified_modules=["proj"]).save_finetuned(tmp_path / "halves")
+    _refuses(tmp_path / "halves", Halves(), r"do not sit together in this backbone \(Halves\)")
+
+
+def test_a_missing_backbone_tensor_is_reported_as_missing(trained) -> None:
+    _, path, _, _ = trained
+    # The sites fit the BertModel inside a classifier, but the saved head does not exist there.
+    message = _refuses(
+        path, tiny_bert().bert, r"Backbone tensor 'classifier.weight' saved in .* does not exist in this backbone "
+        r"\(BertModel\)"
+    )
+    assert "ambiguous" not in message
+    # A BERT classifier checkpoint on RoBERTa: its sites do not exist there (nor does the head).
+    message = _refuses(
+        path, tiny_roberta(), r"'bert.encoder.layer.0.attention.self.query' saved in .* does not exist in this "
+        r"backbone \(RobertaForSequenceClassification\)", check_backbone=False,
+    )
+    assert "ambiguous" not in message

@@ -137,7 +137,7 @@ class DeltaTrainer(Trainer):
             owner = backbone_names[id(param)].rpartition(".")[0] if id(param) in backbone_names else None
             if not owner:  # outside every delta's backbone, or a parameter of the backbone's root module
                 outside.append(name)
-            elif owner and owner not in inside:
+            elif owner not in inside:
                 inside.append(owner)
         names = [name for name, _ in unsaved]
         how = []
@@ -156,15 +156,15 @@ class DeltaTrainer(Trainer):
         if outside:
             shown = outside if len(outside) <= 3 else str(outside[:3])[:-1] + ", ...]"
             how.append(
-                f"{shown} belong to no module of the backbone the deltas "
-                f"were created on, so freeze_module cannot record them: freeze them, or create the delta on the "
-                f"whole model"
+                f"{shown} belong to no module of the backbone the deltas were created on, so freeze_module cannot "
+                f"record them: freeze them, or create the delta on the whole model"
             )
+        listed = names if len(names) <= 5 else str(names[:5])[:-1] + ", ...]"
         raise DeltaError(
-            f"DeltaTrainer would train {len(names)} tensor(s) that its checkpoints do not save: "
-            f"{names if len(names) <= 5 else str(names[:5])[:-1] + ', ...]'}. A checkpoint holds only the deltas' parameters and the backbone "
-            f"tensors freeze_module() kept trainable, so resume_from_checkpoint and load_best_model_at_end would "
-            f"restore a different model. To fix: {'; '.join(how)}. Nothing was loaded, trained or saved."
+            f"DeltaTrainer would train {len(names)} tensor(s) that its checkpoints do not save: {listed}. A checkpoint "
+            f"holds only the deltas' parameters and the backbone tensors freeze_module() kept trainable, so "
+            f"resume_from_checkpoint and load_best_model_at_end would restore a different model. To fix: "
+            f"{'; '.join(how)}. Nothing was loaded, trained or saved."
         )
 
     def _delta_dir(self, root: str, delta: DeltaBase) -> str:
