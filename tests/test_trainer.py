@@ -170,6 +170,13 @@ def test_trainable_tensors_that_checkpoints_miss_are_refused_before_training(tmp
         torch.manual_seed(1)
         return model, LoraModel(model, modified_modules=["query", "value"], lora_r=4)
 
+    not_given: list[BitFitModel] = []
+
+    def second_delta_not_given():
+        model, lora = make()
+        not_given.append(BitFitModel(model, modified_modules=["attention.output.dense"]))  # trainable, not passed in
+        return model, lora
+
     # A checkpoint of the documented set-up, to resume from below.
     good_model, good_delta = make()
     DeltaTrainer(model=good_model, delta=good_delta, args=args(str(tmp_path / "good"), max_steps=3),
@@ -180,6 +187,8 @@ def test_trainable_tensors_that_checkpoints_miss_are_refused_before_training(tmp
         (hand_unfrozen_head, {}, r"\['classifier.weight', 'classifier.bias'\].*exclude=\[\"deltas\", \"classifier\"\]"),
         (never_frozen, {}, r"'bert.embeddings.word_embeddings.weight'.*freeze_module"),
         (hand_unfrozen_head, {"resume_from_checkpoint": good_ckpt}, r"'classifier.weight'"),
+        (second_delta_not_given, {}, r"'bert.encoder.layer.0.attention.output.dense.bitfit.bias'.*not given to "
+                                     r"DeltaTrainer"),
     ]
     for i, (build, train_kwargs, message) in enumerate(cases):
         model, delta = build()
@@ -199,7 +208,8 @@ def test_trainable_tensors_that_checkpoints_miss_are_refused_before_training(tmp
     model, delta = make()
     model.classifier.requires_grad_(False)
     head = model.classifier.weight.detach().clone()
-    DeltaTrainer(model=model, delta=delta, args=args(str(tmp_path / "frozen"), max_steps=2), train_dataset=Pairs()).train()
+    frozen_args = args(str(tmp_path / "frozen"), max_steps=2)
+    DeltaTrainer(model=model, delta=delta, args=frozen_args, train_dataset=Pairs()).train()
     assert torch.equal(model.classifier.weight, head)
 
     # An optimizer passed in that holds only the delta trains only the delta, whatever requires_grad says: fine.

@@ -49,6 +49,7 @@ from ..base import DeltaBase
 from ..checkpoint import WEIGHTS_NAME
 from ..config import CONFIG_NAME
 from ..errors import CheckpointError, DeltaError
+from ..hooks import DeltaSite
 from .distributed import load_delta_state_dict, read_delta_checkpoint
 
 __all__ = ["DeltaTrainer"]
@@ -131,11 +132,15 @@ class DeltaTrainer(Trainer):
         for delta in self.deltas:
             for n, p in delta.backbone_model.named_parameters():
                 backbone_names.setdefault(id(p), n)
+        site_prefixes = [n + "." for n, m in self.model.named_modules() if isinstance(m, DeltaSite)]
         inside: list[str] = []
         outside: list[str] = []
+        other_deltas: list[str] = []
         for name, param in unsaved:
             owner = backbone_names[id(param)].rpartition(".")[0] if id(param) in backbone_names else None
-            if not owner:  # outside every delta's backbone, or a parameter of the backbone's root module
+            if any(name.startswith(prefix) for prefix in site_prefixes):
+                other_deltas.append(name)
+            elif not owner:  # outside every delta's backbone, or a parameter of the backbone's root module
                 outside.append(name)
             elif owner not in inside:
                 inside.append(owner)
@@ -158,6 +163,12 @@ class DeltaTrainer(Trainer):
             how.append(
                 f"{shown} belong to no module of the backbone the deltas were created on, so freeze_module cannot "
                 f"record them: freeze them, or create the delta on the whole model"
+            )
+        if other_deltas:
+            shown = other_deltas if len(other_deltas) <= 3 else str(other_deltas[:3])[:-1] + ", ...]"
+            how.append(
+                f"{shown} belong to a delta not given to DeltaTrainer: pass every delta you train "
+                f"(DeltaTrainer(..., delta=[delta, other_delta])), or freeze that one"
             )
         listed = names if len(names) <= 5 else str(names[:5])[:-1] + ", ...]"
         raise DeltaError(
