@@ -11,13 +11,20 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
 
 from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, LoraModel
 from deltakit.integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_to_peft, from_peft
 from deltakit.structures import tiny_model
 
-from .conftest import assert_state_equal, hook_counts, perturb, snapshot
+from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_llama, tiny_t5
 
 peft = pytest.importorskip("peft")
 
@@ -113,6 +120,41 @@ def test_import_of_a_peft_adapter_gives_identical_outputs(arch: str, tmp_path) -
     assert torch.equal(hidden(fresh), theirs)
     delta.detach()
     assert torch.equal(hidden(model), hidden(tiny_model(arch)))
+
+
+SCALE_ARCHS = {"llama": (tiny_llama, ["q_proj", "v_proj"]), "t5": (tiny_t5, ["q", "v"])}
+
+
+@pytest.mark.parametrize("arch", list(SCALE_ARCHS))
+@pytest.mark.parametrize(("r", "alpha", "exact"), [(4, 4, True), (4, 8, True), (8, 16, True), (3, 7, False),
+                                                   (2, 8, False)])
+def test_outputs_against_peft_bit_exact_or_within_float_rounding(arch: str, r: int, alpha: int, exact: bool,
+                                                                 tmp_path) -> None:
+    # The factors always convert bit for bit. deltakit adds scale * (B A x) in one fused step, PEFT scales B A x and
+    # then adds, with other GEMM calls: the outputs are torch.equal for power-of-two scales with r >= 4 (as
+    # docs/peft_interop.md says), and agree to float rounding otherwise (odd scales, ranks 2-3).
+    build, targets = SCALE_ARCHS[arch]
+    inputs = ARCHS[arch].inputs()
+
+    def run(model: nn.Module) -> torch.Tensor:
+        with torch.no_grad():  # T5 itself rounds differently in grad mode when its weights require grad
+            return model(**inputs).logits
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    model = build()
+    delta = LoraModel(model, modified_modules=["attn.q", "attn.v"], lora_r=r, lora_alpha=alpha)
+    perturb(delta, scale=0.3)
+    export_to_peft(delta, tmp_path / "export")
+    theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "export").eval()
+    assert same(run(model), run(theirs))
+    trained = peft.get_peft_model(build(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
+    perturb_lora(trained, seed=2)
+    trained.save_pretrained(tmp_path / "peft")
+    imported = build()
+    from_peft(tmp_path / "peft", imported)
+    assert same(run(imported), run(trained.eval()))
 
 
 def test_embedding_weights_peft_saved_along_are_applied_and_exported_back(tmp_path) -> None:
@@ -281,3 +323,165 @@ def test_import_into_a_backbone_wrapped_in_a_user_module(tmp_path) -> None:
     delta = from_peft(tmp_path / "peft", wrapped)  # sites found by their unique dotted suffix
     assert delta.modified_modules[0] == "encoder.embeddings.word_embeddings"
     assert torch.equal(hidden(wrapped), theirs)
+
+
+# ---------------------------------------------------------------------------------- heads that are module trees
+# PEFT wraps every module whose full name ends with a modules_to_save entry (a plain string suffix) and saves the
+# tensors of its whole subtree; SEQ_CLS / TOKEN_CLS add "classifier" and "score" on their own. RoBERTa's head is a
+# tree (classifier.dense, classifier.out_proj), DistilBERT's has a pre_classifier that "classifier" also matches.
+
+
+def roberta_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           vocab_size=128, max_position_embeddings=72, pad_token_id=1, num_labels=3)
+    return RobertaForSequenceClassification(config).eval()
+
+
+def distilbert_classifier(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    config = DistilBertConfig(vocab_size=128, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=64, num_labels=3)
+    return DistilBertForSequenceClassification(config).eval()
+
+
+def peft_seq_cls_adapter(build, targets: list[str], path) -> nn.Module:
+    """A PEFT SEQ_CLS adapter with random factors and a changed head (every modules_to_save copy); PEFT's model."""
+    trained = peft.get_peft_model(build(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            task_type="SEQ_CLS"))
+    perturb_lora(trained, seed=11)
+    with torch.no_grad():
+        for name, param in trained.named_parameters():
+            if ".modules_to_save.default." in name:
+                param.add_(0.5)
+    trained.save_pretrained(path)
+    return trained.eval()
+
+
+def test_import_of_peft_seq_cls_adapter_with_a_nested_head(tmp_path) -> None:
+    trained = peft_seq_cls_adapter(roberta_classifier, ["query", "value"], tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / PEFT_WEIGHTS_NAME)
+    assert "base_model.model.classifier.dense.weight" in saved  # the head's tensors sit two levels down
+    model = roberta_classifier()
+    delta = from_peft(tmp_path / "peft", model)
+    assert torch.equal(hidden(model), hidden(trained))
+    assert not torch.allclose(hidden(model), hidden(roberta_classifier()))
+    assert delta.unfrozen_parameter_names == [
+        "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"
+    ]
+    # and back to PEFT as SEQ_CLS: the head is one modules_to_save entry, as PEFT wrote it
+    export_to_peft(delta, tmp_path / "back", task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "back" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
+    reloaded = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "back").eval()
+    assert torch.equal(hidden(reloaded), hidden(trained))
+
+
+def test_import_follows_peft_suffix_matching_of_modules_to_save(tmp_path) -> None:
+    trained = peft_seq_cls_adapter(distilbert_classifier, ["q_lin", "v_lin"], tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / PEFT_WEIGHTS_NAME)
+    assert "base_model.model.pre_classifier.weight" in saved  # PEFT matched "classifier" as a plain suffix
+    model = distilbert_classifier()
+    delta = from_peft(tmp_path / "peft", model)
+    assert torch.equal(hidden(model), hidden(trained))
+    assert sorted(delta.unfrozen_parameter_names) == sorted(
+        ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"]
+    )
+
+
+def test_modules_to_save_outside_the_adapter_patterns_are_still_refused(tmp_path) -> None:
+    peft_seq_cls_adapter(roberta_classifier, ["query", "value"], tmp_path / "peft")
+    _edit_config(tmp_path / "peft", modules_to_save=["out_proj"], task_type=None)  # "classifier" no longer named
+    model = roberta_classifier()
+    state = snapshot(model)
+    with pytest.raises(CheckpointError, match="'classifier.dense.*neither a LoRA factor nor part of modules_to_save"):
+        from_peft(tmp_path / "peft", model)
+    assert_state_equal(model, state)
+    assert all(h == (0, 0) for h in hook_counts(model).values())
+    _edit_config(tmp_path / "peft", modules_to_save="classifier")
+    with pytest.raises(CheckpointError, match="invalid modules_to_save"):
+        from_peft(tmp_path / "peft", model)
+
+
+def trained_roberta_head(**lora: object) -> LoraModel:
+    model = roberta_classifier()
+    delta = LoraModel(model, lora_r=4, lora_alpha=8, **lora)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    perturb(delta, scale=0.3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.startswith("classifier."):
+                param.add_(0.5)
+    return delta
+
+
+@pytest.mark.parametrize("task_type", [None, "SEQ_CLS"])
+def test_export_of_a_trainable_head_tree_loads_in_peft(task_type: str | None, tmp_path) -> None:
+    delta = trained_roberta_head()
+    ours = hidden(delta.backbone_model)
+    export_to_peft(delta, tmp_path / "adapter", task_type=task_type)
+    assert json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "adapter").eval()
+    assert torch.equal(hidden(theirs), ours)
+    back = roberta_classifier()
+    from_peft(tmp_path / "adapter", back)
+    assert torch.equal(hidden(back), ours)
+
+
+def test_export_of_part_of_a_head_tree(tmp_path) -> None:
+    # only out_proj trainable: a module of its own, which PEFT wraps alone when nothing wraps the whole head
+    delta = trained_roberta_head()
+    delta.unfrozen_parameter_names = ["classifier.out_proj.weight", "classifier.out_proj.bias"]
+    with torch.no_grad():
+        delta.backbone_model.classifier.dense.weight.copy_(roberta_classifier().classifier.dense.weight)
+        delta.backbone_model.classifier.dense.bias.copy_(roberta_classifier().classifier.dense.bias)
+    ours = hidden(delta.backbone_model)
+    export_to_peft(delta, tmp_path / "plain")
+    assert json.loads((tmp_path / "plain" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier.out_proj"]
+    theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "plain").eval()
+    assert torch.equal(hidden(theirs), ours)
+    # SEQ_CLS makes PEFT wrap and load the whole "classifier": it is the entry, its frozen dense goes along
+    export_to_peft(delta, tmp_path / "seq_cls", task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "seq_cls" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
+    assert "base_model.model.classifier.dense.weight" in load_file(tmp_path / "seq_cls" / PEFT_WEIGHTS_NAME)
+    theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "seq_cls").eval()
+    assert torch.equal(hidden(theirs), ours)
+
+
+def test_export_writes_the_frozen_modules_peft_wraps_and_loads(tmp_path) -> None:
+    # a frozen classifier under SEQ_CLS: PEFT wraps it for the task and reads its tensors from the file
+    model = tiny_classifier()
+    delta = LoraModel(model, lora_r=4)
+    perturb(delta, scale=0.3)
+    export_to_peft(delta, tmp_path / "frozen", task_type="SEQ_CLS")
+    config = json.loads((tmp_path / "frozen" / PEFT_CONFIG_NAME).read_text())
+    assert config["modules_to_save"] is None and delta.unfrozen_parameter_names == []
+    theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "frozen").eval()
+    assert torch.equal(hidden(theirs), hidden(model))
+    # DistilBERT: the entry "classifier" also makes PEFT wrap (and read) pre_classifier
+    model = distilbert_classifier()
+    delta = LoraModel(model, modified_modules=["attn.q"], lora_r=4)
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    perturb(delta, scale=0.3)
+    with torch.no_grad():
+        model.classifier.weight.add_(0.5)
+    for task_type in (None, "SEQ_CLS"):
+        export_to_peft(delta, tmp_path / str(task_type), task_type=task_type)
+        assert json.loads((tmp_path / str(task_type) / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == [
+            "classifier"
+        ]
+        theirs = peft.PeftModel.from_pretrained(distilbert_classifier(), tmp_path / str(task_type)).eval()
+        assert torch.equal(hidden(theirs), hidden(model))
+
+
+def test_export_refuses_lora_inside_a_head_peft_wraps_for_the_task(tmp_path) -> None:
+    delta = LoraModel(roberta_classifier(), modified_modules=["attn.q", "classifier.out_proj"], lora_r=2)
+    with pytest.raises(DeltaError, match="task_type='SEQ_CLS'.*classifier.out_proj"):
+        export_to_peft(delta, tmp_path / "nested", task_type="SEQ_CLS")
+    assert not (tmp_path / "nested").exists()
+    delta = LoraModel(tiny_classifier(), modified_modules=["attn.q", "classifier"], lora_r=2)
+    with pytest.raises(DeltaError, match="task_type='SEQ_CLS'"):
+        export_to_peft(delta, tmp_path / "site", task_type="SEQ_CLS")
+    assert not (tmp_path / "site").exists()
+    export_to_peft(delta, tmp_path / "plain")  # without the task type PEFT wraps nothing there
+    theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "plain").eval()
+    assert torch.equal(hidden(theirs), hidden(delta.backbone_model))

@@ -67,6 +67,13 @@ _MUST_BE_OFF = {
 # init_lora_weights values that rewrite the base model's weights at initialisation: the adapter only works together
 # with that rewritten base, which a plain backbone is not.
 _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
+# Modules PEFT adds to modules_to_save on its own for a task type (its PeftModelFor... classes do so when they are
+# built, at training and at loading time).
+_TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 # ------------------------------------------------------------------------------------------------------ export
@@ -83,13 +90,16 @@ def export_to_peft(
     The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; load it with
     ``peft.PeftModel.from_pretrained(backbone, path)`` where ``backbone`` is a model of the same class as the
     delta's ``backbone_model`` (module names are relative to it). Backbone tensors kept trainable with
-    ``freeze_module(exclude=[..., "classifier"])`` go to PEFT's ``modules_to_save``.
+    ``freeze_module(exclude=[..., "classifier"])`` go to PEFT's ``modules_to_save``, one entry per topmost module
+    all of whose parameters are trainable (RoBERTa's ``classifier``, not its ``dense`` and ``out_proj``).
 
     Args:
         delta: A :class:`~deltakit.LoraModel` (any state: attached, detached or merged; the factors are exported).
         path: Target directory (created if needed).
         task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); ``None`` loads as a plain
-            ``PeftModel``. Note that PEFT adds ``classifier``/``score`` to ``modules_to_save`` for ``"SEQ_CLS"``.
+            ``PeftModel``. PEFT adds ``classifier``/``score`` to ``modules_to_save`` for ``"SEQ_CLS"`` and
+            ``"TOKEN_CLS"`` (``qa_outputs`` for ``"QUESTION_ANS"``) and loads those modules whole from the file:
+            they must hold no LoRA site, and their frozen tensors are written along at their current values.
         base_model_name_or_path: Recorded in the config (default: the backbone config's ``_name_or_path``).
         overwrite: Replace an existing adapter in ``path``.
 
@@ -97,7 +107,9 @@ def export_to_peft(
         The directory path.
 
     Raises:
-        DeltaError: ``delta`` is not a LoRA delta, or holds something PEFT cannot express; nothing is written.
+        DeltaError: ``delta`` is not a LoRA delta, or holds something PEFT cannot express (part of a module's own
+            parameters trainable, trainable modules around LoRA sites, a ``task_type`` head with LoRA sites
+            inside); nothing is written.
         CheckpointError: ``path`` is not a usable directory.
     """
     from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel, LoraSite
@@ -129,9 +141,9 @@ def export_to_peft(
         tensors[f"{KEY_PREFIX}{site.name}.{names[0]}"] = module.lora_A
         tensors[f"{KEY_PREFIX}{site.name}.{names[1]}"] = module.lora_B
 
-    modules_to_save = _modules_to_save(delta)
+    modules_to_save, frozen_needed = _modules_to_save(delta, task_type)
     params = dict(delta.backbone_model.named_parameters())
-    for name in delta.unfrozen_parameter_names:
+    for name in [*delta.unfrozen_parameter_names, *frozen_needed]:
         owner, _, pname = name.rpartition(".")
         key = f"{owner}.base_layer.{pname}" if owner in delta.modified_modules else name  # PEFT's name for it
         tensors[f"{KEY_PREFIX}{key}"] = params[name]
@@ -180,36 +192,108 @@ def export_to_peft(
     return path
 
 
-def _modules_to_save(delta: Any) -> list[str]:
-    """PEFT ``modules_to_save`` for the backbone tensors the user kept trainable: the modules owning them, each of
-    which must be kept trainable as a whole (PEFT saves whole modules) and must not be a LoRA site."""
-    unfrozen = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in delta.modified_modules]
-    if not unfrozen:
-        return []
-    modules = dict(delta.backbone_model.named_modules())
-    owners: list[str] = []
+def _peft_wraps(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
+    """Whether PEFT wraps the backbone module ``name`` for these ``modules_to_save`` entries: it compares the
+    module's full name inside the ``PeftModel`` against each entry as a plain string suffix (so ``"classifier"``
+    also matches ``"pre_classifier"``)."""
+    full = KEY_PREFIX + name
+    return any(full.endswith(p) for p in patterns)
+
+
+def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list[str]]:
+    """PEFT ``modules_to_save`` for the backbone tensors the user kept trainable, and the names of the frozen
+    backbone tensors PEFT also needs in the file.
+
+    PEFT saves and loads whole modules (each entry's full subtree), and wraps a module inside another wrapped one in
+    a way it cannot load back. So each entry is the topmost module all of whose parameters are kept trainable and
+    that holds no LoRA site (RoBERTa's ``classifier``, not ``classifier.dense`` and ``classifier.out_proj``), never
+    going above a module that PEFT wraps on its own for ``task_type`` (such a module becomes the entry when
+    trainable modules sit inside it). Everything PEFT would then wrap is checked: no wrapped module may hold a LoRA
+    site or sit inside another wrapped one. PEFT loads every tensor of every module it wraps from the file, so the
+    frozen ones among them (a frozen ``classifier`` under ``"SEQ_CLS"``, DistilBERT's ``pre_classifier`` which
+    ``"classifier"`` also matches) are returned to be written at their current values.
+
+    Raises:
+        DeltaError: part of a module's own parameters is trainable, a trainable module holds LoRA sites, or PEFT
+            would wrap a module that holds LoRA sites (e.g. ``task_type`` adds a head with LoRA inside).
+    """
+    sites = [site.name for site in delta.sites]
+    unfrozen = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in sites]
+    backbone = delta.backbone_model
+    modules = dict(backbone.named_modules())
+    inside_deltas = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
+    names = [n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in inside_deltas)]
+    task_patterns = _TASK_MODULES_TO_SAVE.get(task_type or "", ())
+    forced = [n for n in names if _peft_wraps(n, task_patterns)]
+
+    def sites_in(module: str) -> list[str]:
+        return [s for s in sites if s == module or s.startswith(module + ".")]
+
+    params = dict(backbone.named_parameters())
+    trainable = {id(params[n]) for n in unfrozen}
+    wanted = set(unfrozen)
+    entries: list[str] = []
     for name in unfrozen:
         owner = name.rpartition(".")[0]
-        if owner not in owners:
-            owners.append(owner)
-    wanted = set(unfrozen)
-    for owner in owners:
-        own = [
-            f"{owner}.{p}" if owner else p
-            for p, _ in modules[owner].named_parameters(recurse=False)
-        ]
+        own = [f"{owner}.{p}" if owner else p for p, _ in modules[owner].named_parameters(recurse=False)]
         if set(own) - wanted:
             raise DeltaError(
                 f"Cannot express the trainable backbone tensors of {owner!r} in PEFT: PEFT's modules_to_save saves "
                 f"whole modules, but only {sorted(set(own) & wanted)} of {own} are kept trainable. Keep the whole "
                 f"module trainable (freeze_module(exclude=['deltas', {owner!r}])) or freeze it."
             )
-        if any(isinstance(m, DeltaSite) for m in modules[owner].modules()):
+        if sites_in(owner) or not owner:
             raise DeltaError(
-                f"Cannot export {owner!r} as a trained module: it holds LoRA sites, and PEFT cannot wrap a module "
-                f"both ways. Keep only its own submodules without LoRA trainable, or freeze it."
+                f"Cannot export {owner or 'the backbone model itself'!r} as a trained module: it holds LoRA sites, "
+                f"and PEFT cannot wrap a module both ways. Keep only its own submodules without LoRA trainable, or "
+                f"freeze it."
             )
-    return owners
+        top = owner
+        while "." in top:
+            parent = top.rpartition(".")[0]
+            if (
+                sites_in(parent)
+                or any(f.startswith(parent + ".") for f in forced)
+                or not all(id(p) in trainable for p in modules[parent].parameters())
+            ):
+                break
+            top = parent
+        if top not in entries:
+            entries.append(top)
+
+    # A module PEFT wraps for the task type takes in the trainable modules inside it (PEFT saves it whole).
+    for module in forced:
+        inner = [e for e in entries if e.startswith(module + ".")]
+        if inner and not sites_in(module):
+            entries = [e for e in entries if e not in inner]
+            if module not in entries:
+                entries.append(module)
+
+    # What PEFT will wrap for these entries and the task type, by its own matching rule.
+    wrapped = [n for n in names if _peft_wraps(n, entries) or n in forced]
+    for module in wrapped:
+        inner = [n for n in wrapped if n.startswith(module + ".")]
+        holding = sites_in(module)
+        if module in forced and holding:
+            raise DeltaError(
+                f"Cannot export for task_type={task_type!r}: PEFT then wraps {module!r} as a whole trained module (it "
+                f"adds {list(task_patterns)} to modules_to_save and matches them as name suffixes), but it holds the "
+                f"LoRA sites {holding}, which PEFT cannot load. Keep LoRA out of {module!r}, or export with "
+                f"task_type=None (PeftModel.from_pretrained then loads it as a plain PeftModel)."
+            )
+        if holding or inner:
+            matched = [e for e in entries if _peft_wraps(module, [e])] or list(task_patterns)
+            problem = f"holds the LoRA sites {holding}" if holding else f"encloses the wrapped modules {inner}"
+            raise DeltaError(
+                f"Cannot express the trainable backbone tensors in PEFT: PEFT matches modules_to_save entries as name "
+                f"suffixes, so {matched} makes it wrap {module!r}, which {problem}; PEFT cannot load that. Freeze "
+                f"the trainable tensors under {module!r} or rename the modules so that no other module name ends "
+                f"with them."
+            )
+    # PEFT loads every tensor of every module it wraps from the file: frozen ones go along at their current values.
+    by_id = {id(param): name for name, param in params.items()}
+    needed = [by_id[id(param)] for module in wrapped for param in modules[module].parameters()]
+    return entries, [n for n in dict.fromkeys(needed) if n not in wanted]
 
 
 # ------------------------------------------------------------------------------------------------------ import
@@ -270,6 +354,9 @@ def read_peft_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{where!r} has an invalid rank r={r!r}.")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{where!r} has an invalid lora_alpha={alpha!r}.")
+    saved = config.get("modules_to_save")
+    if saved is not None and (not isinstance(saved, list) or not all(isinstance(p, str) and p for p in saved)):
+        raise CheckpointError(f"{where!r} has an invalid modules_to_save={saved!r} (a list of module names or null).")
     for option, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
         pattern = config.get(option) or {}
         if not isinstance(pattern, dict):
@@ -366,18 +453,23 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
                 f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
                 f"r={r} as adapter_config.json says (per-module ranks need rank_pattern, which deltakit refuses)."
             )
+    # PEFT saves the whole subtree of every module it wrapped for modules_to_save (plus the task type's own
+    # entries), so a tensor belongs to it when any module enclosing it is one PEFT wraps.
     patterns = config.get("modules_to_save") or []
+    task_patterns = [p for p in _TASK_MODULES_TO_SAVE.get(config.get("task_type") or "", ()) if p not in patterns]
     base_layer: dict[str, str] = {}  # PEFT's copies of a site's own weights (save_embedding_layers): key -> site
     for key in extras:
         site_name, marker, _ = key.partition(".base_layer.")
         if marker and site_name in factors:
             base_layer[key] = site_name
             continue
-        owner = key.rpartition(".")[0]
-        if not any(owner == p or owner.endswith("." + p) for p in patterns):
+        parts = key.split(".")
+        enclosing = [".".join(parts[:i]) for i in range(1, len(parts))]
+        if not any(_peft_wraps(module, patterns + task_patterns) for module in enclosing):
+            also = f" (and {task_patterns} for task_type={config.get('task_type')!r})" if task_patterns else ""
             raise CheckpointError(
-                f"{file!r} holds {key!r}, which is neither a LoRA factor nor part of modules_to_save={patterns}; "
-                f"deltakit cannot tell what it is."
+                f"{file!r} holds {key!r}, which is neither a LoRA factor nor part of modules_to_save={patterns}{also}: "
+                f"no module enclosing it ends with one of those names, so deltakit cannot tell what it is."
             )
 
     # Resolve and build everything (validated) before touching the model.
