@@ -96,6 +96,14 @@ def test_not_identity_at_init_and_parameters_only_in_the_delta() -> None:
     assert shared and all(n.startswith("prefix_shared.") for n in shared)  # the MLP lives once, on the root
 
 
+def prefix_cache(keys_values: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> DynamicCache:
+    """The model's own cache holding the given per-layer prefixes ``(kv_heads, n, head_dim)``: the reference."""
+    cache = DynamicCache()
+    for layer, (key, value) in enumerate(keys_values):
+        cache.update(key.unsqueeze(0).expand(batch, -1, -1, -1), value.unsqueeze(0).expand(batch, -1, -1, -1), layer)
+    return cache
+
+
 # ---------------------------------------------------------------------------------------------------- reference
 @pytest.mark.parametrize("name", CAUSAL)
 @pytest.mark.parametrize("padded", [False, True])
@@ -113,10 +121,7 @@ def test_equals_a_prefix_put_in_the_models_own_cache(name: str, padded: bool) ->
     ours = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     prefixes = delta.prefix_tensors()
     delta.detach()
-    cache = DynamicCache()
-    for layer, site in enumerate(delta.modified_modules):
-        key, value = prefixes[site]
-        cache.update(key.unsqueeze(0).expand(2, -1, -1, -1), value.unsqueeze(0).expand(2, -1, -1, -1), layer)
+    cache = prefix_cache([prefixes[site] for site in delta.modified_modules], batch=2)
     wide = torch.cat([torch.ones(2, 3, dtype=mask.dtype), mask], dim=1)
     kwarg = hf_compat.cache_parameter(model)
     reference = model(input_ids=ids, attention_mask=wide, position_ids=positions, **{kwarg: cache}).logits
@@ -481,11 +486,8 @@ def test_two_prefix_deltas_stack_like_one_longer_prefix(name: str, padded: bool)
     p1, p2 = first.prefix_tensors(), second.prefix_tensors()
     second.detach()
     first.detach()
-    cache = DynamicCache()
-    for layer, site in enumerate(first.modified_modules):
-        key = torch.cat([p2[site][0], p1[site][0]], dim=1).unsqueeze(0).expand(2, -1, -1, -1)
-        value = torch.cat([p2[site][1], p1[site][1]], dim=1).unsqueeze(0).expand(2, -1, -1, -1)
-        cache.update(key, value, layer)
+    both = [tuple(torch.cat([p2[site][i], p1[site][i]], dim=1) for i in (0, 1)) for site in first.modified_modules]
+    cache = prefix_cache(both, batch=2)  # [p2; p1] per layer
     wide = torch.cat([torch.ones(2, 5, dtype=mask.dtype), mask], dim=1)
     kwarg = hf_compat.cache_parameter(model)
     with torch.no_grad():
@@ -545,10 +547,7 @@ def test_attention_taking_layer_past_gets_the_prefix(build) -> None:
         ours = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
     prefixes = delta.prefix_tensors()
     delta.detach()
-    cache = DynamicCache()
-    for layer, site in enumerate(delta.modified_modules):
-        key, value = prefixes[site]
-        cache.update(key.unsqueeze(0).expand(2, -1, -1, -1), value.unsqueeze(0).expand(2, -1, -1, -1), layer)
+    cache = prefix_cache([prefixes[site] for site in delta.modified_modules], batch=2)
     positions = torch.arange(ids.shape[1]).expand(2, -1)
     with torch.no_grad():
         reference = model(input_ids=ids, attention_mask=torch.ones(2, 2 + ids.shape[1], dtype=torch.long),
