@@ -474,6 +474,8 @@ class DeltaBase:
                 self._remove_site_hooks(site)
         self._remove_checkpointing_hooks()
         self._merge_exact = exact_unmerge
+        # an inexact unmerge subtracts the delta computed again from these: they must not change meanwhile
+        self._merged_delta_versions = [p._version for p in self.parameters()]
         self._state = MERGED
         return self
 
@@ -510,6 +512,15 @@ class DeltaBase:
     def unmerge(self) -> DeltaBase:
         """Undo :meth:`merge`: restore the host weights and put the hooks back."""
         self._require("unmerge", MERGED)
+        if not self._merge_exact and [p._version for p in self.parameters()] != getattr(
+            self, "_merged_delta_versions", None
+        ):
+            raise DeltaStateError(
+                f"Cannot unmerge {self._describe()}: it was merged with exact_unmerge=False, which subtracts the delta "
+                f"again, and its own parameters changed since the merge (an optimizer step?), so the subtraction would "
+                f"corrupt the backbone weights. Restore the delta's parameters to their merged values first, or merge "
+                f"with exact_unmerge=True (the default) next time."
+            )
         if self._merge_exact:
             for site in self.sites:
                 for pname, (_, after) in site.module.merge_versions.items():

@@ -145,13 +145,16 @@ def _main(argv: list[str] | None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(rest)
-    if rest:
+    if args.command == "demo" and "--debug" in rest:  # the demo parses its own options; --debug is ours
+        rest = [a for a in rest if a != "--debug"]
+        args.debug = True
+    if args.command != "demo" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command == "demo":
+            from .demo import main as demo_main
+
+            return demo_main(rest)
         if args.command == "show":
             return _show(args, parser)
         return _inspect(args)

@@ -52,15 +52,21 @@ class SiteRouter:
         self.deltas = [d for d, _ in entries]
         self.sites = [s for _, s in entries]
         self.zero_slot = len(entries)
-        params: list[torch.Tensor] = []
+        # Where each parameter lives ((module, name)), so that a parameter object replaced by another (e.g.
+        # load_state_dict(..., assign=True)) is noticed, not only in-place changes of the old one.
+        sources: list[tuple[nn.Module, str]] = []
         seen: set[int] = set()
         for delta, site in entries:
-            extra = delta.shared.parameters() if delta.shared is not None else ()
-            for p in [*site.parameters(), *extra]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    params.append(p)
-        self.params = params
+            owners = [site, *([delta.shared] if delta.shared is not None else [])]
+            for owner in owners:
+                for module in owner.modules():
+                    for pname, p in module._parameters.items():
+                        if p is not None and id(p) not in seen:
+                            seen.add(id(p))
+                            sources.append((module, pname))
+        self._sources = sources
+        self.params = self._current_params()
+        self._ids = list(map(id, self.params))
         self._stack: dict[str, torch.Tensor] | None = None
         self._stamp: tuple[Any, ...] | None = None
         self.slots: torch.Tensor | None = None
@@ -85,18 +91,31 @@ class SiteRouter:
     def _target(self) -> dict[str, Any]:
         return factory_kwargs(self.host)
 
+    def _current_params(self) -> list[torch.Tensor]:
+        return [module._parameters[pname] for module, pname in self._sources]
+
+    def sync_params(self) -> None:
+        """Follow parameter objects replaced since the last block (``load_state_dict(..., assign=True)``): the
+        stack is rebuilt from the new ones."""
+        current = self._current_params()
+        ids = list(map(id, current))
+        if ids != self._ids:
+            self.params, self._ids = current, ids  # holding the new objects keeps the ids unique
+            self._stack = None
+
     def stack(self) -> dict[str, torch.Tensor]:
         """The stacked factors, rebuilt when a parameter changed (version counter, storage, device or dtype).
 
         With autograd on and a trainable delta parameter, the stack is built differentiably at every call (so
         gradients reach the deltas) and not cached.
         """
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.params):
+        params = self.params  # current objects: sync_params() runs when a route() block opens
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             return {k: v.to(**self._target()) for k, v in self.build().items()}
         host_param = next((p for p in self.host._parameters.values() if p is not None), None)
         stamp = (
-            tuple(p._version for p in self.params),
-            self.params[0].data_ptr() if self.params else 0,
+            [p._version for p in params],
+            params[0].data_ptr() if params else 0,
             None if host_param is None else (host_param.dtype, host_param.device),
         )
         if self._stack is None or stamp != self._stamp:
@@ -182,7 +201,7 @@ class _GatherBudget:
     """Bytes one route() block may still spend on kept gathered factors (shared by its routers)."""
 
     def __init__(self, megabytes: float) -> None:
-        self.left = int(megabytes * 2**20)
+        self.left = float(megabytes) * 2**20  # float: inf means no limit
 
     def take(self, nbytes: int) -> bool:
         if nbytes > self.left:
@@ -359,12 +378,31 @@ class DeltaGroup:
             raise DeltaStateError(
                 f"Cannot switch to {name!r}: group delta(s) {merged} are merged into the weights; unmerge() them first."
             )
+        detached = []
         for delta in self._deltas.values():
             if delta is not target and delta._state == ATTACHED:
                 delta.detach()
+                detached.append(delta)
         if target is not None and target.state == DETACHED:
-            target.attach()
+            try:
+                target.attach()
+            except Exception:
+                for delta in sorted(detached, key=lambda d: d._order_key):  # refused: put everything back
+                    delta.attach()
+                raise
         return target
+
+    def refresh(self) -> None:
+        """Drop the stacked factors kept for :meth:`route`, so the next routed call rebuilds them.
+
+        Stacks follow parameter changes by themselves (in-place version counters, replaced parameter objects, device
+        and dtype moves). Writes through ``param.data`` bypass version counters, as they bypass autograd: after
+        such an edit call ``refresh()``.
+        """
+        for router in self._routers or []:
+            router.sync_params()
+            router._stack = None
+            router._stamp = None
 
     # -------------------------------------------------------------- routing
     def _build_routers(self) -> list[SiteRouter]:
@@ -474,6 +512,7 @@ class DeltaGroup:
             routed = by_members[members]
             if routed is not None:
                 router._reset()
+                router.sync_params()
                 router.slots = routed
                 router._budget = budget
                 active.append(router)

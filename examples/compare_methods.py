@@ -448,7 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--lr", action="append", default=[], metavar="METHOD=LR", help="override one method's lr")
     parser.add_argument("--threads", type=int, default=None, help="fixed torch threads (default: measured)")
-    parser.add_argument("--plot", default=str(DEFAULT_PLOT), help="bar chart PNG (default docs/compare_methods.png)")
+    parser.add_argument(
+        "--plot", default=None,
+        help="bar chart PNG (default docs/compare_methods.png; with --tiny none unless given, so a mechanics run never "
+        "replaces the README's figure)",
+    )
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table as markdown here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -536,9 +540,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     print_table(console, rows, info)
 
-    plot_path = Path(args.plot)
-    plot(rows, info, plot_path)
-    console.print(f"plot: {plot_path}")
+    if args.plot is not None or not args.tiny:
+        plot_path = Path(args.plot) if args.plot is not None else DEFAULT_PLOT
+        plot(rows, info, plot_path)
+        console.print(f"plot: {plot_path}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**info, "methods": rows}, indent=2) + "\n")

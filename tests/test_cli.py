@@ -202,3 +202,14 @@ def test_inspect_verifies_the_recorded_weights_hash(capsys, tmp_path) -> None:
     (path / "delta_config.json").write_text(json.dumps(meta))
     code, out, err = run_cli(capsys, "inspect", str(path), "--json")
     assert code == 0 and err == "" and json.loads(out)["weights_sha256_ok"] is None
+
+
+def test_demo_failure_is_one_line_without_traceback(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    occupied = tmp_path / "afile"
+    occupied.write_text("not a directory")
+    code, out, err = run_cli(capsys, "demo", "--tiny", "--quiet", "--steps", "1", "--output-dir", str(occupied))
+    assert code == 1
+    assert err.startswith("deltakit demo: error: ") and "Traceback" not in err
+    assert occupied.read_text() == "not a directory"
+    with pytest.raises(OSError):  # --debug (after the command too) shows the real exception
+        run_cli(capsys, "demo", "--debug", "--tiny", "--quiet", "--steps", "1", "--output-dir", str(occupied))

@@ -182,3 +182,10 @@ def test_real_every_method_reaches_90_percent_of_full_fine_tuning(cm, tmp_path) 
             assert row["threshold_applies"] is False and 0.0 <= row["heldout_accuracy"] <= 1.0
             continue
         assert row["ratio_to_full"] >= 0.9, (key, summary)
+
+
+def test_a_tiny_run_never_replaces_the_readme_figure(cm, tmp_path, monkeypatch) -> None:
+    figure = tmp_path / "docs_compare_methods.png"
+    monkeypatch.setattr(cm, "DEFAULT_PLOT", figure)
+    assert cm.main(["--tiny", "--quiet", "--methods", "bitfit"]) == 0
+    assert not figure.exists()

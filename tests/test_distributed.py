@@ -181,3 +181,13 @@ def test_wrong_model_or_state_raises() -> None:
     delta.detach()
     with pytest.raises(DeltaError, match="attach"):
         delta_state_dict(model, delta)
+
+
+@pytest.mark.parametrize("state", [None, {"x": "not a tensor"}, [("x", torch.zeros(1))]])
+def test_load_delta_state_dict_refuses_what_is_not_a_tensor_mapping(state) -> None:
+    model = tiny_bert()
+    delta = LoraModel(model)
+    before = {k: v.clone() for k, v in delta.delta_state_dict().items()}
+    with pytest.raises(CheckpointError, match="needs a \\{name: tensor\\} mapping"):
+        load_delta_state_dict(model, delta, state)
+    assert all(torch.equal(before[k], v) for k, v in delta.delta_state_dict().items())

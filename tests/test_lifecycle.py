@@ -533,3 +533,27 @@ def test_lora_alpha_must_be_positive(alpha) -> None:
     with pytest.raises(DeltaConfigError, match="lora_alpha must be > 0"):
         LoraModel(model, lora_alpha=alpha)
     assert_state_equal(model, state)
+
+
+def test_inexact_unmerge_refuses_when_the_delta_changed_while_merged() -> None:
+    model = tiny_bert()
+    delta = LoraModel(model)
+    perturb(delta)
+    original = snapshot(model)
+    delta.merge(exact_unmerge=False)
+    merged = snapshot(model)
+    with torch.no_grad():
+        delta.sites[0].module.lora_B.mul_(2.0)  # e.g. an optimizer step with momentum while merged
+    with pytest.raises(DeltaStateError, match="exact_unmerge=False.*parameters changed since the merge"):
+        delta.unmerge()
+    assert delta.state == "merged"
+    now = model.state_dict()
+    assert all(torch.equal(now[k], v) for k, v in merged.items() if ".lora." not in k)  # backbone untouched
+    with torch.no_grad():
+        delta.sites[0].module.lora_B.div_(2.0)  # restored values: a new version, same numbers
+    with pytest.raises(DeltaStateError, match="parameters changed"):
+        delta.unmerge()  # versions, not values, are compared: still refused, nothing changed
+    delta2 = LoraModel(tiny_bert())
+    delta2.merge(exact_unmerge=False)
+    delta2.unmerge()  # unchanged parameters: allowed
+    assert len(original) == len(merged)

@@ -307,6 +307,67 @@ def test_route_refuses_a_bad_gather_cache_size(bad: Any) -> None:
     assert hook_counts(model) == hooks
 
 
+def test_route_follows_replaced_parameters_and_refresh_after_data_edits() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    names = ["a", "b"]
+    batch = batch_for(arch, 2)
+    with torch.no_grad(), group.route(names):
+        model(**batch)
+    # new Parameter objects (load_state_dict(..., assign=True)) while attached
+    group.switch("a")
+    new = {k: v * 3 for k, v in model.state_dict().items() if ".a." in k}
+    model.load_state_dict(new, strict=False, assign=True)
+    group.switch(None)
+    with torch.no_grad(), group.route(names):
+        routed = model(**batch).logits
+    ref = alone_logits(group, model, batch, names)
+    torch.testing.assert_close(routed[0], ref[0], atol=ATOL, rtol=0)
+    # writes through .data bypass version counters: refresh() makes the next route() see them
+    for p in group["b"].parameters():
+        p.data.mul_(2.0)
+    group.refresh()
+    with torch.no_grad(), group.route(names):
+        routed = model(**batch).logits
+    ref = alone_logits(group, model, batch, names)
+    torch.testing.assert_close(routed[1], ref[1], atol=ATOL, rtol=0)
+
+
+def test_a_refused_switch_changes_nothing() -> None:
+    arch = ARCHS["bert"]
+    model = arch.build()
+    group = DeltaGroup(model)
+    lora = LoraModel(model, name="lo", modified_modules=["attention.output.dense"])
+    adapter = AdapterModel(model, name="ad", modified_modules=["attention.output.dense"])
+    adapter.detach()
+    group.add(lora)
+    group.add(adapter)
+    outside = LoraModel(model, name="outside", modified_modules=["attention.output.dense"])  # created after ad
+    perturb(outside)
+    lora.detach()
+    outside.merge()  # the adapter must not go under it (LoRA may: it commutes)
+    group.switch("lo")
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(DeltaStateError, match="created after it is merged"):
+        group.switch("ad")
+    assert group.active == ["lo"]
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+
+
+def test_route_gather_cache_without_limit() -> None:
+    arch = ARCHS["llama"]
+    model = arch.build()
+    group = make_group(model, [("a", "lora"), ("b", "adapter")])
+    batch = batch_for(arch, 2)
+    with torch.no_grad(), group.route(["a", "b"], gather_cache_mb=float("inf")):
+        first = model(**batch).logits
+        second = model(**batch).logits
+        assert _kept(group) > 0
+    assert torch.equal(first, second)
+
+
 def test_route_follows_dtype_change() -> None:
     arch = ARCHS["bert"]
     model = arch.build()

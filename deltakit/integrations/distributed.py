@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -203,6 +203,12 @@ def load_delta_state_dict(model_or_engine: Any, delta: DeltaBase, state: dict[st
             "that the next step would copy back over the loaded values. Load the delta into the model before "
             "deepspeed.initialize (load_delta_checkpoint(model, delta, path) or AutoDeltaModel.from_finetuned), or "
             "resume a run with engine.save_checkpoint / engine.load_checkpoint."
+        )
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        kind = type(state).__name__ if not isinstance(state, Mapping) else "a mapping with non-tensor values"
+        raise CheckpointError(
+            f"load_delta_state_dict needs a {{name: tensor}} mapping (from delta_state_dict() or a checkpoint), got "
+            f"{kind}."
         )
     named = dict(_named_tensors(delta))
     missing = sorted(set(named) - set(state))
