@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_report(args.out, report)
         print(report)
+    dist.barrier()  # every rank done before the group goes (see trainer_ddp.py)
     dist.destroy_process_group()
     return 0
 
