@@ -21,7 +21,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import LR, STEPS, batch, build, rank_and_world, write_report  # noqa: E402
+from dist_common import LR, STEPS, batch, build, rank_and_world, shutdown, write_report  # noqa: E402
 
 from deltakit.integrations.distributed import save_delta_checkpoint  # noqa: E402
 
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_report(args.out, report)
         print(report)
-    dist.barrier()  # every rank done before the group goes (see trainer_ddp.py)
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -72,6 +72,16 @@ def rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def shutdown() -> None:
+    """Tear the process group down on every rank, once all of them are done.
+
+    Left to interpreter shutdown, gloo's background threads can still be joinable when their owner is destroyed,
+    and the process aborts ("terminate called without an active exception") after a successful run.
+    """
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def write_report(out: str, report: dict[str, Any]) -> None:
     """Rank 0 writes what the run checked to ``out/report.json`` (the tests read it)."""
     os.makedirs(out, exist_ok=True)

@@ -26,7 +26,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import LR, STEPS, batch, build, rank_and_world, write_report  # noqa: E402
+from dist_common import LR, STEPS, batch, build, rank_and_world, shutdown, write_report  # noqa: E402
 
 from deltakit.integrations.distributed import delta_state_dict, load_delta_checkpoint, save_delta_checkpoint  # noqa: E402
 
@@ -93,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_report(args.out, report)
         print(report)
-    dist.barrier()  # every rank done before the group goes (see trainer_ddp.py)
-    dist.destroy_process_group()
+    shutdown()
     return 0
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import VOCAB, build, write_report  # noqa: E402
+from dist_common import VOCAB, build, shutdown, write_report  # noqa: E402
 
 from deltakit.integrations.trainer import DeltaTrainer  # noqa: E402
 
@@ -80,11 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         write_report(args.out, report)
         print(report)
-    # Trainer (through accelerate) created the gloo group; tear it down on every rank before the interpreter exits.
-    # Left to interpreter shutdown, gloo's background threads can still be joinable when their owner is destroyed
-    # and the process aborts ("terminate called without an active exception") after a successful run.
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown()  # Trainer (through accelerate) created the gloo group
     return 0
 
 
