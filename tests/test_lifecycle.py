@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from deltakit import BitFitModel, DeltaError, DeltaStateError, LoraModel, ModuleMatchError, Visualization
 from deltakit.cli import main as cli_main
 
+from .tolerances import assert_same_function, assert_same_gradients
 from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2
 
 
@@ -83,9 +84,9 @@ def test_merge_beside_other_deltas_is_well_defined() -> None:
     with pytest.raises(DeltaStateError, match="applied before it"):
         second.merge()  # first is applied before second on the same hosts
     first.merge()
-    torch.testing.assert_close(arch.run(model), both, rtol=1e-4, atol=1e-5)
+    assert_same_function(arch.run(model), both, model=model)  # merged vs hooked: two computations
     second.merge()
-    torch.testing.assert_close(arch.run(model), both, rtol=1e-4, atol=1e-5)
+    assert_same_function(arch.run(model), both, model=model)  # merged vs hooked: two computations
     with pytest.raises(DeltaStateError, match="reverse"):
         first.unmerge()  # exact unmerge must go in reverse order
     second.unmerge()
@@ -178,7 +179,8 @@ def test_inexact_unmerge_subtracts() -> None:
     delta.merge(exact_unmerge=False)
     delta.unmerge()
     for key, value in model.state_dict().items():
-        torch.testing.assert_close(value, weights[key], rtol=0, atol=1e-6)
+        # W + s B A - s B A: two roundings of numbers of W's size (a rank-8 product added and taken away)
+        assert_same_function(value, weights[key], depth=2, reduction=delta.config.lora_r)
 
 
 def test_name_collisions_and_explicit_names() -> None:
@@ -222,7 +224,7 @@ def test_lora_matches_peft_given_the_same_factors() -> None:
         x = run(ours)
         torch.manual_seed(0)
         y = run(theirs)
-        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+        assert_same_function(x, y, model=ours)  # deltakit vs PEFT: two computations
         assert not torch.allclose(x, run(build()), atol=1e-3)
 
 
@@ -318,6 +320,8 @@ def test_lora_under_autocast_matches_the_out_of_place_formula() -> None:
     x = torch.randint(2, 100, (2, 6))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(x).logits
+    # bf16 has no useful worst-case bound here (it exceeds the values): check only that autocast runs the delta
+    # and gives values of the right size (docs/contributing.md, "Exactness")
     torch.testing.assert_close(mixed.float(), model(x).logits, rtol=0.05, atol=0.05)
 
 
@@ -383,9 +387,10 @@ def test_sibling_sites_share_one_projection_with_the_same_results(arch_name) -> 
     assert torch.equal(again, shared_out)  # the arithmetic of a call does not depend on earlier calls
     _without_sharing(delta)
     plain_out, plain_grads = _forward_backward(model, delta, arch.run)
-    torch.testing.assert_close(shared_out, plain_out, rtol=1e-12, atol=1e-12)
-    for a, b in zip(shared_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # one GEMM over [A_q; A_v] vs one per member: two computations, equal to fp64 rounding
+    tokens = sum(v.numel() for v in arch.inputs().values())
+    assert_same_function(shared_out, plain_out, model=model, tokens=tokens)
+    assert_same_gradients(shared_grads, plain_grads, model=model, tokens=tokens)
 
 
 class _CallsVFirst(nn.Module):
@@ -420,7 +425,7 @@ def test_sharing_never_reuses_a_projection_from_an_earlier_pass() -> None:
         model(x)
         model(x)
         delta.sites[1].module.lora_A.mul_(0.5)  # sites in model order: v, q
-        torch.testing.assert_close(model(x), _by_hand(model, delta, x), rtol=1e-6, atol=1e-6)
+        assert_same_function(model(x), _by_hand(model, delta, x), model=model)
     # full-batch training on one fixed input tensor: every step backpropagates through its own graph
     optimizer = torch.optim.SGD(delta.parameters(), lr=0.1)
     for _ in range(3):
@@ -428,7 +433,7 @@ def test_sharing_never_reuses_a_projection_from_an_earlier_pass() -> None:
         optimizer.zero_grad()
         loss.backward()
         expected = _by_hand(model, delta, x).pow(2).mean()
-        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+        assert_same_function(loss, expected, model=model, tokens=x.numel())
         optimizer.step()
     group = delta.sites[0].module.__dict__["shared_input"]
     assert group.pending is None and group.shared_calls > 0  # shared within each pass, nothing kept after it
@@ -456,10 +461,10 @@ def test_a_follower_whose_input_changed_in_place_computes_its_own_projection() -
         expected = (
             model.q(x) + model.v(2 * x)  # each host alone, hooks included
         )
-    assert torch.allclose(out, expected, atol=1e-6)
+    assert_same_function(out, expected, model=model)
     _without_sharing(delta)
     with torch.no_grad():
-        assert torch.allclose(model(x.clone()), out, atol=1e-6)
+        assert_same_function(model(x.clone()), out, model=model)
 
 
 def test_lora_on_a_resized_embedding_says_what_happened() -> None:

@@ -24,6 +24,7 @@ from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, L
 from deltakit.integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_to_peft, from_peft
 from deltakit.structures import tiny_model
 
+from .tolerances import assert_same_function
 from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_llama, tiny_t5
 
 peft = pytest.importorskip("peft")
@@ -51,6 +52,13 @@ def _quiet() -> None:
 
 def ids(seed: int = 5) -> torch.Tensor:
     return torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def same_as_peft(ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    """deltakit and PEFT compute the same function with other kernels (deltakit adds ``scale * B (A x)`` in one fused
+    step, PEFT scales ``B (A x)`` and then adds): equal to float rounding, never promised bit for bit."""
+    # the size of the largest tiny model compared here (tiny T5: 33 matmul modules, widths up to 128)
+    assert_same_function(ours, theirs, depth=2 * 33, reduction=128)
 
 
 def hidden(model: nn.Module) -> torch.Tensor:
@@ -87,7 +95,7 @@ def test_export_loads_in_peft_with_identical_outputs(arch: str, tmp_path) -> Non
     export_to_peft(delta, tmp_path / "adapter")
     assert sorted(os.listdir(tmp_path / "adapter")) == [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME]
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval()
-    assert torch.equal(hidden(theirs), ours)
+    same_as_peft(hidden(theirs), ours)
     assert not torch.allclose(hidden(tiny_model(arch)), ours)
     config = json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())
     assert config["fan_in_fan_out"] is (arch == "gpt2") and config["r"] == 4 and config["lora_alpha"] == 8
@@ -104,7 +112,8 @@ def test_import_of_a_peft_adapter_gives_identical_outputs(arch: str, tmp_path) -
     model = tiny_model(arch)
     delta = from_peft(tmp_path / "peft", model)
     assert isinstance(delta, LoraModel) and delta.state == "attached"
-    assert torch.equal(hidden(model), theirs)
+    ours = hidden(model)
+    same_as_peft(ours, theirs)
     assert delta.config.lora_r == 4 and delta.config.lora_alpha == 8
     # and back: the re-exported file holds exactly PEFT's tensors
     export_to_peft(delta, tmp_path / "again")
@@ -117,7 +126,7 @@ def test_import_of_a_peft_adapter_gives_identical_outputs(arch: str, tmp_path) -
     delta.save_finetuned(tmp_path / "deltakit")
     fresh = tiny_model(arch)
     AutoDeltaModel.from_finetuned(tmp_path / "deltakit", fresh)
-    assert torch.equal(hidden(fresh), theirs)
+    assert torch.equal(hidden(fresh), ours)  # save/load: the same operations, bit for bit
     delta.detach()
     assert torch.equal(hidden(model), hidden(tiny_model(arch)))
 
@@ -126,13 +135,12 @@ SCALE_ARCHS = {"llama": (tiny_llama, ["q_proj", "v_proj"]), "t5": (tiny_t5, ["q"
 
 
 @pytest.mark.parametrize("arch", list(SCALE_ARCHS))
-@pytest.mark.parametrize(("r", "alpha", "exact"), [(4, 4, True), (4, 8, True), (8, 16, True), (3, 7, False),
-                                                   (2, 8, False)])
-def test_outputs_against_peft_bit_exact_or_within_float_rounding(arch: str, r: int, alpha: int, exact: bool,
-                                                                 tmp_path) -> None:
-    # The factors always convert bit for bit. deltakit adds scale * (B A x) in one fused step, PEFT scales B A x and
-    # then adds, with other GEMM calls: the outputs are torch.equal for power-of-two scales with r >= 4 (as
-    # docs/peft_interop.md says), and agree to float rounding otherwise (odd scales, ranks 2-3).
+@pytest.mark.parametrize(("r", "alpha"), [(4, 4), (4, 8), (8, 16), (3, 7), (2, 8)])
+def test_outputs_against_peft_within_float_rounding(arch: str, r: int, alpha: int, tmp_path) -> None:
+    # The factors always convert bit for bit (tested above). The outputs are two computations (deltakit adds
+    # scale * (B A x) in one fused step, PEFT scales B A x and then adds, with other GEMM calls): they agree to float
+    # rounding, whatever the scale, on any CPU (docs/peft_interop.md). Bit-for-bit equality seen on one machine for
+    # power-of-two scales is a coincidence of its GEMM kernels, not a promise.
     build, targets = SCALE_ARCHS[arch]
     inputs = ARCHS[arch].inputs()
 
@@ -140,21 +148,18 @@ def test_outputs_against_peft_bit_exact_or_within_float_rounding(arch: str, r: i
         with torch.no_grad():  # T5 itself rounds differently in grad mode when its weights require grad
             return model(**inputs).logits
 
-    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-
     model = build()
     delta = LoraModel(model, modified_modules=["attn.q", "attn.v"], lora_r=r, lora_alpha=alpha)
     perturb(delta, scale=0.3)
     export_to_peft(delta, tmp_path / "export")
     theirs = peft.PeftModel.from_pretrained(build(), tmp_path / "export").eval()
-    assert same(run(model), run(theirs))
+    same_as_peft(run(model), run(theirs))
     trained = peft.get_peft_model(build(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets))
     perturb_lora(trained, seed=2)
     trained.save_pretrained(tmp_path / "peft")
     imported = build()
     from_peft(tmp_path / "peft", imported)
-    assert same(run(imported), run(trained.eval()))
+    same_as_peft(run(imported), run(trained.eval()))
 
 
 def test_embedding_weights_peft_saved_along_are_applied_and_exported_back(tmp_path) -> None:
@@ -168,11 +173,11 @@ def test_embedding_weights_peft_saved_along_are_applied_and_exported_back(tmp_pa
     model = tiny_model("llama")
     delta = from_peft(tmp_path / "peft", model)
     assert delta.unfrozen_parameter_names == ["embed_tokens.weight"]
-    assert torch.equal(hidden(model), hidden(trained))
+    same_as_peft(hidden(model), hidden(trained))
     export_to_peft(delta, tmp_path / "back")
     assert "base_model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "back" / PEFT_WEIGHTS_NAME)
     reloaded = peft.PeftModel.from_pretrained(tiny_model("llama"), tmp_path / "back").eval()
-    assert torch.equal(hidden(reloaded), hidden(trained))
+    same_as_peft(hidden(reloaded), hidden(trained))
 
 
 def tiny_classifier(seed: int = 0) -> nn.Module:
@@ -193,7 +198,7 @@ def test_a_trained_classifier_head_travels_as_modules_to_save(tmp_path) -> None:
     export_to_peft(delta, tmp_path / "adapter")
     assert json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
     theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "adapter").eval()
-    assert torch.equal(hidden(theirs), ours)
+    same_as_peft(hidden(theirs), ours)
     # PEFT -> deltakit with PEFT's SEQ_CLS task type (it saves the classifier on its own)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     trained = peft.get_peft_model(tiny_classifier(), config)
@@ -204,7 +209,7 @@ def test_a_trained_classifier_head_travels_as_modules_to_save(tmp_path) -> None:
     trained.eval()
     target = tiny_classifier()
     imported = from_peft(tmp_path / "seq_cls", target)
-    assert torch.equal(hidden(target), hidden(trained))
+    same_as_peft(hidden(target), hidden(trained))
     assert imported.unfrozen_parameter_names == ["classifier.weight", "classifier.bias"]
 
 
@@ -322,7 +327,7 @@ def test_import_into_a_backbone_wrapped_in_a_user_module(tmp_path) -> None:
     wrapped = Wrapper().eval()
     delta = from_peft(tmp_path / "peft", wrapped)  # sites found by their unique dotted suffix
     assert delta.modified_modules[0] == "encoder.embeddings.word_embeddings"
-    assert torch.equal(hidden(wrapped), theirs)
+    same_as_peft(hidden(wrapped), theirs)
 
 
 # ---------------------------------------------------------------------------------- heads that are module trees
@@ -364,7 +369,7 @@ def test_import_of_peft_seq_cls_adapter_with_a_nested_head(tmp_path) -> None:
     assert "base_model.model.classifier.dense.weight" in saved  # the head's tensors sit two levels down
     model = roberta_classifier()
     delta = from_peft(tmp_path / "peft", model)
-    assert torch.equal(hidden(model), hidden(trained))
+    same_as_peft(hidden(model), hidden(trained))
     assert not torch.allclose(hidden(model), hidden(roberta_classifier()))
     assert delta.unfrozen_parameter_names == [
         "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"
@@ -373,7 +378,7 @@ def test_import_of_peft_seq_cls_adapter_with_a_nested_head(tmp_path) -> None:
     export_to_peft(delta, tmp_path / "back", task_type="SEQ_CLS")
     assert json.loads((tmp_path / "back" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
     reloaded = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "back").eval()
-    assert torch.equal(hidden(reloaded), hidden(trained))
+    same_as_peft(hidden(reloaded), hidden(trained))
 
 
 def test_import_follows_peft_suffix_matching_of_modules_to_save(tmp_path) -> None:
@@ -382,7 +387,7 @@ def test_import_follows_peft_suffix_matching_of_modules_to_save(tmp_path) -> Non
     assert "base_model.model.pre_classifier.weight" in saved  # PEFT matched "classifier" as a plain suffix
     model = distilbert_classifier()
     delta = from_peft(tmp_path / "peft", model)
-    assert torch.equal(hidden(model), hidden(trained))
+    same_as_peft(hidden(model), hidden(trained))
     assert sorted(delta.unfrozen_parameter_names) == sorted(
         ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"]
     )
@@ -421,7 +426,7 @@ def test_export_of_a_trainable_head_tree_loads_in_peft(task_type: str | None, tm
     export_to_peft(delta, tmp_path / "adapter", task_type=task_type)
     assert json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
     theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "adapter").eval()
-    assert torch.equal(hidden(theirs), ours)
+    same_as_peft(hidden(theirs), ours)
     back = roberta_classifier()
     from_peft(tmp_path / "adapter", back)
     assert torch.equal(hidden(back), ours)
@@ -438,13 +443,13 @@ def test_export_of_part_of_a_head_tree(tmp_path) -> None:
     export_to_peft(delta, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier.out_proj"]
     theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "plain").eval()
-    assert torch.equal(hidden(theirs), ours)
+    same_as_peft(hidden(theirs), ours)
     # SEQ_CLS makes PEFT wrap and load the whole "classifier": it is the entry, its frozen dense goes along
     export_to_peft(delta, tmp_path / "seq_cls", task_type="SEQ_CLS")
     assert json.loads((tmp_path / "seq_cls" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
     assert "base_model.model.classifier.dense.weight" in load_file(tmp_path / "seq_cls" / PEFT_WEIGHTS_NAME)
     theirs = peft.PeftModel.from_pretrained(roberta_classifier(), tmp_path / "seq_cls").eval()
-    assert torch.equal(hidden(theirs), ours)
+    same_as_peft(hidden(theirs), ours)
 
 
 def test_export_writes_the_frozen_modules_peft_wraps_and_loads(tmp_path) -> None:
@@ -456,7 +461,7 @@ def test_export_writes_the_frozen_modules_peft_wraps_and_loads(tmp_path) -> None
     config = json.loads((tmp_path / "frozen" / PEFT_CONFIG_NAME).read_text())
     assert config["modules_to_save"] is None and delta.unfrozen_parameter_names == []
     theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "frozen").eval()
-    assert torch.equal(hidden(theirs), hidden(model))
+    same_as_peft(hidden(theirs), hidden(model))
     # DistilBERT: the entry "classifier" also makes PEFT wrap (and read) pre_classifier
     model = distilbert_classifier()
     delta = LoraModel(model, modified_modules=["attn.q"], lora_r=4)
@@ -470,7 +475,7 @@ def test_export_writes_the_frozen_modules_peft_wraps_and_loads(tmp_path) -> None
             "classifier"
         ]
         theirs = peft.PeftModel.from_pretrained(distilbert_classifier(), tmp_path / str(task_type)).eval()
-        assert torch.equal(hidden(theirs), hidden(model))
+        same_as_peft(hidden(theirs), hidden(model))
 
 
 def test_export_refuses_lora_inside_a_head_peft_wraps_for_the_task(tmp_path) -> None:
@@ -484,4 +489,4 @@ def test_export_refuses_lora_inside_a_head_peft_wraps_for_the_task(tmp_path) -> 
     assert not (tmp_path / "site").exists()
     export_to_peft(delta, tmp_path / "plain")  # without the task type PEFT wraps nothing there
     theirs = peft.PeftModel.from_pretrained(tiny_classifier(), tmp_path / "plain").eval()
-    assert torch.equal(hidden(theirs), hidden(delta.backbone_model))
+    same_as_peft(hidden(theirs), hidden(delta.backbone_model))

@@ -21,6 +21,7 @@ from deltakit import (
 
 from deltakit.hooks import hook_keys
 
+from .tolerances import assert_same_function
 from .conftest import ARCHS, assert_state_equal, hook_counts, perturb, snapshot
 
 TASKS = ("sentiment", "topic", "question")
@@ -211,12 +212,12 @@ def test_merge_first_delta_while_another_is_attached(arch_name: str) -> None:
     query = first.sites[0].host
     assert [k[0] for k in hook_keys(query)] == [second._order_key]  # only the unmerged delta is hooked there
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), both, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), both, model=model)
     # the second delta can now be merged too (nothing unmerged comes before it): no hooks left at all
     second.merge()
     assert all(not s.host._forward_hooks and not s.host._forward_pre_hooks for s in first.sites + second.sites)
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), both, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), both, model=model)
     # unmerge in reverse order restores the weights bit-for-bit and the attached outputs exactly
     with pytest.raises(DeltaStateError, match="modified after the merge"):
         first.unmerge()
@@ -250,10 +251,10 @@ def test_merge_refused_behind_an_earlier_delta_changes_nothing() -> None:
     # re-attaching the earlier delta on top of the merged one, then merging it too, is well-defined (LoRA is linear)
     first.attach()
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), both, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), both, model=model)
     first.merge()
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), both, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), both, model=model)
     with pytest.raises(DeltaStateError, match="modified after the merge"):
         second.unmerge()  # first was merged later into the same weights: unmerge in reverse order
     first.unmerge()
@@ -261,7 +262,7 @@ def test_merge_refused_behind_an_earlier_delta_changes_nothing() -> None:
     state = model.state_dict()  # the same tensors (child order differs: first was re-attached after second)
     assert sorted(state) == sorted(weights) and all(torch.equal(state[k], v) for k, v in weights.items())
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), both, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), both, model=model)
 
 
 def test_merged_lora_and_bitfit_have_no_hooks_and_match_attached() -> None:
@@ -281,7 +282,7 @@ def test_merged_lora_and_bitfit_have_no_hooks_and_match_attached() -> None:
     assert {n: c for n, c in counts.items() if n in bare_hooks} == bare_hooks
     assert all(c == (0, 0) for n, c in counts.items() if n not in bare_hooks)
     with torch.no_grad():
-        torch.testing.assert_close(arch.run(model), attached, atol=1e-5, rtol=1e-5)
+        assert_same_function(arch.run(model), attached, model=model)
     bitfit.unmerge()
     lora.unmerge()
     with torch.no_grad():
