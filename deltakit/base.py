@@ -18,6 +18,7 @@ To add a method, subclass :class:`DeltaBase` in a new file of ``deltakit/deltas/
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -44,11 +45,16 @@ ATTACHED, DETACHED, MERGED = "attached", "detached", "merged"
 
 @dataclass
 class Site:
-    """One modified host: its full name in the backbone, the host module and the delta's per-site module."""
+    """One modified host: its full name in the backbone, the host module and the delta's per-site module.
+
+    ``slot`` is the site's position in its delta's ``sites``: with the delta's order key it forms the site's hook
+    key, so the key means the same thing in a copy of the model (``copy.deepcopy``), unlike an object id.
+    """
 
     name: str
     host: nn.Module
     module: DeltaSite
+    slot: int = 0
 
 
 def factory_kwargs(host: nn.Module) -> dict[str, Any]:
@@ -124,12 +130,35 @@ def _merged_after(host: nn.Module, order_key: int) -> list[str]:
     return later
 
 
-def _register_child(host: nn.Module, name: str, module: nn.Module) -> None:
-    """``host.add_module(name, module)`` for a name already checked free by the caller."""
+def _register_child(host: nn.Module, name: str, module: nn.Module, order: int) -> None:
+    """``host.add_module(name, module)`` for a name already checked free by the caller, placed among the host's
+    delta children in creation order (``order``: the delta's order key).
+
+    A plain re-registration would append the child, so every detach/attach would move its parameters to the end of
+    ``model.parameters()`` (an optimizer state loaded by position would then land on other tensors). Placing it
+    before the children of deltas created later makes the order depend only on which deltas are attached, never
+    on the attach/detach history. The backbone's own children keep their places.
+    """
+    module.__dict__["_deltakit_order"] = order
     if getattr(_torch_module, "_global_module_registration_hooks", None):
         host.add_module(name, module)  # someone registered global hooks: let torch run them
     else:
         host._modules[name] = module
+    children = host._modules
+    later = [n for n, child in children.items() if n != name and child is not None
+             and child.__dict__.get("_deltakit_order", -1) > order]
+    if later:  # move `name` just before the first of them (dicts keep insertion order: re-insert the tail)
+        names = list(children)
+        tail = [n for n in names[names.index(later[0]):] if n != name]
+        entries = [(n, children.pop(n)) for n in tail]
+        children[name] = children.pop(name)
+        children.update(entries)
+
+
+def _check_flag(method: str, name: str, value: Any) -> None:
+    """Refuse a non-bool flag (``merge(exact_unmerge="no")`` would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise DeltaError(f"{method}({name}=...) must be True or False, got {value!r} ({type(value).__name__}).")
 
 
 def _delta_site_prefixes(model: nn.Module) -> list[str]:
@@ -187,7 +216,7 @@ class DeltaBase:
         if matches is None:
             matches = self._match_sites()
         self.shared: DeltaSite | None = self.build_shared(matches)
-        sites = [Site(n, host, self.build_site(n, host)) for n, host in matches]
+        sites = [Site(n, host, self.build_site(n, host), slot) for slot, (n, host) in enumerate(matches)]
         self.child_name = self._pick_child_name(name, sites)
         self.sites: list[Site] = sites
 
@@ -203,13 +232,17 @@ class DeltaBase:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
-        """Build and attach a delta from a config object or dict (OpenDelta's ``from_config``)."""
+        """Build and attach a delta from a config object or dict (OpenDelta's ``from_config``).
+
+        Keyword arguments: ``name`` (the delta's child-module name) only.
+        """
+        name = kwargs.pop("name", None)
+        if kwargs:
+            raise DeltaError(f"Unexpected keyword arguments for from_config: {sorted(kwargs)}; it accepts name= only.")
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
         obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, kwargs.pop("name", None), None)
-        if kwargs:
-            raise DeltaError(f"Unexpected keyword arguments for from_config: {sorted(kwargs)}.")
+        obj._setup(backbone_model, config, name, None)
         return obj.attach()
 
     @classmethod
@@ -229,6 +262,9 @@ class DeltaBase:
         """
         from .checkpoint import load_delta
 
+        if not isinstance(path, (str, os.PathLike)):
+            raise DeltaError(f"from_finetuned(path=...) must be a directory path (str or os.PathLike), got {path!r:.80}.")
+        _check_flag("from_finetuned", "check_backbone", check_backbone)
         return load_delta(path, backbone_model, expected_type=cls, check_backbone=check_backbone, **kwargs)
 
     def _match_sites(self) -> list[tuple[str, nn.Module]]:
@@ -366,10 +402,10 @@ class DeltaBase:
         if self.shared is not None:
             self.shared.to(**factory_kwargs(self.sites[0].host))
             self.shared.train(self.backbone_model.training)
-            self.backbone_model.add_module(self.shared_name, self.shared)
+            _register_child(self.backbone_model, self.shared_name, self.shared, self._order_key)
         for site in self.sites:
             _follow_host(site.module, site.host)
-            _register_child(site.host, self.child_name, site.module)
+            _register_child(site.host, self.child_name, site.module, self._order_key)
             self._add_site_hooks(site)
         self._add_checkpointing_hooks()
         self._state = ATTACHED
@@ -392,8 +428,9 @@ class DeltaBase:
         self._checkpointing_handles = []
 
     def _hook_key(self, site: Site) -> tuple[int, int]:
-        # (creation order, site slot): unique per site, so sites sharing a source module never collide.
-        return (self._order_key, id(site.module))
+        # (creation order, site slot): unique per site, so sites sharing a source module never collide; no object
+        # ids, so a deep copy of the model and its delta finds its own entries.
+        return (self._order_key, site.slot)
 
     def _add_site_hooks(self, site: Site) -> None:
         key = self._hook_key(site)
@@ -433,17 +470,27 @@ class DeltaBase:
         self._state = DETACHED
         return self
 
-    def merge(self, exact_unmerge: bool = True) -> DeltaBase:
+    def merge(self, exact_unmerge: bool = True, *, safe: bool = True) -> DeltaBase:
         """Fold the delta into the host weights and remove its hooks (zero inference overhead).
 
         Args:
             exact_unmerge: Keep a copy of the touched host tensors so :meth:`unmerge` restores them bit-for-bit
-                (costs their memory). With ``False``, unmerge subtracts the delta again (equal up to rounding).
+                (costs their memory). With ``False``, unmerge subtracts the delta again: each entry comes back
+                within two roundings, ``u * (|W + delta| + |W|)`` (``u`` the dtype's unit roundoff). That is only
+                allowed for float32 and wider weights: in float16 / bfloat16 an update larger than the weight's
+                entries would round their low bits away for good, so there the merge is refused.
+            safe: Check that every merged tensor is finite (no NaN / Inf from a broken delta or an overflow)
+                before changing anything, like PEFT's ``safe_merge``. It costs one temporary tensor the size of
+                the largest merged weight and one pass over each; ``safe=False`` skips it.
 
         Raises:
-            DeltaStateError: the method is not linear in the weights, the delta is not attached, or another
-                delta applied before this one on the same module would make the merged result different.
+            DeltaStateError: the method is not linear in the weights, the delta is not attached, another delta
+                applied before this one on the same module would make the merged result different, an inexact
+                merge was asked for a low-precision weight, or (``safe``) a merged weight would not be finite.
+                Nothing is changed then.
         """
+        _check_flag("merge", "exact_unmerge", exact_unmerge)
+        _check_flag("merge", "safe", safe)
         self._require("merge", ATTACHED)
         merger = getattr(type(self.sites[0].module), "merge_deltas", None) if self.sites else None
         if merger is None:
@@ -459,6 +506,10 @@ class DeltaBase:
         with torch.no_grad():
             planned = [(site, site.module.merge_deltas(site.host)) for site in self.sites]  # may raise: no change yet
             self._check_not_tied(planned)
+            if not exact_unmerge:
+                self._check_inexact_allowed(planned)
+            if safe:
+                self._check_merged_finite(planned)
             for site, deltas in planned:
                 backup, versions = {}, {}
                 for pname, delta in deltas.items():
@@ -478,6 +529,47 @@ class DeltaBase:
         self._merged_delta_versions = [p._version for p in self.parameters()]
         self._state = MERGED
         return self
+
+    def _check_inexact_allowed(self, planned: list[tuple[Site, dict[str, torch.Tensor]]]) -> None:
+        """Refuse an inexact merge into a weight with fewer significant bits than float32.
+
+        ``(W + d) - d`` rounds twice at the scale of ``|W + d|``: with 8 (bfloat16) or 11 (float16) significant bits
+        an update larger than the weight's entries leaves them mostly rounded away (measured: a large LoRA update
+        left 74% of a bfloat16 weight's entries at 0, 19% in float16), and nothing could bring them back.
+        """
+        for site, deltas in planned:
+            for pname in deltas:
+                dtype = getattr(site.host, pname).dtype
+                if dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
+                    raise DeltaStateError(
+                        f"Cannot merge {self._describe()} with exact_unmerge=False: {site.name}.{pname} is {dtype}, "
+                        f"and unmerging by subtracting the delta again would lose the weight's low bits wherever the "
+                        f"update is larger than the weight (in {dtype} most entries can come back as 0). Merge with "
+                        f"exact_unmerge=True (the default: a copy of the touched tensors restores them bit-for-bit), "
+                        f"or cast the model to float32 first."
+                    )
+
+    def _check_merged_finite(self, planned: list[tuple[Site, dict[str, torch.Tensor]]]) -> None:
+        """Refuse a merge whose result would hold NaN or Inf (checked tensor by tensor, nothing written)."""
+        for site, deltas in planned:
+            for pname, delta in deltas.items():
+                param = getattr(site.host, pname)
+                if param.is_meta:
+                    continue  # no values to check
+                merged = param.detach() + delta.to(param.dtype)  # what add_ will write, bit for bit
+                if bool(torch.isfinite(merged).all()):
+                    continue
+                if not bool(torch.isfinite(param).all()):
+                    why = "the host weight itself already holds NaN or Inf"
+                elif not bool(torch.isfinite(delta).all()):
+                    why = "the delta's update holds NaN or Inf (its parameters are broken, e.g. a diverged training)"
+                else:
+                    why = f"adding the update overflows {param.dtype} (the update is too large for this dtype)"
+                raise DeltaStateError(
+                    f"Cannot merge {self._describe()}: {site.name}.{pname} would not be finite after the merge: "
+                    f"{why}. Nothing was changed. Check the delta's parameters (torch.isfinite), or keep the delta "
+                    f"unmerged; merge(safe=False) skips this check."
+                )
 
     def _check_hosts_in_place(self, action: str) -> None:
         """Refuse when a host is no longer the module at its name (the model replaced it, e.g.
@@ -541,6 +633,9 @@ class DeltaBase:
                     for pname, delta in site.module.merge_deltas(site.host).items():
                         param = getattr(site.host, pname)
                         param.sub_(delta.to(param.dtype))
+                        # The tensor is now what the previous merge on this host left, up to the rounding of this
+                        # add-and-subtract: that merge may be unmerged in turn (an exact one restores its copy).
+                        self._hand_back_version(site, pname, site.module.merge_versions[pname][0], param._version)
                 site.module.merge_versions = {}
                 site.module.__dict__.pop("merged_by", None)
                 self._add_site_hooks(site)
@@ -551,13 +646,52 @@ class DeltaBase:
 
     @staticmethod
     def _hand_back_version(site: Site, pname: str, before: int, now: int) -> None:
-        """After an exact unmerge the tensor is bit-for-bit what the previous merge on this host left; tell that
-        merge, so it can be unmerged exactly in turn (``_version`` counts every in-place write)."""
+        """After an unmerge the tensor is what the previous merge on this host left (bit-for-bit after an exact
+        unmerge, up to rounding after an inexact one); tell that merge, so it can be unmerged in turn
+        (``_version`` counts every in-place write)."""
         for other in site.host.children():
             versions = getattr(other, "merge_versions", None)
             if other is not site.module and isinstance(other, DeltaSite) and versions and pname in versions:
                 if versions[pname][1] == before:
                     versions[pname] = (versions[pname][0], now)
+
+    # ------------------------------------------------------------------ copying
+    def __deepcopy__(self, memo: dict[int, Any]) -> DeltaBase:
+        """``copy.deepcopy`` of a delta, alone or together with its model (``copy.deepcopy((model, delta))``).
+
+        The copy is a full, independent delta on the copy of the backbone (a delta always copies its backbone with
+        it; deep-copying the model and the delta in one call shares that copy): it can be detached, attached,
+        merged, unmerged and saved like the original, in any state. Bookkeeping that refers to particular tensors
+        (merge backups, in-place version counters, which start again at 0 in a copy) is translated to the copy.
+        Pickling (``torch.save`` of a delta object) is not supported the same way: save deltas with
+        :meth:`save_finetuned`.
+        """
+        cls = type(self)
+        new = cls.__new__(cls)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._translate_copied_bookkeeping(self)
+        return new
+
+    def _translate_copied_bookkeeping(self, original: DeltaBase) -> None:
+        """Make id- and version-based records (copied verbatim) describe this copy's own tensors."""
+        backups = self._merge_backup
+        self._merge_backup = {}
+        for old, new in zip(original.sites, self.sites):
+            if id(old.module) in backups:
+                self._merge_backup[id(new.module)] = backups[id(old.module)]
+            # A tensor's copy restarts its version counter: shift the records by the same amount, so "modified
+            # since the merge" stays true exactly when it was true of the original.
+            versions = {}
+            for pname, (before, after) in new.module.merge_versions.items():
+                shift = getattr(new.host, pname)._version - getattr(old.host, pname)._version
+                versions[pname] = (before + shift, after + shift)
+            new.module.merge_versions = versions
+        recorded = getattr(original, "_merged_delta_versions", None)
+        if recorded is not None:
+            unchanged = [p._version for p in original.parameters()] == recorded
+            self._merged_delta_versions = [p._version for p in self.parameters()] if unchanged else None
 
     # ------------------------------------------------------------------ parameters
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
@@ -637,17 +771,26 @@ class DeltaBase:
                 only the delta.
         """
         module = self.backbone_model if module is None else module
-        exclude = list(self.config.unfrozen_modules if exclude is None else [exclude] if isinstance(exclude, (str, DeltaBase)) else exclude)
+        if not isinstance(module, nn.Module):
+            raise DeltaError(f"freeze_module(module=...) must be an nn.Module or None, got {type(module).__name__}.")
+        exclude = self._exclude_list(exclude)
+        _check_flag("freeze_module", "set_state_dict", set_state_dict)
+        # Resolve every pattern before changing any requires_grad flag: a bad one leaves the model as it was.
+        resolved = [
+            (pattern, None if pattern == "deltas" or isinstance(pattern, DeltaBase) else find_modules(
+                module, [pattern], what="freeze_module exclude", skip_types=(DeltaSite,)))
+            for pattern in exclude
+        ]
         keep: set[int] = set()
         backbone_keep: set[int] = set()
-        for pattern in exclude:
+        for pattern, matches in resolved:
             if pattern == "deltas":
                 keep.update(id(p) for p in self.parameters())
                 continue
             if isinstance(pattern, DeltaBase):  # another delta on this backbone stays trainable too
                 keep.update(id(p) for p in pattern.parameters())
                 continue
-            for _, matched in find_modules(module, [pattern], what="freeze_module exclude", skip_types=(DeltaSite,)):
+            for _, matched in matches or ():
                 ids = {id(p) for p in matched.parameters()}
                 keep.update(ids)
                 backbone_keep.update(ids)
@@ -663,6 +806,20 @@ class DeltaBase:
         self._remove_state_dict_hook()
         if self._set_state_dict and self._state != DETACHED:
             self._install_state_dict_hook()
+
+    def _exclude_list(self, exclude: Any) -> list[str | DeltaBase]:
+        """``freeze_module``'s ``exclude`` as a list of patterns and delta objects (checked)."""
+        if exclude is None:
+            return list(self.config.unfrozen_modules or ["deltas"])
+        items = [exclude] if isinstance(exclude, (str, DeltaBase)) else exclude
+        if not isinstance(items, (list, tuple, set, frozenset)) or not all(
+            (isinstance(e, str) and e) or isinstance(e, DeltaBase) for e in items
+        ):
+            raise DeltaError(
+                f"freeze_module(exclude=...) must be a list of module name patterns, \"deltas\" and delta objects, "
+                f"got {exclude!r:.120} ({type(exclude).__name__}). Example: exclude=['deltas', 'classifier']."
+            )
+        return list(items)
 
     def _install_state_dict_hook(self) -> None:
         backbone = self.backbone_model

@@ -16,8 +16,12 @@ group drops its deltas (see docs/serving.md for the reasons).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Hashable, Iterator, Sequence
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -25,9 +29,47 @@ from torch import nn
 
 from .base import ATTACHED, DETACHED, MERGED, DeltaBase, factory_kwargs
 from .errors import DeltaError, DeltaStateError
-from .hooks import DeltaSite, add_hook, hook_keys, remove_hook
+from .hooks import DeltaSite, _Dispatch, add_hook, hook_keys, remove_hook
 
 __all__ = ["DeltaGroup", "SiteRouter"]
+
+
+class _RouterCall:
+    """One router's state inside one route() block (so inside one thread)."""
+
+    __slots__ = ("slots", "expanded", "captured", "gathered")
+
+    def __init__(self, slots: torch.Tensor) -> None:
+        self.slots = slots
+        self.expanded: dict[tuple[int, torch.device | None], torch.Tensor] = {}
+        self.captured: torch.Tensor | None = None
+        # Gathered per-row factors kept between forward calls of the block (see SiteRouter.gather()).
+        self.gathered: dict[str, tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]] = {}
+
+
+class _RouteCall:
+    """One open route() block: its routers' states and its gather budget."""
+
+    def __init__(self, states: dict[SiteRouter, _RouterCall], budget: _GatherBudget | None) -> None:
+        self.states = states
+        self.budget = budget
+
+
+class _ThreadState(threading.local):
+    """What the current thread holds on one group: its open route() block, if any."""
+
+    call: _RouteCall | None = None
+
+
+class _HeldBlocks(threading.local):
+    """Route blocks the current thread holds over all groups (a thread holding one never waits behind a pending
+    writer of another group, which could otherwise wait for it in turn)."""
+
+    count = 0
+
+
+_HELD = _HeldBlocks()
+_NO_CALLS = _ThreadState()  # a router not (yet) given a group's state sees no block
 
 
 class SiteRouter:
@@ -35,7 +77,9 @@ class SiteRouter:
 
     Subclasses implement :meth:`build` (stack the sites' factors, with a last all-zero slot) and :meth:`apply`
     (the routed forward hook given the stack and each row's slot). A router is created by :class:`DeltaGroup`;
-    while a :meth:`DeltaGroup.route` block is open, its :meth:`forward_hook` sits in the host's deltakit hook.
+    while some thread's :meth:`DeltaGroup.route` block uses it, its :meth:`forward_hook` sits in the host's deltakit
+    hook. Which rows go where belongs to the block, so to the thread that opened it: in a thread with no block that
+    uses this router the hook changes nothing.
 
     Args:
         host: The modified module.
@@ -67,14 +111,10 @@ class SiteRouter:
         self._sources = sources
         self.params = self._current_params()
         self._ids = list(map(id, self.params))
-        self._stack: dict[str, torch.Tensor] | None = None
-        self._stamp: tuple[Any, ...] | None = None
-        self.slots: torch.Tensor | None = None
-        self._expanded: dict[tuple[int, torch.device | None], torch.Tensor] = {}
-        self._captured: torch.Tensor | None = None
-        # Gathered per-row factors kept between forward calls of one route() block (see gather()).
-        self._gathered: dict[str, tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]] = {}
-        self._budget: _GatherBudget | None = None
+        # (stamp, stack) as one attribute, so a thread never pairs one thread's stack with another's stamp.
+        self._cache: tuple[Any, dict[str, torch.Tensor]] | None = None
+        self._local: _ThreadState = _NO_CALLS  # the group's per-thread state (set by DeltaGroup)
+        self._users = 0  # open blocks routing rows through this router (hooks installed while > 0)
 
     # -------------------------------------------------------------- stacks
     def build(self) -> dict[str, torch.Tensor]:
@@ -94,6 +134,12 @@ class SiteRouter:
     def _current_params(self) -> list[torch.Tensor]:
         return [module._parameters[pname] for module, pname in self._sources]
 
+    @property
+    def _stack(self) -> dict[str, torch.Tensor] | None:
+        """The cached stack (``None`` before the first routed call or after a change)."""
+        cache = self._cache
+        return None if cache is None else cache[1]
+
     def sync_params(self) -> None:
         """Follow parameter objects replaced since the last block (``load_state_dict(..., assign=True)``): the
         stack is rebuilt from the new ones."""
@@ -101,13 +147,14 @@ class SiteRouter:
         ids = list(map(id, current))
         if ids != self._ids:
             self.params, self._ids = current, ids  # holding the new objects keeps the ids unique
-            self._stack = None
+            self._cache = None
 
     def stack(self) -> dict[str, torch.Tensor]:
         """The stacked factors, rebuilt when a parameter changed (version counter, storage, device or dtype).
 
         With autograd on and a trainable delta parameter, the stack is built differentiably at every call (so
-        gradients reach the deltas) and not cached.
+        gradients reach the deltas) and not cached. Threads share the cache: two may build the same stack at
+        once, and each uses a whole one.
         """
         params = self.params  # current objects: sync_params() runs when a route() block opens
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
@@ -118,23 +165,32 @@ class SiteRouter:
             params[0].data_ptr() if params else 0,
             None if host_param is None else (host_param.dtype, host_param.device),
         )
-        if self._stack is None or stamp != self._stamp:
-            # Plain tensors (not inference tensors), so they can serve inside and outside inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                self._stack = {k: v.to(**self._target()).contiguous() for k, v in self.build().items()}
-            self._stamp = stamp
-        return self._stack
+        cache = self._cache
+        if cache is not None and cache[0] == stamp:
+            return cache[1]
+        # Plain tensors (not inference tensors), so they can serve inside and outside inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            stack = {k: v.to(**self._target()).contiguous() for k, v in self.build().items()}
+        self._cache = (stamp, stack)
+        return stack
 
-    # -------------------------------------------------------------- rows
+    # -------------------------------------------------------------- rows (state of the calling thread's block)
+    def _state(self) -> _RouterCall | None:
+        call = self._local.call
+        return None if call is None else call.states.get(self)
+
     def rows(self, n: int, device: torch.device | None = None) -> torch.Tensor:
-        """Each of ``n`` rows' slot (on ``device``): ``n`` is the batch size, or ``k`` times it (each sample repeated
-        ``k`` times in a row, as ``generate()`` expands for ``num_beams`` / ``num_return_sequences``)."""
-        slots = self.slots
-        assert slots is not None
+        """Each of ``n`` rows' slot (on ``device``) in the calling thread's block: ``n`` is the batch size, or ``k``
+        times it (each sample repeated ``k`` times in a row, as ``generate()`` expands for ``num_beams`` /
+        ``num_return_sequences``)."""
+        state = self._state()
+        if state is None:
+            raise DeltaStateError(f"No route() block of this thread routes rows through {self.host_name!r}.")
         key = (n, device)
-        cached = self._expanded.get(key)
+        cached = state.expanded.get(key)
         if cached is not None:
             return cached
+        slots = state.slots
         batch = slots.shape[0]
         if n % batch:
             raise DeltaError(
@@ -142,7 +198,7 @@ class SiteRouter:
                 f"rows (not a multiple of {batch}). Pass one name per sample of the batch, with the batch on dim 0."
             )
         expanded = slots if n == batch else slots.repeat_interleave(n // batch)
-        expanded = self._expanded[key] = expanded.to(device) if device is not None else expanded
+        expanded = state.expanded[key] = expanded.to(device) if device is not None else expanded
         return expanded
 
     def gather(self, stack: dict[str, torch.Tensor], key: str, slots: torch.Tensor) -> torch.Tensor:
@@ -154,27 +210,23 @@ class SiteRouter:
         (changed parameters) is a new tensor and is gathered afresh.
         """
         source = stack[key]
+        call, state = self._local.call, self._state()
+        budget = None if call is None else call.budget
+        if state is None or budget is None:
+            return source.index_select(0, slots)
         inference = torch.is_inference_mode_enabled()
-        entry = self._gathered.get(key)
+        entry = state.gathered.get(key)
         if entry is not None and entry[0] is source and entry[1] is slots and entry[2] == inference:
             if entry[3] is not None:
                 return entry[3]
             gathered = source.index_select(0, slots)
-            if self._budget is not None and self._budget.take(gathered.nbytes):
-                self._gathered[key] = (source, slots, inference, gathered)
+            if budget.take(gathered.nbytes):
+                state.gathered[key] = (source, slots, inference, gathered)
             return gathered
         gathered = source.index_select(0, slots)
-        if self._budget is not None and not source.requires_grad:
-            self._gathered[key] = (source, slots, inference, None)  # seen once: keep it if it comes again
+        if not source.requires_grad:
+            state.gathered[key] = (source, slots, inference, None)  # seen once: keep it if it comes again
         return gathered
-
-    def _reset(self) -> None:
-        """Forget everything tied to one route() block."""
-        self.slots = None
-        self._expanded = {}
-        self._captured = None
-        self._gathered = {}
-        self._budget = None
 
     def _check_mode(self, module: nn.Module) -> None:
         if module.training:
@@ -184,17 +236,31 @@ class SiteRouter:
             )
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        """The routed forward hook (installed by :meth:`DeltaGroup.route`)."""
+        """The routed forward hook (installed by :meth:`DeltaGroup.route`); the identity in a thread whose block
+        does not use this router (or that has no block)."""
+        state = self._state()
+        if state is None:
+            return output
         self._check_mode(host)
-        first = self._captured if self.source is not None else (args[0] if args else next(iter(kwargs.values())))
+        first = state.captured if self.source is not None else (args[0] if args else next(iter(kwargs.values())))
         stack = self.stack()
         slots = self.rows(first.shape[0], next(iter(stack.values())).device)
         return self.apply(stack, slots, args, kwargs, output)
 
     def capture_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        """Forward pre-hook on :attr:`source`: remember its input for :meth:`forward_hook`."""
-        self._captured = args[0] if args else next(iter(kwargs.values()))
+        """Forward pre-hook on :attr:`source`: remember its input (for this thread's block) for
+        :meth:`forward_hook`."""
+        state = self._state()
+        if state is not None:
+            state.captured = args[0] if args else next(iter(kwargs.values()))
         return args, kwargs
+
+    def take_captured(self) -> torch.Tensor:
+        """The input :meth:`capture_input` remembered for this thread's current forward (and forget it)."""
+        state = self._state()
+        assert state is not None and state.captured is not None, "capture_input did not run before the host"
+        x, state.captured = state.captured, None
+        return x
 
 
 class _GatherBudget:
@@ -213,6 +279,180 @@ class _GatherBudget:
 def _router_key(site: DeltaSite) -> Hashable:
     key_fn = getattr(type(site), "routing_key", None)
     return (type(site).router, key_fn(site) if key_fn is not None else ())  # type: ignore[attr-defined]
+
+
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _calls_in(frame: Any, modules: set[int]) -> int:
+    """How many calls of the modules ``modules`` (ids) are running in the stack that ends at ``frame``."""
+    count = 0
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL and id(frame.f_locals.get("self")) in modules:
+            count += 1
+        frame = frame.f_back
+    return count
+
+
+def _dispatchers(module: nn.Module) -> set[int]:
+    """The deltakit pre-hook dispatchers on ``module`` (ids)."""
+    return {id(h) for h in module._forward_pre_hooks.values() if isinstance(h, _Dispatch)}
+
+
+def _entry_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules a forward of ``model`` starts at: the model, and for encoder-decoder models the encoder, which
+    ``generate()`` calls on its own (duck-typed ``get_encoder()``)."""
+    entries = [model]
+    get_encoder = getattr(model, "get_encoder", None)
+    if callable(get_encoder):
+        try:
+            encoder = get_encoder()
+        except Exception:  # a model whose get_encoder() does not apply to it has no separate entry point
+            encoder = None
+        if isinstance(encoder, nn.Module) and encoder is not model:
+            entries.append(encoder)
+    return entries
+
+
+class _Serving:
+    """A group's concurrency control: who may change its deltas, and when forwards of the backbone may run.
+
+    * A *writer* (``switch``, ``add``, ``load``, ``remove``, and the first ``route()`` block when it must take the
+      switched deltas off) waits until no ``route()`` block of the group is open, then puts a *gate* (a forward
+      pre-hook) on the backbone's entry modules, waits until no forward that started before the gate is still
+      running (found in the threads' stacks), does its work and takes the gate away. Forwards that reach the gate
+      meanwhile wait for it. So a forward sees the group's deltas as they were before or after, never a mix, and
+      between writes the backbone carries no deltakit hook of the group at all (nothing to slow a forward down).
+    * ``route()`` blocks: any number, one per thread; their rows belong to the thread (:class:`_ThreadState`).
+      While blocks are open and the group's switched deltas are off for routing (*strict* routing), the gate stays
+      and refuses forwards of threads without a block (they would silently miss those deltas).
+    """
+
+    def __init__(self, backbone: nn.Module) -> None:
+        self.backbone = backbone
+        self.cond = threading.Condition()
+        self.local = _ThreadState()
+        self.writer: int | None = None  # the thread changing the group's deltas now
+        self.pending = 0  # writers waiting for the blocks to close
+        self.blocks = 0  # open route() blocks, all threads
+        self.strict = False
+        self.reattach: list[DeltaBase] = []  # switched deltas taken off while blocks are open
+        self.parked: set[int] = set()  # threads waiting at the gate
+        self.handles: list[Any] = []
+        self.entries: set[int] = set()
+
+    # -------------------------------------------------------------- the gate
+    def gate(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook on the entry modules while a writer works or routing is strict."""
+        if self.local.call is not None:
+            return  # this thread routes: its block keeps writers out, and its rows are its own
+        me = threading.get_ident()
+        with self.cond:
+            self._refuse_outside_block()
+            if self.writer is None or self.writer == me:
+                return
+            if _calls_in(sys._getframe(), self.entries) > 1:
+                return  # inside a forward that was already running: the writer waits for that one
+            before = _dispatchers(module)
+            self.parked.add(me)
+            try:
+                while self.writer is not None:
+                    self.cond.wait()
+            finally:
+                self.parked.discard(me)
+                if not self.parked:
+                    self.cond.notify_all()  # the next writer lets the parked forwards through first
+            self._refuse_outside_block()
+            if not _dispatchers(module) <= before:
+                # torch looked this module's pre-hooks up before the gate held the call: a deltakit pre-hook added
+                # meanwhile (a delta hooking the model's entry, e.g. a soft prompt) would be missed.
+                raise DeltaStateError(
+                    f"A delta hooking {type(module).__name__}'s input was attached while this forward waited for "
+                    f"DeltaGroup.switch() in another thread; it could not apply to this call. Call the model again."
+                )
+
+    def _refuse_outside_block(self) -> None:
+        if self.strict and self.blocks:
+            raise DeltaStateError(
+                f"A forward of the backbone ran in a thread with no route() block of this DeltaGroup while a "
+                f"route() block of it is open in another thread: the group's switched delta(s) "
+                f"{[d.name for d in self.reattach]} are taken off while routing, so this forward would silently run "
+                f"without them. Route this thread's batch too (group.route([...])), or run it after the blocks close."
+            )
+
+    def _open_gate(self) -> None:
+        if not self.handles:
+            entries = _entry_modules(self.backbone)
+            self.entries = {id(m) for m in entries}
+            # First among the pre-hooks: user pre-hooks are part of the forward the gate holds back.
+            self.handles = [m.register_forward_pre_hook(self.gate, prepend=True) for m in entries]
+
+    def _close_gate(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _wait_for_forwards(self) -> None:
+        """Wait until no other thread runs a forward of the backbone that passed (or predates) the gate."""
+        me = threading.get_ident()
+        while True:
+            with self.cond:
+                skip = {me, *self.parked}
+            frames = sys._current_frames()
+            if not any(_calls_in(f, self.entries) for t, f in frames.items() if t not in skip):
+                return
+            del frames
+            time.sleep(0.0002)
+
+    # -------------------------------------------------------------- writers
+    def check_caller(self, action: str) -> None:
+        """Refuse a write from inside this thread's route() block or inside a forward of the backbone (it would
+        wait for itself, or change deltas under its own forward)."""
+        if self.local.call is not None:
+            raise DeltaStateError(f"Cannot {action} inside a DeltaGroup.route() block; leave the block first.")
+        entries = self.entries or {id(m) for m in _entry_modules(self.backbone)}
+        if _calls_in(sys._getframe(), entries):
+            raise DeltaStateError(
+                f"Cannot {action} inside a forward of the backbone (from a hook or a module's forward): the forward "
+                f"would run partly with the old and partly with the new deltas. Do it between forwards."
+            )
+
+    @contextlib.contextmanager
+    def exclusive(self, action: str) -> Iterator[None]:
+        """Run the body as the group's only writer, with no forward of the backbone running (see the class)."""
+        self.check_caller(action)
+        with self.cond:
+            self.pending += 1
+            try:
+                while self.writer is not None or self.blocks or self.parked:
+                    self.cond.wait()
+            finally:
+                self.pending -= 1
+            self.writer = threading.get_ident()
+        try:
+            self._open_gate()
+            self._wait_for_forwards()
+            yield
+        finally:
+            with self.cond:
+                self.writer = None
+                if not self.strict:
+                    self._close_gate()
+                self.cond.notify_all()
+
+
+def _writer(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a :class:`DeltaGroup` method as the group's only writer (:meth:`_Serving.exclusive`)."""
+
+    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(method)
+        def run(self: DeltaGroup, *args: Any, **kwargs: Any) -> Any:
+            with self._serving.exclusive(action):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return wrap
 
 
 class DeltaGroup:
@@ -235,14 +475,11 @@ class DeltaGroup:
             raise DeltaError(f"DeltaGroup needs the backbone nn.Module, got {type(backbone_model).__name__}.")
         self.backbone_model = backbone_model
         self._deltas: dict[str, DeltaBase] = {}
-        self._routing = False
         self._routers: list[SiteRouter] | None = None
         self._routable: list[str] = []
+        self._serving = _Serving(backbone_model)
 
     # -------------------------------------------------------------- membership
-    def _check_not_routing(self, action: str) -> None:
-        if self._routing:
-            raise DeltaStateError(f"Cannot {action} inside a DeltaGroup.route() block; leave the block first.")
 
     def _check_new_name(self, name: Any) -> None:
         if not isinstance(name, str) or not name.isidentifier():
@@ -250,6 +487,7 @@ class DeltaGroup:
         if name in self._deltas:
             raise DeltaError(f"The group already has a delta named {name!r}; remove() it first or choose another name.")
 
+    @_writer("add() a delta")
     def add(self, delta: DeltaBase, name: str | None = None) -> DeltaBase:
         """Adopt a delta built on this group's backbone; its group name is its ``name=`` (child-module name).
 
@@ -260,7 +498,6 @@ class DeltaGroup:
         Returns:
             ``delta``.
         """
-        self._check_not_routing("add() a delta")
         if not isinstance(delta, DeltaBase):
             raise DeltaError(f"DeltaGroup.add() needs a delta object (LoraModel, ...), got {type(delta).__name__}.")
         if delta.backbone_model is not self.backbone_model:
@@ -281,8 +518,15 @@ class DeltaGroup:
         self._routers = None
         return delta
 
+    @_writer("load() a delta")
     def load(
-        self, name: str, path: str | os.PathLike[str], *, attach: bool = False, check_backbone: bool = True
+        self,
+        name: str,
+        path: str | os.PathLike[str],
+        *,
+        attach: bool = False,
+        check_backbone: bool = True,
+        allow_nonfinite: bool = False,
     ) -> DeltaBase:
         """Load a checkpoint written by ``save_finetuned`` onto the backbone under ``name`` and add it.
 
@@ -291,6 +535,7 @@ class DeltaGroup:
             path: The checkpoint directory.
             attach: Leave the delta attached (default: detached; use :meth:`switch`).
             check_backbone: See :meth:`DeltaBase.from_finetuned`.
+            allow_nonfinite: Load tensors holding NaN or infinite values (refused by default).
 
         Returns:
             The loaded delta.
@@ -300,28 +545,33 @@ class DeltaGroup:
             DeltaError: The name is taken, or the checkpoint carries backbone tensors (e.g. a classifier head kept
                 trainable): on a shared backbone they would overwrite each other's.
         """
-        from .checkpoint import load_delta, read_checkpoint_meta
+        from .checkpoint import load_delta
 
-        self._check_not_routing("load() a delta")
         self._check_new_name(name)
-        meta = read_checkpoint_meta(path)
-        if meta["backbone_tensors"]:
-            raise DeltaError(
-                f"The checkpoint {os.fspath(path)!r} also holds backbone tensors {meta['backbone_tensors'][:3]}: "
-                f"deltas sharing one backbone would overwrite each other's copies. Keep task-specific weights in "
-                f"the delta (e.g. LoRA on the 'classifier' Linear) or load it with AutoDeltaModel.from_finetuned "
-                f"on its own backbone."
-            )
-        delta = load_delta(path, self.backbone_model, check_backbone=check_backbone, name=name)
+
+        def no_backbone_tensors(meta: dict[str, Any]) -> None:
+            # Checked on the config read together with the weights (one consistent read of the directory).
+            if meta["backbone_tensors"]:
+                raise DeltaError(
+                    f"The checkpoint {os.fspath(path)!r} also holds backbone tensors {meta['backbone_tensors'][:3]}: "
+                    f"deltas sharing one backbone would overwrite each other's copies. Keep task-specific weights in "
+                    f"the delta (e.g. LoRA on the 'classifier' Linear) or load it with AutoDeltaModel.from_finetuned "
+                    f"on its own backbone."
+                )
+
+        delta = load_delta(
+            path, self.backbone_model, check_backbone=check_backbone, name=name, allow_nonfinite=allow_nonfinite,
+            check_meta=no_backbone_tensors,
+        )
         if not attach:
             delta.detach()
         self._deltas[name] = delta
         self._routers = None
         return delta
 
+    @_writer("remove() a delta")
     def remove(self, name: str) -> DeltaBase:
         """Detach (if attached) and forget the delta ``name``; returns it. A merged delta must be unmerged first."""
-        self._check_not_routing("remove() a delta")
         delta = self[name]
         if delta.state == MERGED:
             raise DeltaStateError(
@@ -334,13 +584,13 @@ class DeltaGroup:
         return delta
 
     def __getitem__(self, name: str) -> DeltaBase:
-        try:
-            return self._deltas[name]
-        except KeyError:
-            raise DeltaError(f"The group has no delta named {name!r}; it has {self.names}.") from None
+        delta = self._deltas.get(name) if isinstance(name, str) else None
+        if delta is None:
+            raise DeltaError(f"The group has no delta named {name!r}; it has {self.names}.")
+        return delta
 
     def __contains__(self, name: object) -> bool:
-        return name in self._deltas
+        return isinstance(name, str) and name in self._deltas
 
     def __len__(self) -> int:
         return len(self._deltas)
@@ -362,34 +612,41 @@ class DeltaGroup:
         return f"DeltaGroup({type(self.backbone_model).__name__}, deltas={self.names}, active={self.active})"
 
     # -------------------------------------------------------------- switching
+    @_writer("switch()")
     def switch(self, name: str | None) -> DeltaBase | None:
         """Make ``name`` the only active delta of the group (``None``: the bare backbone).
 
         Detaches the group's other attached deltas and attaches ``name``: existing modules and hook entries are
         moved, nothing is allocated or copied. Deltas outside the group are left as they are.
 
+        Thread-safe: waits for the forwards already running on the backbone and for other threads' ``route()``
+        blocks; forwards that start meanwhile wait for the switch. A refused switch changes nothing.
+
         Returns:
             The now active delta, or ``None``.
+
+        Raises:
+            DeltaError: ``name`` is not a name of the group (or ``None``).
+            DeltaStateError: a group delta is merged, the target cannot be attached (nothing changed), or the call
+                comes from inside a ``route()`` block or a forward of the backbone.
         """
-        self._check_not_routing("switch()")
+        if name is not None and not isinstance(name, str):
+            raise DeltaError(
+                f"switch() needs a delta name (str) or None, got {type(name).__name__} {name!r}; the group has "
+                f"{self.names}."
+            )
         target = None if name is None else self[name]
         merged = [n for n, d in self._deltas.items() if d.state == MERGED and d is not target]
         if merged:
             raise DeltaStateError(
                 f"Cannot switch to {name!r}: group delta(s) {merged} are merged into the weights; unmerge() them first."
             )
-        detached = []
+        # Attach the target first: if it is refused, nothing was touched (not even the order of anything).
+        if target is not None and target.state == DETACHED:
+            target.attach()
         for delta in self._deltas.values():
             if delta is not target and delta._state == ATTACHED:
                 delta.detach()
-                detached.append(delta)
-        if target is not None and target.state == DETACHED:
-            try:
-                target.attach()
-            except Exception:
-                for delta in sorted(detached, key=lambda d: d._order_key):  # refused: put everything back
-                    delta.attach()
-                raise
         return target
 
     def refresh(self) -> None:
@@ -399,10 +656,10 @@ class DeltaGroup:
         and dtype moves). Writes through ``param.data`` bypass version counters, as they bypass autograd: after
         such an edit call ``refresh()``.
         """
-        for router in self._routers or []:
-            router.sync_params()
-            router._stack = None
-            router._stamp = None
+        with self._serving.cond:
+            for router in self._routers or []:
+                router.sync_params()
+                router._cache = None
 
     # -------------------------------------------------------------- routing
     def _build_routers(self) -> list[SiteRouter]:
@@ -417,22 +674,34 @@ class DeltaGroup:
                 groups.setdefault(key, (site.host, site.name, []))[2].append((delta, site.module))
         routers = []
         for (_, (router_cls, _)), (host, host_name, entries) in groups.items():
-            routers.append(router_cls(host, host_name, entries))
+            router = router_cls(host, host_name, entries)
+            router._local = self._serving.local
+            routers.append(router)
         self._routable = routable
         return routers
 
-    @staticmethod
-    def _check_outside_order(active: list[SiteRouter]) -> None:
+    def _check_outside_order(self, active: list[SiteRouter]) -> None:
         """A router applies all its deltas at one place in the host's order; a delta outside the group attached
         on the same host and created between two of them would run on the wrong side of some (unless all of them
-        only add a function of the host's input, which commutes)."""
+        only add a function of the host's input, which commutes). The group's own deltas are off while routing,
+        and other routers act only for the threads that route through them."""
+        own = {delta._order_key for delta in self._deltas.values()}
         for router in active:
             keys = [d._order_key for d in router.deltas]
-            between = [k for k in hook_keys(router.host) if min(keys) < k[0] < max(keys)]
+            low, high = min(keys), max(keys)
+            candidates = {k[0] for k in hook_keys(router.host) if low < k[0] < high and k[0] not in own}
+            if not candidates:
+                continue
+            # Attached delta modules by their delta's order key (stamped when attached); a hook entry with no
+            # such module is a router's (this group's or another group's).
+            attached = {
+                child.__dict__.get("_deltakit_order"): child
+                for child in router.host._modules.values() if isinstance(child, DeltaSite)
+            }
+            between = candidates & attached.keys()
             if not between:
                 continue
-            children = {id(child): child for child in router.host._modules.values()}
-            modules = [*router.sites, *(children.get(k[1]) for k in between)]
+            modules = [*router.sites, *(attached[k] for k in sorted(between))]
             if not all(getattr(type(m), "merge_deltas", None) is not None for m in modules):
                 raise DeltaStateError(
                     f"route(): on {router.host_name!r} a delta outside the group is attached and was created between "
@@ -440,34 +709,16 @@ class DeltaGroup:
                     f"order for some rows. Detach it, or add it to the group."
                 )
 
-    @contextlib.contextmanager
-    def route(self, names: Sequence[str | None], *, gather_cache_mb: float = 256) -> Iterator[DeltaGroup]:
-        """Per-sample routing: inside the block, row ``i`` of each batch runs with delta ``names[i]``.
-
-        ``None`` routes a row to the bare backbone. Works in ``forward`` and in ``generate()`` (greedy, beam search,
-        sampling): a module that sees ``k * len(names)`` rows routes row ``j`` to ``names[j // k]``. While the
-        block is open the group's attached deltas are detached (each row sees only its own delta) and they are
-        re-attached on exit. Inference only (eval mode).
-
-        Each modified module gathers every row's factors from its stack before its batched matmuls. From the
-        second forward call with the same rows on (``generate()``'s decoding steps) the gathered factors are kept
-        for the rest of the block, up to ``gather_cache_mb`` in all, which about halves the routing cost of a
-        decoding step; a single forward pass keeps nothing.
-
-        Args:
-            names: One delta name (or ``None``) per sample of the batch.
-            gather_cache_mb: Memory (MiB) the block may use to keep gathered factors between forward calls;
-                ``0`` gathers at every call. Freed when the block exits.
-
-        Raises:
-            DeltaError: unknown name, a delta of a method without routing support, a batch of the wrong size, a
-                negative ``gather_cache_mb``.
-            DeltaStateError: training mode, a merged group delta, nested ``route()``.
-        """
-        if self._routing:
-            raise DeltaStateError("DeltaGroup.route() blocks cannot be nested.")
+    @staticmethod
+    def _check_names(names: Any, gather_cache_mb: Any) -> None:
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise DeltaError(f"route() needs a non-empty list with one delta name (or None) per sample, got {names!r}.")
+        for i, n in enumerate(names):
+            if n is not None and not isinstance(n, str):
+                raise DeltaError(
+                    f"route() needs one delta name (str) or None per sample, got {n!r} at position {i} "
+                    f"({type(n).__name__}). Pass a flat list such as ['a', None, 'b']."
+                )
         if isinstance(gather_cache_mb, bool) or not isinstance(gather_cache_mb, (int, float)) or not (
             gather_cache_mb >= 0
         ):
@@ -475,7 +726,10 @@ class DeltaGroup:
                 f"route(): gather_cache_mb must be a number of MiB >= 0 (0 disables keeping gathered factors), "
                 f"got {gather_cache_mb!r}."
             )
-        unknown = sorted({n for n in names if n is not None and n not in self._deltas}, key=str)
+
+    def _check_route_state(self, names: Sequence[str | None]) -> None:
+        """Everything about the group that can refuse a block (checked before anything changes)."""
+        unknown = sorted({n for n in names if n is not None and n not in self._deltas})
         if unknown:
             raise DeltaError(f"route(): the group has no delta named {unknown}; it has {self.names}.")
         if self.backbone_model.training:
@@ -499,10 +753,11 @@ class DeltaGroup:
                 f"LoRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them with switch()."
             )
 
-        active: list[SiteRouter] = []
-        budget = _GatherBudget(gather_cache_mb) if gather_cache_mb > 0 else None
+    def _plan_call(self, names: Sequence[str | None], gather_cache_mb: float) -> _RouteCall:
+        """This block's routers (those some row goes through) with each row's slot."""
+        states: dict[SiteRouter, _RouterCall] = {}
         by_members: dict[tuple[str, ...], torch.Tensor | None] = {}  # most modules hold the same deltas
-        for router in self._routers:
+        for router in self._routers or []:
             members = tuple(d.child_name for d in router.deltas)
             if members not in by_members:
                 slot_of = {n: k for k, n in enumerate(members)}
@@ -511,38 +766,130 @@ class DeltaGroup:
                 by_members[members] = torch.tensor(slots, dtype=torch.long) if hit else None
             routed = by_members[members]
             if routed is not None:
-                router._reset()
-                router.sync_params()
-                router.slots = routed
-                router._budget = budget
-                active.append(router)
+                states[router] = _RouterCall(routed)
+        return _RouteCall(states, _GatherBudget(gather_cache_mb) if gather_cache_mb > 0 else None)
 
-        reattach = [d for d in self._deltas.values() if d.state == ATTACHED]
-        for delta in reattach:
-            delta.detach()
-        try:
-            self._check_outside_order(active)
-        except DeltaStateError:
-            for delta in sorted(reattach, key=lambda d: d._order_key):
-                delta.attach()
-            raise
-        installed: list[tuple[SiteRouter, tuple[int, int]]] = []
-        self._routing = True
-        try:
-            for router in active:
-                key = (min(d._order_key for d in router.deltas), id(router))
+    @staticmethod
+    def _router_key_of(router: SiteRouter) -> tuple[int, int]:
+        return (min(d._order_key for d in router.deltas), id(router))
+
+    def _use_routers(self, call: _RouteCall) -> None:
+        """Count this block as a user of its routers; hook the ones nobody used (other threads' forwards pass
+        through them unchanged)."""
+        for router in call.states:
+            router.sync_params()
+            if router._users == 0:
+                key = self._router_key_of(router)
                 if router.source is not None:
                     add_hook(router.source, key, router.capture_input, pre=True)
                 add_hook(router.host, key, router.forward_hook)
-                installed.append((router, key))
-            yield self
-        finally:
-            for router, key in installed:
+            router._users += 1
+
+    def _release_routers(self, call: _RouteCall) -> None:
+        for router in call.states:
+            router._users -= 1
+            if router._users == 0:
+                key = self._router_key_of(router)
                 remove_hook(router.host, key)
                 if router.source is not None:
                     remove_hook(router.source, key, pre=True)
-                router._reset()
-            self._routing = False
-            for delta in sorted(reattach, key=lambda d: d._order_key):
-                delta.attach()
 
+    @contextlib.contextmanager
+    def route(self, names: Sequence[str | None], *, gather_cache_mb: float = 256) -> Iterator[DeltaGroup]:
+        """Per-sample routing: inside the block, row ``i`` of each batch runs with delta ``names[i]``.
+
+        ``None`` routes a row to the bare backbone. Works in ``forward`` and in ``generate()`` (greedy, beam search,
+        sampling): a module that sees ``k * len(names)`` rows routes row ``j`` to ``names[j // k]``. While a
+        block is open the group's attached deltas are detached (each row sees only its own delta) and they are
+        re-attached when the last block closes. Inference only (eval mode).
+
+        Threads: each thread may hold its own block on the group at the same time; the rows belong to the block,
+        so to the thread that opened it (forwards of that thread use them; other threads' forwards do not).
+        A forward in a thread without a block, while the group's switched deltas are off for routing, is refused
+        with :class:`DeltaStateError` (with nothing switched in, it runs on the backbone unchanged). Nothing stays
+        hooked after the last block closes, whatever exception ended it.
+
+        Each modified module gathers every row's factors from its stack before its batched matmuls. From the
+        second forward call with the same rows on (``generate()``'s decoding steps) the gathered factors are kept
+        for the rest of the block, up to ``gather_cache_mb`` in all, which about halves the routing cost of a
+        decoding step; a single forward pass keeps nothing.
+
+        Args:
+            names: One delta name (or ``None``) per sample of the batch.
+            gather_cache_mb: Memory (MiB) the block may use to keep gathered factors between forward calls;
+                ``0`` gathers at every call. Freed when the block exits.
+
+        Raises:
+            DeltaError: unknown name, a name that is not a str, a delta of a method without routing support, a
+                batch of the wrong size, a negative ``gather_cache_mb``.
+            DeltaStateError: training mode, a merged group delta, nested ``route()`` in one thread, a block opened
+                inside a forward of the backbone while a writer waits.
+        """
+        serving = self._serving
+        if serving.local.call is not None:
+            raise DeltaStateError("DeltaGroup.route() blocks cannot be nested.")
+        self._check_names(names, gather_cache_mb)
+        call = self._open(names, float(gather_cache_mb))
+        _HELD.count += 1
+        try:
+            yield self
+        finally:
+            _HELD.count -= 1
+            self._close(call)
+
+    def _open(self, names: Sequence[str | None], gather_cache_mb: float) -> _RouteCall:
+        serving = self._serving
+        me = threading.get_ident()
+        with serving.cond:
+            if serving.writer is not None or (serving.pending and not _HELD.count):
+                serving.check_caller("open a route() block")  # waiting from inside a forward would deadlock
+            while serving.writer is not None or (serving.pending and not _HELD.count):
+                serving.cond.wait()
+            self._check_route_state(names)
+            call = self._plan_call(names, gather_cache_mb)
+            self._check_outside_order(list(call.states))
+            attached = [d for d in self._deltas.values() if d.state == ATTACHED]
+            if serving.blocks or not attached:
+                self._enter(call)
+                return call
+            serving.writer = me  # the first block takes the switched deltas off: a write
+        try:
+            serving.check_caller("open a route() block")
+            serving._open_gate()
+            serving._wait_for_forwards()
+            with serving.cond:
+                for delta in attached:
+                    delta.detach()
+                serving.reattach, serving.strict = attached, True
+                self._enter(call)
+        finally:
+            with serving.cond:
+                serving.writer = None
+                if not serving.strict:
+                    serving._close_gate()
+                serving.cond.notify_all()
+        return call
+
+    def _enter(self, call: _RouteCall) -> None:
+        self._use_routers(call)
+        self._serving.blocks += 1
+        self._serving.local.call = call
+
+    def _close(self, call: _RouteCall) -> None:
+        serving = self._serving
+        with serving.cond:
+            serving.local.call = None
+            try:
+                self._release_routers(call)
+            finally:
+                serving.blocks -= 1
+                if serving.blocks == 0 and serving.strict:
+                    # Forwards without a block were refused while strict, so none runs now: put them back.
+                    reattach, serving.reattach, serving.strict = serving.reattach, [], False
+                    try:
+                        for delta in sorted(reattach, key=lambda d: d._order_key):
+                            delta.attach()
+                    finally:
+                        if serving.writer is None:
+                            serving._close_gate()
+                serving.cond.notify_all()

@@ -670,6 +670,10 @@ TINY_ARCHITECTURES: dict[str, tuple[str, str, dict[str, object], str]] = {
 }
 
 
+#: Most layers a tiny random model may have (checked before anything is built).
+MAX_TINY_LAYERS = 256
+
+
 def _fill_layers(value: object, layers: int) -> object:
     if value == "L":
         return layers
@@ -685,6 +689,11 @@ def tiny_config(arch: str, num_layers: int = 2) -> object:
     if arch not in TINY_ARCHITECTURES:
         raise ModuleMatchError(
             f"Unknown architecture name {arch!r}; tiny random models exist for: {', '.join(sorted(TINY_ARCHITECTURES))}."
+        )
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= MAX_TINY_LAYERS:
+        raise ModuleMatchError(
+            f"A tiny {arch} model has 1 to {MAX_TINY_LAYERS} layers (deeper than any released model); got "
+            f"num_layers={num_layers!r}."
         )
     config_cls, _, kwargs, _ = TINY_ARCHITECTURES[arch]
     return getattr(transformers, config_cls)(**_fill_layers(kwargs, num_layers))  # type: ignore[arg-type]

@@ -230,8 +230,11 @@ def test_route_stacks_are_cached_and_follow_parameter_changes() -> None:
 
 
 def _kept(group: DeltaGroup) -> int:
-    """Bytes of gathered factors the group's routers keep right now."""
-    return sum(e[3].nbytes for r in group._routers or [] for e in r._gathered.values() if e[3] is not None)
+    """Bytes of gathered factors this thread's route() block keeps right now (0 outside a block)."""
+    call = group._serving.local.call
+    if call is None:
+        return 0
+    return sum(e[3].nbytes for state in call.states.values() for e in state.gathered.values() if e[3] is not None)
 
 
 @pytest.mark.parametrize("inference", [False, True])

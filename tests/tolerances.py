@@ -65,6 +65,9 @@ def assert_same_function(
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     actual, expected = actual.detach(), expected.detach()
+    if not expected.is_floating_point():  # integers (token ids, labels) do not round: they must be equal
+        assert torch.equal(actual, expected), f"{note + ': ' if note else ''}the integer tensors differ"
+        return
     # Non-finite entries (a -inf logit masked out by generate(), say) are not rounding: they must agree exactly.
     finite = torch.isfinite(expected)
     assert torch.equal(finite, torch.isfinite(actual)) and torch.equal(actual[~finite], expected[~finite]), (

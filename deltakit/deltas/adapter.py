@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import DeltaConfig, check_bounded_by, check_positive_int
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, BottleneckRouter, check_activation, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, map_hidden, output_dim
 
 
 @dataclass
@@ -29,7 +29,7 @@ class AdapterConfig(DeltaConfig):
     non_linearity: str = "gelu_new"
 
     def validate(self) -> None:
-        check_positive_int(self, "bottleneck_dim")
+        check_positive_int(self, "bottleneck_dim")  # and <= the host's width, checked per host at plan time
         check_activation(self.non_linearity, "AdapterConfig")
 
 
@@ -47,6 +47,7 @@ class AdapterSite(DeltaSite):
         nn.init.zeros_(self.up.bias)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_width(hidden, self.up.out_features, self.__dict__.get("where", "?"), "Adapter")
         return hidden + self.up(ACTIVATIONS[self.non_linearity](self.down(hidden)))
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -100,4 +101,8 @@ class AdapterModel(DeltaBase):
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: AdapterConfig = self.config  # type: ignore[assignment]
         dim = output_dim(name, host, self.backbone_model, "Adapter")
-        return AdapterSite(dim, cfg.bottleneck_dim, cfg.non_linearity, **factory_kwargs(host))
+        width = f"output width {dim}"
+        check_bounded_by(cfg, "bottleneck_dim", cfg.bottleneck_dim, dim, name, width, "its output width")
+        site = AdapterSite(dim, cfg.bottleneck_dim, cfg.non_linearity, **factory_kwargs(host))
+        site.where = name  # a plain attribute, for error messages
+        return site

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DeltaConfigError, UnsupportedModuleError
+from ..errors import DeltaConfigError, DeltaError, UnsupportedModuleError
+from ..hooks import DeltaSite
 from ..serving import SiteRouter
 from ..structures import find_config, linear_dims, norm_shape
 
@@ -27,30 +28,103 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 def check_activation(name: str, owner: str) -> None:
     """Raise a :class:`DeltaConfigError` naming the valid choices if ``name`` is not a known activation."""
-    if name not in ACTIVATIONS:
+    if not isinstance(name, str) or name not in ACTIVATIONS:
         raise DeltaConfigError(f"{owner}.non_linearity {name!r} is unknown; choose one of {sorted(ACTIVATIONS)}.")
 
 
-def output_dim(name: str, host: nn.Module, backbone: nn.Module, method: str) -> int:
-    """The size of the last dimension of ``host``'s output, read from its attributes.
-
-    Linear / Conv1D: ``out_features``; LayerNorm / RMSNorm-like: the normalized size; any other module: the
-    backbone config's ``hidden_size`` (blocks such as BERT's ``attention.output`` return hidden states).
-    """
-    dims = linear_dims(host)
+def _width_of_leaf(module: nn.Module, side: int) -> int | None:
+    """The input (``side=0``) or output (``side=1``) feature width of a Linear / Conv1D / norm module, else None."""
+    dims = linear_dims(module)
     if dims is not None:
-        return dims[1]
-    shape = norm_shape(host)
-    if shape is not None:
-        return int(math.prod(shape))
+        return dims[side]
+    shape = norm_shape(module)
+    return int(math.prod(shape)) if shape is not None else None
+
+
+def _refuse_unsized(name: str, host: nn.Module, method: str, why: str) -> UnsupportedModuleError:
+    return UnsupportedModuleError(
+        f"{method} cannot modify {name!r} ({type(host).__name__}): {why} Adapters act on the last dimension of a "
+        f"module's output; point modified_modules at a Linear layer (or a block returning hidden states) instead."
+    )
+
+
+def _feature_width(name: str, host: nn.Module, backbone: nn.Module, method: str, side: int) -> int:
+    if isinstance(host, nn.modules.conv._ConvNd):
+        raise _refuse_unsized(
+            name, host, method,
+            f"a convolution's {'input' if side == 0 else 'output'} is channels-first (N, C, ...), so its last "
+            f"dimension is a spatial one, not the {host.in_channels if side == 0 else host.out_channels} channels.",
+        )
+    if isinstance(host, nn.Embedding):
+        if side == 0:
+            raise _refuse_unsized(name, host, method, "its input is token ids, not features.")
+        return host.embedding_dim
+    width = _width_of_leaf(host, side)
+    if width is not None:
+        return width
+    # A block (BertIntermediate, T5LayerFF, a decoder layer): its output comes from its last Linear (its input goes
+    # to its first), in registration order; failing a Linear, a norm layer; failing both, the model's hidden size.
+    # Modules inside deltakit's own per-site modules are not the host's.
+    leaves = [m for m in _own_modules(host) if linear_dims(m) is not None]
+    if not leaves:
+        leaves = [m for m in _own_modules(host) if norm_shape(m) is not None]
+    if leaves:
+        return int(_width_of_leaf(leaves[0 if side == 0 else -1], side))  # type: ignore[arg-type]
     config = find_config(backbone)
     hidden = getattr(config, "hidden_size", None) if config is not None else None
     if isinstance(hidden, int):
         return hidden
     raise UnsupportedModuleError(
-        f"{method} cannot tell the output size of {name!r} ({type(host).__name__}): it is not a Linear, Conv1D or "
-        f"norm layer and the backbone has no config with hidden_size. Point modified_modules at a Linear layer."
+        f"{method} cannot tell the {'input' if side == 0 else 'output'} size of {name!r} ({type(host).__name__}): it "
+        f"is not a Linear, Conv1D or norm layer, holds none, and the backbone has no config with hidden_size. Point "
+        f"modified_modules at a Linear layer."
     )
+
+
+def _own_modules(host: nn.Module) -> list[nn.Module]:
+    """``host``'s descendants in registration order, without deltakit's per-site modules and their insides."""
+    out: list[nn.Module] = []
+
+    def walk(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, DeltaSite):
+                continue
+            out.append(child)
+            walk(child)
+
+    walk(host)
+    return out
+
+
+def output_dim(name: str, host: nn.Module, backbone: nn.Module, method: str) -> int:
+    """The size of the last dimension of ``host``'s output, read from its attributes (no forward pass).
+
+    Linear / Conv1D: ``out_features``; LayerNorm / RMSNorm-like: the normalized size; Embedding: ``embedding_dim``;
+    a block: its last Linear's ``out_features`` (BERT's ``intermediate``: the intermediate size), else its last
+    norm's size, else the backbone config's ``hidden_size``. Convolutions are refused: their output's last
+    dimension is spatial.
+
+    Raises:
+        UnsupportedModuleError: the size cannot be told, or the host is a convolution.
+    """
+    return _feature_width(name, host, backbone, method, 1)
+
+
+def input_dim(name: str, host: nn.Module, backbone: nn.Module, method: str) -> int:
+    """The size of the last dimension of ``host``'s (first) input, like :func:`output_dim` (a block: its first
+    Linear's ``in_features``). Embeddings (token ids) and convolutions are refused."""
+    return _feature_width(name, host, backbone, method, 0)
+
+
+def check_width(hidden: torch.Tensor, expected: int, where: str, method: str) -> None:
+    """Raise a clear error when a host's output is not as wide as the adapter built for it (a block whose output
+    does not come from the module its width was read from)."""
+    if hidden.shape[-1] != expected:
+        raise DeltaError(
+            f"{method} on {where!r} was built for outputs {expected} wide (read from the module's layers), but the "
+            f"module returned a tensor of shape {tuple(hidden.shape)}. Point modified_modules at the Linear layer "
+            f"that produces this output, and detach this delta."
+        )
 
 
 def map_hidden(output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:

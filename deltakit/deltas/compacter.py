@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import DeltaConfig, check_bool, check_bounded_by, check_choice, check_finite_number, check_positive_int
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, BottleneckRouter, check_activation, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, map_hidden, output_dim
 
 
 @dataclass
@@ -46,10 +46,12 @@ class CompacterConfig(DeltaConfig):
         for name in ("reduction_factor", "hypercomplex_division", "phm_rank"):
             check_positive_int(self, name)
         check_activation(self.non_linearity, "CompacterConfig")
-        if self.phm_c_init not in ("normal", "uniform"):
-            raise DeltaConfigError(f"CompacterConfig.phm_c_init must be 'normal' or 'uniform', got {self.phm_c_init!r}.")
-        if not isinstance(self.phm_init_range, (int, float)) or self.phm_init_range <= 0:
-            raise DeltaConfigError(f"CompacterConfig.phm_init_range must be > 0, got {self.phm_init_range!r}.")
+        check_choice(self, "phm_c_init", ("normal", "uniform"))
+        # a standard deviation: beyond 1 the rules' products explode (the paper uses 1e-4 .. 1e-2)
+        check_finite_number(self, "phm_init_range", positive=True, high=1.0)
+        for name in ("factorized_phm", "shared_phm_rule", "factorized_phm_rule", "use_bias_up_sampler",
+                     "use_bias_down_sampler"):
+            check_bool(self, name)
 
 
 class PHMRule(nn.Module):
@@ -135,6 +137,7 @@ class CompacterSite(DeltaSite):
         self.up_sampler = PHMLinear(bottleneck, dim, cfg, shared, zero=True, bias=cfg.use_bias_up_sampler, **factory)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_width(hidden, self.up_sampler.out_features, self.__dict__.get("where", "?"), "Compacter")
         return hidden + self.up_sampler(ACTIVATIONS[self.non_linearity](self.down_sampler(hidden)))
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -221,13 +224,16 @@ class CompacterModel(DeltaBase):
 
     def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
         cfg: CompacterConfig = self.config  # type: ignore[assignment]
+        for name, host in matches:  # every site's sizes are checked before the shared rules are allocated
+            self._site_sizes(name, host)
         if not cfg.shared_phm_rule or not matches:
             return None
         factory = factory_kwargs(matches[0][1])
         rule = PHMRule(cfg.hypercomplex_division, cfg.factorized_phm_rule, cfg.phm_c_init, cfg.phm_init_range, **factory)
         return CompacterShared(rule)
 
-    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+    def _site_sizes(self, name: str, host: nn.Module) -> tuple[int, int]:
+        """``(width, bottleneck)`` of the site on ``host``, checked against the config (nothing is allocated)."""
         cfg: CompacterConfig = self.config  # type: ignore[assignment]
         n = cfg.hypercomplex_division
         dim = output_dim(name, host, self.backbone_model, "Compacter")
@@ -238,5 +244,18 @@ class CompacterModel(DeltaBase):
                 f"{cfg.reduction_factor}) must both be positive multiples of hypercomplex_division {n}. Choose "
                 f"another hypercomplex_division or reduction_factor."
             )
+        # B_i = s_i t_i with s_i (p x rank), t_i (rank x q): a rank above min(p, q) adds nothing; one up to the
+        # wider side is accepted, beyond it only memory would grow.
+        check_bounded_by(
+            cfg, "phm_rank", cfg.phm_rank, dim // n, name, f"output width {dim}, bottleneck {bottleneck}",
+            "output width // hypercomplex_division (the wider side of each Kronecker factor)",
+        )
+        return dim, bottleneck
+
+    def build_site(self, name: str, host: nn.Module) -> DeltaSite:
+        cfg: CompacterConfig = self.config  # type: ignore[assignment]
+        dim, bottleneck = self._site_sizes(name, host)
         shared = self.shared.rule if self.shared is not None else None  # type: ignore[union-attr]
-        return CompacterSite(dim, bottleneck, cfg, shared, **factory_kwargs(host))
+        site = CompacterSite(dim, bottleneck, cfg, shared, **factory_kwargs(host))
+        site.where = name  # a plain attribute, for error messages
+        return site

@@ -8,6 +8,7 @@ hosts; merging folds ``(alpha / r) * B A`` into the host weight.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -16,7 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int, check_probability
+from ..config import (
+    MAX_SCALE, DeltaConfig, check_bounded_by, check_finite_number, check_positive_int, check_probability,
+)
 from ..errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
 from ..hooks import DeltaSite
 from ..serving import SiteRouter
@@ -35,15 +38,14 @@ class LoraConfig(DeltaConfig):
     lora_dropout: float = 0.0
 
     def validate(self) -> None:
+        # lora_r is bounded again per host at plan time (rank <= min(in, out)), before anything is allocated.
         check_positive_int(self, "lora_r")
         check_probability(self, "lora_dropout")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise DeltaConfigError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}.")
-        if not self.lora_alpha > 0:  # 0 makes the delta a no-op, a negative one flips it: both are mistakes
-            raise DeltaConfigError(
-                f"LoraConfig.lora_alpha must be > 0 (the update is scaled by lora_alpha / lora_r), got "
-                f"{self.lora_alpha!r}. A common choice is twice lora_r."
-            )
+        # 0 makes the delta a no-op, a negative one flips it: both are mistakes; beyond MAX_SCALE a forward overflows.
+        check_finite_number(
+            self, "lora_alpha", positive=True, high=MAX_SCALE,
+            hint="The update is scaled by lora_alpha / lora_r; lora_alpha must be > 0. A common choice is twice lora_r.",
+        )
 
 
 class _AddLowRankInPlace(torch.autograd.Function):
@@ -165,6 +167,9 @@ class LoraEmbeddingRouter(SiteRouter):
         ids = first_input(args, kwargs)
         flat = ids.reshape(ids.shape[0], -1)
         rows = stack["A_T"][slots.unsqueeze(1), flat]  # N x T x r
+        scale = embedding_scale(self.host)  # a scaled embedding scales the update too (see LoraEmbeddingSite)
+        if scale is not None:
+            rows = rows * (scale.to(self.host.weight.dtype).to(rows.dtype) if isinstance(scale, torch.Tensor) else scale)
         return _add_routed(output, rows, self.gather(stack, "B_T", slots))
 
 
@@ -275,11 +280,40 @@ class LoraSite(DeltaSite):
         return {"weight": delta.T if self.transposed else delta}
 
 
+def embedding_scale(host: nn.Module) -> float | torch.Tensor | None:
+    """The factor a *scaled* word embedding multiplies its lookup by inside its forward, or ``None``.
+
+    transformers' scaled embeddings (Gemma, Gemma 3, BART/mBART/M2M100/NLLB with ``scale_embedding``) compute
+    ``E[x] * embed_scale``, with ``embed_scale`` a Python number or a one-element buffer. The attribute is probed,
+    not the class name, so any embedding following that convention is covered; a 1 (no scaling) gives ``None``.
+
+    Raises:
+        UnsupportedModuleError: ``embed_scale`` is neither a number nor a one-element tensor.
+    """
+    if "embed_scale" not in host.__dict__ and "embed_scale" not in host._buffers and not hasattr(type(host), "embed_scale"):
+        return None
+    scale = getattr(host, "embed_scale")
+    if scale is None:
+        return None
+    if isinstance(scale, numbers.Real) and not isinstance(scale, bool):
+        return None if scale == 1 else float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        return scale
+    raise UnsupportedModuleError(
+        f"LoRA cannot modify a {type(host).__name__} whose embed_scale is {scale!r:.60}: it needs a number or a "
+        f"one-element tensor to scale its update like the embedding's own output."
+    )
+
+
 class LoraEmbeddingSite(DeltaSite):
     """LoRA of an ``nn.Embedding``: ``E[x] + (alpha / r) * A[:, x]^T B^T``.
 
     ``A`` (r x num_embeddings) is drawn from N(0, 1) rather than Kaiming-uniform: an embedding's "fan-in" is the
     vocabulary size, which would make ``A`` tiny and ``B`` learn very slowly. ``B`` is zero, as for linear hosts.
+
+    On a scaled word embedding (``E[x] * embed_scale``, see :func:`embedding_scale`) the update is scaled the same
+    way, ``(E[x] + (alpha / r) * A[:, x]^T B^T) * embed_scale``: that is what merging ``(alpha / r) * (B A)^T`` into
+    ``E`` computes, and what PEFT computes, so merged, attached and PEFT-converted outputs agree.
     """
 
     router = LoraEmbeddingRouter
@@ -288,6 +322,8 @@ class LoraEmbeddingSite(DeltaSite):
         super().__init__()
         self.scaling = alpha / r
         self.padding_idx = host.padding_idx
+        # Probed once (a scaled embedding keeps being one); the scale's value is read at each call.
+        self.host_scaled = embedding_scale(host) is not None
         self.lora_A = nn.Parameter(torch.empty(r, host.num_embeddings, **factory))
         self.lora_B = nn.Parameter(torch.zeros(host.embedding_dim, r, **factory))
         nn.init.normal_(self.lora_A)
@@ -303,7 +339,14 @@ class LoraEmbeddingSite(DeltaSite):
         rows = F.embedding(first_input(args, kwargs), self.lora_A.T, padding_idx=self.padding_idx)
         if self.dropout is not None:
             rows = self.dropout(rows)
-        return add_low_rank(output, rows, self.lora_B, self.scaling)
+        scaling = self.scaling
+        if self.host_scaled:
+            scale = embedding_scale(host)
+            if isinstance(scale, torch.Tensor):  # in the dtype the host multiplies with (Gemma: its weight's)
+                rows = rows * scale.to(host.weight.dtype).to(rows.dtype)
+            elif scale is not None:
+                scaling = scaling * scale
+        return add_low_rank(output, rows, self.lora_B, scaling)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
         return {"weight": (self.lora_B @ self.lora_A).T * self.scaling}
@@ -396,6 +439,10 @@ class LoraModel(DeltaBase):
                 raise UnsupportedModuleError(
                     f"LoRA cannot modify {name!r}: nn.Embedding with max_norm renormalises its weight in place."
                 )
+            check_bounded_by(
+                cfg, "lora_r", cfg.lora_r, host.embedding_dim, name,
+                f"Embedding({host.num_embeddings}, {host.embedding_dim})", "embedding_dim",
+            )
             return LoraEmbeddingSite(host, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, **factory)
         dims = linear_dims(host)
         if dims is None:
@@ -403,4 +450,10 @@ class LoraModel(DeltaBase):
                 f"LoRA cannot modify {name!r} of type {type(host).__name__}: it supports nn.Linear, transformers "
                 f"Conv1D and nn.Embedding. Point modified_modules at the linear layers inside it."
             )
+        # B A has rank <= min(in, out) whatever r is. A rank up to the wider side is accepted (PEFT recipes put r=8 on
+        # a 2-label head); beyond it r only costs memory, and 2**40 would ask for terabytes.
+        check_bounded_by(
+            cfg, "lora_r", cfg.lora_r, max(dims), name, f"{type(host).__name__} in={dims[0]}, out={dims[1]}",
+            "max(in_features, out_features)",
+        )
         return LoraSite(*dims, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, transposed=is_conv1d(host), **factory)

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import DeltaConfig, check_bounded_by, check_choice, check_positive_int
 from ..errors import DeltaConfigError, UnsupportedModuleError
 from ..hooks import DeltaSite
-from .common import ACTIVATIONS, BottleneckRouter, check_activation, glorot_, map_hidden, output_dim
+from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, glorot_, map_hidden, output_dim
 
 
 @dataclass
@@ -37,11 +37,7 @@ class LowRankAdapterConfig(DeltaConfig):
         check_positive_int(self, "reduction_factor")
         check_positive_int(self, "low_rank_rank")
         check_activation(self.non_linearity, "LowRankAdapterConfig")
-        if self.low_rank_w_init not in ("glorot-uniform", "glorot-normal"):
-            raise DeltaConfigError(
-                f"LowRankAdapterConfig.low_rank_w_init must be 'glorot-uniform' or 'glorot-normal', got "
-                f"{self.low_rank_w_init!r}."
-            )
+        check_choice(self, "low_rank_w_init", ("glorot-uniform", "glorot-normal"))
 
 
 class LowRankLinear(nn.Module):
@@ -77,6 +73,7 @@ class LowRankAdapterSite(DeltaSite):
         self.up_sampler = LowRankLinear(bottleneck, dim, rank, init, zero=True, **factory)
 
     def adapt(self, hidden: torch.Tensor) -> torch.Tensor:
+        check_width(hidden, self.up_sampler.b.shape[0], self.__dict__.get("where", "?"), "LowRankAdapter")
         return hidden + self.up_sampler(ACTIVATIONS[self.non_linearity](self.down_sampler(hidden)))
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -143,4 +140,10 @@ class LowRankAdapterModel(DeltaBase):
                 f"LowRankAdapter on {name!r}: hidden size {dim} // reduction_factor {cfg.reduction_factor} is 0; "
                 f"use a smaller reduction_factor."
             )
-        return LowRankAdapterSite(dim, bottleneck, cfg, **factory_kwargs(host))
+        check_bounded_by(
+            cfg, "low_rank_rank", cfg.low_rank_rank, dim, name, f"output width {dim}, bottleneck {bottleneck}",
+            "the output width (the wider side of each factorised projection)",
+        )
+        site = LowRankAdapterSite(dim, bottleneck, cfg, **factory_kwargs(host))
+        site.where = name  # a plain attribute, for error messages
+        return site

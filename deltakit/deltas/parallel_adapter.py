@@ -9,6 +9,8 @@ init.
 
 from __future__ import annotations
 
+import threading
+
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,11 +19,12 @@ from torch import nn
 
 from ..addressing import find_modules
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import MAX_SCALE, DeltaConfig, check_bounded_by, check_finite_number, check_positive_int, check_str_list
 from ..errors import DeltaConfigError, DeltaError, ModuleMatchError
 from ..hooks import DeltaSite
-from ..structures import linear_dims
-from .common import ACTIVATIONS, BottleneckRouter, check_activation, first_input, map_hidden, output_dim
+from .common import (
+    ACTIVATIONS, BottleneckRouter, check_activation, check_width, first_input, input_dim, map_hidden, output_dim,
+)
 
 
 @dataclass
@@ -39,10 +42,11 @@ class ParallelAdapterConfig(DeltaConfig):
     def validate(self) -> None:
         check_positive_int(self, "bottleneck_dim")
         check_activation(self.non_linearity, "ParallelAdapterConfig")
-        if isinstance(self.scaled, bool) or not isinstance(self.scaled, (int, float)):
-            raise DeltaConfigError(f"ParallelAdapterConfig.scaled must be a number, got {self.scaled!r}.")
-        if isinstance(self.input_modules, str):
-            self.input_modules = [self.input_modules]
+        check_finite_number(
+            self, "scaled", low=-MAX_SCALE, high=MAX_SCALE, nonzero=True,
+            hint="It multiplies the adapter's value (He et al. use 1 to 4); 0 would switch the adapter off.",
+        )
+        self.input_modules = check_str_list(self, "input_modules")
 
 
 class ParallelAdapterRouter(BottleneckRouter):
@@ -54,8 +58,7 @@ class ParallelAdapterRouter(BottleneckRouter):
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: Any) -> Any:
-        x, self._captured = self._captured, None
-        update = self.update(stack, slots, x)
+        update = self.update(stack, slots, self.take_captured())  # captured by this thread's block
         return map_hidden(output, lambda h: h + update.to(h.dtype))
 
 
@@ -74,26 +77,34 @@ class ParallelAdapterSite(DeltaSite):
         nn.init.zeros_(self.up.bias)
         # A plain attribute holder, so the source module is not registered as a child of this delta module.
         self._source = (source,)
-        self._captured: torch.Tensor | None = None
+        # The captured input per thread (thread id -> tensor): forwards running in several threads at once each
+        # read their own input. A dict, not a threading.local, so the module can still be deep-copied.
+        self._captured: dict[int, torch.Tensor] = {}
 
     @property
     def input_source(self) -> nn.Module:
         return self._source[0]
 
     def capture_input(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-        self._captured = first_input(args, kwargs)
+        self._captured[threading.get_ident()] = first_input(args, kwargs)
         return args, kwargs
 
     def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        x = self._captured
+        x = self._captured.pop(threading.get_ident(), None)
         if x is None:
             raise DeltaError(
                 "ParallelAdapter: the output module ran before its input module in this forward pass; "
                 "input_modules must name a module that runs before (or is) the modified module."
             )
-        self._captured = None
+        where = self.__dict__.get("where", "?")
+        check_width(x, self.down.in_features, f"{where} (input)", "ParallelAdapter")
         update = self.up(ACTIVATIONS[self.non_linearity](self.down(x)))
-        return map_hidden(output, lambda h: h + self.scaled * update)
+
+        def add(h: torch.Tensor) -> torch.Tensor:
+            check_width(h, self.up.out_features, where, "ParallelAdapter")
+            return h + self.scaled * update
+
+        return map_hidden(output, add)
 
     def routing_key(self) -> tuple[Any, ...]:
         """Sites routed together share the activation and the source module."""
@@ -186,7 +197,12 @@ class ParallelAdapterModel(DeltaBase):
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: ParallelAdapterConfig = self.config  # type: ignore[assignment]
         source_name, source = self._source_for(name, host)
-        dims = linear_dims(source)
-        in_dim = dims[0] if dims is not None else output_dim(source_name, source, self.backbone_model, "ParallelAdapter")
+        in_dim = input_dim(source_name, source, self.backbone_model, "ParallelAdapter")
         out_dim = output_dim(name, host, self.backbone_model, "ParallelAdapter")
-        return ParallelAdapterSite(in_dim, out_dim, cfg, source, **factory_kwargs(host))
+        check_bounded_by(
+            cfg, "bottleneck_dim", cfg.bottleneck_dim, max(in_dim, out_dim), name,
+            f"input width {in_dim} (of {source_name!r}), output width {out_dim}", "the wider of the two widths",
+        )
+        site = ParallelAdapterSite(in_dim, out_dim, cfg, source, **factory_kwargs(host))
+        site.where = name  # a plain attribute, for error messages
+        return site

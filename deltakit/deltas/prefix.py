@@ -24,7 +24,7 @@ from torch import nn
 from .. import hf_compat
 from ..addressing import find_modules
 from ..base import DeltaBase, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import MAX_MLP_WIDTH, MAX_PROMPT_LENGTH, DeltaConfig, check_bool, check_positive_int
 from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError
 from ..hooks import DeltaSite
 
@@ -41,10 +41,12 @@ class PrefixConfig(DeltaConfig):
     mid_dim: int = 512
 
     def validate(self) -> None:
-        for name in ("prefix_token_num", "embed_dim", "mid_dim"):
-            check_positive_int(self, name)
-        if not isinstance(self.reparameterize, bool):
-            raise DeltaConfigError(f"PrefixConfig.reparameterize must be True or False, got {self.reparameterize!r}.")
+        # Nothing in the host bounds these: caps well above any use (papers use 5-200 prefix positions and MLP
+        # widths up to the model's hidden size) and far below sizes that try to allocate terabytes.
+        check_positive_int(self, "prefix_token_num", high=MAX_PROMPT_LENGTH)
+        check_positive_int(self, "embed_dim", high=MAX_MLP_WIDTH)
+        check_positive_int(self, "mid_dim", high=MAX_MLP_WIDTH)
+        check_bool(self, "reparameterize")
 
 
 class PrefixShared(DeltaSite):

@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import hf_compat
 from ..base import DeltaBase, Site, factory_kwargs
-from ..config import DeltaConfig, check_positive_int
+from ..config import MAX_PROMPT_LENGTH, DeltaConfig, check_bool, check_finite_number, check_positive_int
 from ..errors import DeltaConfigError
 from ..hooks import DeltaSite, add_hook, remove_hook
 
@@ -43,11 +43,10 @@ class SoftPromptConfig(DeltaConfig):
     token_init: bool = True
 
     def validate(self) -> None:
-        check_positive_int(self, "soft_token_num")
-        if isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) or self.init_range <= 0:
-            raise DeltaConfigError(f"SoftPromptConfig.init_range must be a number > 0, got {self.init_range!r}.")
-        if not isinstance(self.token_init, bool):
-            raise DeltaConfigError(f"SoftPromptConfig.token_init must be True or False, got {self.token_init!r}.")
+        check_positive_int(self, "soft_token_num", high=MAX_PROMPT_LENGTH)
+        # a uniform init's half-width: embeddings live around |x| < 1, so beyond 100 it is a mistake
+        check_finite_number(self, "init_range", positive=True, high=100.0)
+        check_bool(self, "token_init")
         if self.modified_modules is not None:
             raise DeltaConfigError(
                 "SoftPromptModel places its prompt itself (in front of the input embeddings); modified_modules must "

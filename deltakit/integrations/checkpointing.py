@@ -64,7 +64,11 @@ class _RequireGradWhenCheckpointing:
         if self.active(module, output):
             output.requires_grad_(True)  # a fresh tensor computed from frozen weights
 
-    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+        if kwargs is None:
+            # torch calls a hook without kwargs when its handle was removed after the call looked it up (a forward
+            # that waited while DeltaGroup.switch() detached this delta): it no longer applies.
+            return None
         embeds = kwargs.get("inputs_embeds")
         if self.active(module, embeds):
             # The caller's tensor: hand the model a new tensor object instead of changing theirs.

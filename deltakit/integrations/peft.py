@@ -448,6 +448,15 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
                 f"{file!r} holds an incomplete or mixed LoRA pair for {site!r}: {sorted(parts)}; the file is corrupt."
             )
         a, b = (parts[k] for k in kinds[0])
+        if kinds[0] == _LINEAR_KEYS and (a.dim() > 2 or b.dim() > 2):
+            # PEFT stores LoRA of an nn.ConvNd as conv kernels: lora_A (r, in, *kernel), lora_B (out, r, 1, ...).
+            found = [n for n, m in backbone_model.named_modules() if n == site or n.endswith("." + site)]
+            host = type(backbone_model.get_submodule(found[0])).__name__ if len(found) == 1 else "convolution"
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} holds a LoRA for {site!r}, a {host} (factors shaped {tuple(a.shape)} and "
+                f"{tuple(b.shape)}, convolution kernels): LoRA on Conv1d/Conv2d/Conv3d is not supported by "
+                f"deltakit. Leave the convolution out of target_modules, or load the adapter with PEFT."
+            )
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
             raise CheckpointError(
                 f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
