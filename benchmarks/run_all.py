@@ -198,8 +198,8 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         for scenario, e in ck["scenarios"].items():
             d, p = e["deltakit"], e["peft"]
             rows.append([f"checkpoint bytes over raw tensors (LoRA {scenario}, {d['tensors']} tensors)",
-                         str(d["overhead_bytes"]), str(p["overhead_bytes"]), f"<= {ck['bound_bytes']}",
-                         _verdict(d["overhead_bytes"], ck["bound_bytes"])])
+                         str(d["overhead_bytes"]), str(p["overhead_bytes"]), f"<= {d['bound_bytes']}",
+                         _verdict(d["overhead_bytes"], d["bound_bytes"])])
     return rows
 
 

@@ -213,6 +213,8 @@ class DeltaBase:
         self._checkpointing_handles: list[Any] = []
         self._checkpointing_hooks: Any = None
         self.unfrozen_parameter_names: list[str] = []
+        # Backbone tensors a checkpoint wrote (a saved head): the values not in the model right now, by name.
+        self._swapped_backbone: dict[str, torch.Tensor] = {}
         if matches is None:
             matches = self._match_sites()
         self.shared: DeltaSite | None = self.build_shared(matches)
@@ -408,6 +410,7 @@ class DeltaBase:
             _register_child(site.host, self.child_name, site.module, self._order_key)
             self._add_site_hooks(site)
         self._add_checkpointing_hooks()
+        self._swap_backbone_tensors()
         self._state = ATTACHED
         if self._set_state_dict:
             self._install_state_dict_hook()
@@ -467,8 +470,37 @@ class DeltaBase:
             delattr(self.backbone_model, self.shared_name)
         self._remove_state_dict_hook()
         self._remove_checkpointing_hooks()
+        self._swap_backbone_tensors()
         self._state = DETACHED
         return self
+
+    def write_backbone_tensors(self, values: dict[str, torch.Tensor]) -> None:
+        """Write backbone tensors a checkpoint declares (a saved head) into the model while this delta is attached.
+
+        The delta owns these values: :meth:`detach` puts the backbone's own values back (bit for bit) and
+        :meth:`attach` the delta's again, including any training done on them meanwhile. So loading a checkpoint
+        never changes the backbone for good. Used by the checkpoint and PEFT loaders after every check passed.
+
+        Args:
+            values: ``{parameter name in the backbone: value}``, shapes already checked.
+        """
+        self._require("write backbone tensors of", ATTACHED)
+        with torch.no_grad():
+            for name, value in values.items():
+                param = self.backbone_model.get_parameter(name)
+                self._swapped_backbone[name] = param.detach().clone()
+                param.copy_(value.to(param.dtype))
+
+    def _swap_backbone_tensors(self) -> None:
+        """Exchange the backbone tensors a checkpoint wrote with the values kept aside (see write_backbone_tensors)."""
+        if not self._swapped_backbone:
+            return
+        with torch.no_grad():
+            for name, other in self._swapped_backbone.items():
+                param = self.backbone_model.get_parameter(name)
+                current = param.detach().clone()
+                param.copy_(other)
+                self._swapped_backbone[name] = current
 
     def merge(self, exact_unmerge: bool = True, *, safe: bool = True) -> DeltaBase:
         """Fold the delta into the host weights and remove its hooks (zero inference overhead).

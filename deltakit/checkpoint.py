@@ -1,24 +1,29 @@
-"""Delta-only checkpoints: ``delta_config.json`` + ``delta_model.safetensors``.
+"""Delta-only checkpoints: ``delta_config.json`` + ``delta_model.safetensors`` in a directory.
 
-The weights file holds this delta's tensors, named ``<host module>.<delta_type>.<param>`` relative to the backbone,
-plus the backbone tensors the user explicitly kept trainable through ``freeze_module`` (e.g. a classifier head),
-under their own names. Never pickle. Tensors of the same parameter, shape and dtype at many sites (the 48
-``lora_A``/``lora_B`` of a 24-site LoRA) are stored stacked as one tensor, with their owners listed once in the
-range form in the file's metadata (see :func:`pack_tensors`): safetensors spends ~110 header bytes per tensor,
-so this keeps a checkpoint within a few KB of its raw tensor bytes whatever the number of sites, and makes loading
-one read per stack. :func:`read_weights` gives back the named tensors. Both files are written to temporary names in the target directory and renamed
-into place, so a crash leaves either the old or the new file, never half of one.
+**Layout** (format 4). The weights file is a plain safetensors file with one tensor per parameter, named exactly as
+in :meth:`DeltaBase.delta_state_dict` (``<host module>.<delta_type>.<param>`` relative to the backbone, shared
+tensors as ``<delta_type>_shared.<param>``), plus the backbone tensors the user explicitly kept trainable through
+``freeze_module`` (e.g. a classifier head) under their own names: ``safetensors.load_file``, PEFT-style converters,
+mergekit and the hub viewer see the delta's tensors as they are. Never pickle. ``delta_config.json`` is indented
+JSON: format and version, deltakit version, delta type and hyper-parameters, the sites (in a lossless range form,
+``model.layers.{0-79}.self_attn.q_proj``, see :func:`compress_sites`), the declared backbone tensors, a cheap
+backbone fingerprint and the SHA-256 of the weights file (safetensors has no checksum of its own). Saving the same
+delta twice gives the same bytes. Versions 1 and 2 (no stacked tensors) still load; files of the development
+format 3 that stack tensors (``lora_A#0``) are refused with a request to save them again.
 
-The config is kept small (the files add a few KB to the raw tensor bytes): one top-level key per line without
-indentation, and the site list in a lossless range form (``model.layers.{0-79}.self_attn.q_proj``, see
-:func:`compress_sites`), so its size does not grow with the number of layers. It also records the SHA-256 of the
-weights file's bytes (``weights_sha256``): safetensors has no checksum of its own, so a flipped byte in the tensor
-data would otherwise load silently.
+**Saving** changes the directory in one atomic, durable step (see :mod:`deltakit.io.transaction`): after a crash
+at any moment (``kill -9``, power loss, full disk) the directory loads as the old or the new checkpoint, whole;
+leftovers of a crashed save are removed by the next save and ignored by loaders. Concurrent savers are serialized
+by a lock on the directory (the last one wins) and a loader never sees a mix.
 
-Loading validates everything first: the config, the delta type, the file's integrity (its structure, then the
-recorded SHA-256 when the config has one; checkpoints written before it was recorded still load), that every saved site
-resolves to exactly one module of the new backbone, that tensor names and shapes fit, and that the backbone
-fingerprint (model type and config essentials, host shapes) agrees. Only then is the model touched.
+**Loading** trusts nothing in the files and changes nothing before everything is validated: the config (regular
+file, size-bounded, strict JSON, every field's type), the delta type, the site list (expanded only up to the
+number of modules the backbone has), that every saved site resolves to exactly one module of the new backbone,
+then the weights file's header (bounded, every dtype, shape and byte range) against exactly the tensors this delta
+and the declared backbone tensors need, before any tensor byte is read. The SHA-256 is computed over the very bytes
+that are parsed. Then dtypes (floating data only for floating parameters), finiteness (NaN/Inf refused unless
+``allow_nonfinite=True``) and the backbone fingerprint. Only then is the model touched; a checkpoint writes only the
+delta's own tensors and the backbone tensors its config declares.
 
 Saved names are resolved with one offset for the whole checkpoint: as they are, with a prefix added (the new model
 wraps the saved backbone: saved from ``BertModel``, loaded into ``BertForSequenceClassification``), or with a
@@ -32,18 +37,29 @@ import hashlib
 import json
 import os
 import re
-import tempfile
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
-from .config import CONFIG_NAME, CONFIG_REGISTRY, AutoDeltaConfig, load_json
-from .errors import CheckpointError, DeltaError, DeltaStateError
+from .config import CONFIG_NAME, CONFIG_REGISTRY, AutoDeltaConfig
+from .errors import CheckpointError, DeltaConfigError, DeltaError, DeltaStateError
 from .hooks import DeltaSite
+from .io import safe_json
+from .io.files import atomic_write as _atomic_write  # noqa: F401 - used by integrations.peft
+from .io.files import fsync_directory, open_regular, read_regular_file
+from .io.tensor_file import (
+    DTYPE_NAMES,
+    Header,
+    check_entries,
+    decode,
+    read_data,
+    read_header,
+    write_tensor_file,
+)
+from .io.transaction import commit, locked_view
 from .structures import find_config
 
 if TYPE_CHECKING:
@@ -51,13 +67,19 @@ if TYPE_CHECKING:
 
 WEIGHTS_NAME = "delta_model.safetensors"
 FORMAT = "deltakit-delta"
-#: Version 2 writes the site list in the compact range form of :func:`compress_sites`; version 1 (a plain list of
-#: names) is still read, and still written for the rare backbone whose module names contain braces. Version 3 stacks
-#: same-shaped tensors in the weights file (:func:`pack_tensors`); files of versions 1 and 2 hold none and still load.
-FORMAT_VERSION = 3
-#: Separator between a parameter name and the stack number in a stacked tensor's key (``lora_A#0``). Module and
-#: parameter names never contain it, so a stacked key cannot collide with a real tensor name.
-_STACK_MARK = "#"
+#: 4: one tensor per parameter, indented config, deterministic bytes. 3 (development only) stacked same-shaped
+#: tensors; its files without stacks still load. 2: the site list in range form. 1: a plain list of sites (still
+#: written for the rare backbone whose module names contain braces).
+FORMAT_VERSION = 4
+#: Largest ``delta_config.json`` read: a plain site list of a huge MoE model is a few MB.
+MAX_CONFIG_BYTES = 16 * 2**20
+#: Most sites a site list may expand to without a backbone to bound it (``deltakit inspect``): above the number of
+#: linear modules of today's largest mixture-of-experts models (~47k), far below what would exhaust memory.
+MAX_SITES = 2**18
+#: Metadata of the weights file ("pt" is what the ecosystem's tools look for).
+WEIGHTS_METADATA = {"format": "pt"}
+#: Bound on a site's layer index in the range form (nine digits).
+_MAX_INDEX = 10**9
 
 _ESSENTIALS = (
     "model_type",
@@ -96,7 +118,32 @@ def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str
     return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
 
 
-_RANGE_GROUP = re.compile(r"\{([0-9,-]+)\}")
+def _host_shapes(backbone: nn.Module, names: list[str]) -> dict[str, dict[str, list[int]]]:
+    modules = dict(backbone.named_modules())
+    return {
+        n: {p: list(t.shape) for p, t in modules[n].named_parameters(recurse=False)}
+        for n in names
+    }
+
+
+def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str, Any]:
+    """A cheap structural fingerprint: class, config essentials and a hash of the hosts' own parameter shapes.
+
+    Host names are not part of the hash, so a backbone wrapped in another module still matches.
+    """
+    config = find_config(backbone)
+    essentials = {}
+    if config is not None:
+        for key in _ESSENTIALS:
+            value = getattr(config, key, None)
+            if isinstance(value, (bool, int, float, str)):
+                essentials[key] = value
+    shapes = list(_host_shapes(backbone, site_names).values())
+    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
+    return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
+
+
+_RANGE_GROUP = re.compile(r"\{([0-9,-]*)\}")
 
 
 def _format_indices(indices: list[int]) -> str:
@@ -150,164 +197,251 @@ def compress_sites(names: list[str]) -> list[str] | None:
     return entries
 
 
-def expand_sites(entries: list[Any], where: str = "the checkpoint") -> list[str]:
+def _ranges(entry: str, where: str) -> tuple[str, str, list[tuple[int, int]]]:
+    """Split a range-form entry into ``(head, tail, [(low, high), ...])``; a plain name has no runs."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{where!r} lists a malformed site range {entry[:120]!r} ({why}); the file is corrupt.")
+
+    match = _RANGE_GROUP.search(entry)
+    if match is None:
+        if "{" in entry or "}" in entry:
+            raise bad("unbalanced braces")
+        return entry, "", []
+    head, tail = entry[: match.start()], entry[match.end() :]
+    if "{" in head + tail or "}" in head + tail:
+        raise bad("more than one range")
+    runs = []
+    for run in match.group(1).split(","):
+        low, dash, high = run.partition("-")
+        high = high if dash else low
+        if not (low.isdigit() and high.isdigit()) or len(low) > 9 or len(high) > 9:
+            raise bad(f"{run!r} is not an index or a range of indices below {_MAX_INDEX:,}")
+        if int(high) < int(low):
+            raise bad(f"{run!r} runs backwards")
+        runs.append((int(low), int(high)))
+    return head, tail, runs
+
+
+def expand_sites(entries: list[Any], where: str = "the checkpoint", limit: int = MAX_SITES) -> list[str]:
     """Inverse of :func:`compress_sites`: the full site names (each entry's names in increasing index order).
 
+    The number of names is computed from the ranges first and must not exceed ``limit`` (a 300-byte entry such
+    as ``x.{0-100000000000}.y`` would otherwise be expanded in full).
+
     Raises:
-        CheckpointError: An entry is not a string or holds a malformed range.
+        CheckpointError: An entry is not a string, holds a malformed range, the names exceed ``limit``, or a name
+            is listed twice.
     """
-    names: list[str] = []
+    if not isinstance(entries, list):
+        raise CheckpointError(f"{where!r}: field 'sites' must be a list of strings; the file is corrupt.")
+    parsed = []
+    total = 0
     for entry in entries:
-        if not isinstance(entry, str):
-            raise CheckpointError(f"{where!r} lists a site {entry!r} that is not a string; the file is corrupt.")
-        match = _RANGE_GROUP.search(entry)
-        if match is None:
-            if "{" in entry or "}" in entry:
-                raise CheckpointError(f"{where!r} lists a malformed site range {entry!r}; the file is corrupt.")
-            names.append(entry)
-            continue
-        head, tail = entry[: match.start()], entry[match.end() :]
-        indices: list[int] = []
-        for run in match.group(1).split(","):
-            low, _, high = run.partition("-")
-            if not low.isdigit() or (high and not high.isdigit()) or (high and int(high) < int(low)):
-                raise CheckpointError(f"{where!r} lists a malformed site range {entry!r}; the file is corrupt.")
-            indices.extend(range(int(low), int(high or low) + 1))
-        names.extend(f"{head}{i}{tail}" for i in indices)
+        if not isinstance(entry, str) or not entry:
+            raise CheckpointError(
+                f"{where!r} lists a site {_short(entry)} that is not a non-empty string; the file is corrupt."
+            )
+        head, tail, runs = _ranges(entry, where)
+        total += sum(high - low + 1 for low, high in runs) if runs else 1
+        if total > limit:
+            raise CheckpointError(
+                f"{where!r} lists more sites than the {limit:,} possible here (entry {entry[:120]!r}); the file is "
+                f"corrupt or was made for another model."
+            )
+        parsed.append((head, tail, runs))
+    names: list[str] = []
+    for head, tail, runs in parsed:
+        if not runs:
+            names.append(head)
+        for low, high in runs:
+            names.extend(f"{head}{i}{tail}" for i in range(low, high + 1))
+    if len(set(names)) != len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise CheckpointError(f"{where!r} lists the site {twice!r} twice; the file is corrupt.")
     return names
 
 
-def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Stack tensors that share a parameter name, shape and dtype across owners into one tensor each.
-
-    ``a.0.q.lora.lora_A`` ... ``a.11.v.lora.lora_A`` (all ``(8, 768)``) become one ``(24, 8, 768)`` tensor keyed
-    ``lora_A#0``, whose owners (``a.{0-11}.q.lora``, ``a.{0-11}.v.lora``, in :func:`compress_sites` form) give
-    the order along dimension 0. A tensor alone in its group, or whose owner names cannot be written in the range
-    form, is kept under its own name.
-
-    Args:
-        tensors: Named tensors (dotted names).
+# ------------------------------------------------------------------------------------------------ weights file
+def write_weights(file: str | os.PathLike[str], tensors: dict[str, torch.Tensor]) -> str:
+    """Write named contiguous CPU tensors to the safetensors ``file`` (one tensor per name, deterministic bytes).
 
     Returns:
-        ``(stored, stacks)``: the tensors to write, and ``{stacked key: owner entries}``.
+        The SHA-256 (hex) of the bytes written.
     """
-    groups: dict[tuple[str, tuple[int, ...], torch.dtype], list[str]] = {}
-    for name, tensor in tensors.items():
-        owner, _, leaf = name.rpartition(".")
-        groups.setdefault((leaf, tuple(tensor.shape), tensor.dtype), []).append(name)
-    stored: dict[str, torch.Tensor] = {}
-    stacks: dict[str, list[str]] = {}
-    counts: dict[str, int] = {}
-    for (leaf, _, _), names in groups.items():
-        owners = [name.rpartition(".")[0] for name in names]
-        entries = compress_sites(owners) if len(names) > 1 and all(owners) else None
-        if entries is None or any(_STACK_MARK in name for name in names):
-            stored.update((name, tensors[name]) for name in names)
-            continue
-        by_owner = dict(zip(owners, names))
-        key = f"{leaf}{_STACK_MARK}{counts.get(leaf, 0)}"
-        counts[leaf] = counts.get(leaf, 0) + 1
-        stored[key] = torch.stack([tensors[by_owner[owner]] for owner in expand_sites(entries)])
-        stacks[key] = entries
-    return stored, stacks
+    with open(file, "wb") as handle:
+        return write_tensor_file(handle, tensors, WEIGHTS_METADATA)
 
 
-def unpack_tensors(
-    stored: dict[str, torch.Tensor], stacks: dict[str, Any], where: str = "the checkpoint"
-) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`pack_tensors`: the named tensors (each its own copy).
-
-    Raises:
-        CheckpointError: The stack description does not fit the stored tensors (a corrupt file).
-    """
-    if not isinstance(stacks, dict):
-        raise CheckpointError(f"{where!r} has a corrupt stack table in its metadata.")
-    tensors = {key: value for key, value in stored.items() if key not in stacks}
-    for key, entries in stacks.items():
-        if not isinstance(key, str) or _STACK_MARK not in key or key not in stored or not isinstance(entries, list):
-            raise CheckpointError(f"{where!r} lists a stacked tensor {key!r} it does not hold; the file is corrupt.")
-        owners = expand_sites(entries, where)
-        stacked = stored[key]
-        if stacked.dim() == 0 or stacked.shape[0] != len(owners):
-            raise CheckpointError(
-                f"{where!r}: stacked tensor {key!r} has shape {tuple(stacked.shape)} but lists {len(owners)} owners; "
-                f"the file is corrupt."
-            )
-        leaf = key.rpartition(_STACK_MARK)[0]
-        for owner, tensor in zip(owners, stacked.unbind(0)):
-            name = f"{owner}.{leaf}"
-            if name in tensors:
-                raise CheckpointError(f"{where!r} holds tensor {name!r} twice; the file is corrupt.")
-            tensors[name] = tensor.clone()  # own storage: the caller may keep, change or save it
-    return tensors
-
-
-def write_weights(file: str, tensors: dict[str, torch.Tensor], *, stack: bool = True) -> None:
-    """Write named CPU tensors to the safetensors ``file`` in deltakit's layout (stacked, see :func:`pack_tensors`)."""
-    stored, stacks = pack_tensors(tensors) if stack else (tensors, {})
-    metadata = {"format": FORMAT}
-    if stacks:
-        metadata["stacks"] = json.dumps(stacks, separators=(",", ":"))
-    save_file(stored, file, metadata=metadata)
+def _refuse_stacked(header: Header, where: str) -> None:
+    if "stacks" in header.metadata or any("#" in name for name in header.entries):
+        raise CheckpointError(
+            f"{where!r} stacks tensors (keys like 'lora_A#0'), the layout of a development version of deltakit that "
+            f"this version no longer reads. Load it with the deltakit that wrote it and save it again."
+        )
 
 
 def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The named tensors of a deltakit weights file (or of a checkpoint directory's ``delta_model.safetensors``).
+    """The named tensors of a safetensors weights file, or of a checkpoint directory's ``delta_model.safetensors``.
 
-    Stacked tensors are split back into one tensor per owner, so the result is keyed exactly like
-    :meth:`DeltaBase.delta_state_dict` (plus any saved backbone tensors). This reads the file alone: the SHA-256
-    recorded in the config is checked by the loaders (see :func:`check_weights_hash`).
+    The result is keyed exactly like :meth:`DeltaBase.delta_state_dict` (plus any saved backbone tensors), each
+    tensor with its own storage. The file's structure is validated before anything is allocated; the SHA-256
+    recorded in the config is checked by the loaders, not here (this reads the weights file alone).
 
     Raises:
-        CheckpointError: The file is missing, truncated or corrupt.
+        CheckpointError: The file is missing, not a regular file, truncated or corrupt.
     """
     path = os.fspath(path)
-    file = os.path.join(path, WEIGHTS_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise CheckpointError(f"The delta checkpoint {os.path.dirname(file) or '.'!r} has no {WEIGHTS_NAME}.")
+    if os.path.isdir(path):
+        with locked_view(path) as find:
+            return _read_weights_file(find(WEIGHTS_NAME))
+    return _read_weights_file(path)
+
+
+def _read_weights_file(file: str) -> dict[str, torch.Tensor]:
+    with open_regular(file, "the weights file") as (fd, size):
+        header, _ = read_header(fd, size, file)
+        _refuse_stacked(header, file)
+        return decode(header, read_data(fd, header, file))
+
+
+def weights_sha256(file: str | os.PathLike[str]) -> str:
+    """The SHA-256 (hex) of a regular file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    file = os.fspath(file)
+    with open_regular(file, "the weights file") as (fd, _):
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_weights_hash(path: str | os.PathLike[str], meta: dict[str, Any]) -> bool | None:
+    """Compare the weights file of the checkpoint directory ``path`` with the SHA-256 its config records.
+
+    Returns:
+        ``True`` when it matches, ``None`` when the config records none (a checkpoint from before deltakit
+        recorded it).
+
+    Raises:
+        CheckpointError: The bytes differ (the file is corrupt or was modified after saving).
+    """
+    path = os.fspath(path)
+    if meta.get("weights_sha256") is None:
+        return None
+    with locked_view(path) as find:
+        file = find(WEIGHTS_NAME)
+        _check_sha(meta, weights_sha256(file), find(CONFIG_NAME), file)
+    return True
+
+
+def _check_sha(meta: dict[str, Any], actual: str, config_file: str, weights_file: str) -> None:
+    expected = meta.get("weights_sha256")
+    if expected is not None and actual != expected:
+        raise CheckpointError(
+            f"{weights_file!r} does not match the SHA-256 recorded in {config_file!r} when it was saved: the weights "
+            f"file is corrupt or was modified (or the two files come from different saves). Save the delta again, "
+            f"or restore both files from a copy."
+        )
+
+
+# ------------------------------------------------------------------------------------------------ config file
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile value may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _field_error(where: str, key: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"{where!r}: field {key!r} {problem}; the file is corrupt or was edited by hand.")
+
+
+def _check_string_list(meta: dict[str, Any], key: str, where: str, *, unique: bool) -> None:
+    value = meta.get(key)
+    if not isinstance(value, list):
+        raise _field_error(where, key, f"must be a list of strings, got {type(value).__name__}")
+    if not all(isinstance(v, str) and v for v in value):
+        bad = next(v for v in value if not (isinstance(v, str) and v))
+        raise _field_error(where, key, f"must hold non-empty strings only, got {_short(bad)} ({type(bad).__name__})")
+    if unique and len(set(value)) != len(value):
+        raise _field_error(where, key, "lists a name twice")
+
+
+def parse_meta(data: bytes, where: str) -> dict[str, Any]:
+    """Parse and validate the bytes of a ``delta_config.json`` read from ``where``.
+
+    Raises:
+        CheckpointError: Malformed JSON (see :func:`deltakit.io.safe_json.loads`) or a field of the wrong type or
+            value, each named with the file and the field.
+    """
+    meta = safe_json.loads(data, where)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where!r} must hold a JSON object, got {type(meta).__name__}; the file is corrupt.")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{where!r} is not a deltakit delta config (format {_short(meta.get('format'))}).")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where!r} has format_version {_short(version, 40)}; this deltakit ({__version__}) reads versions 1 to "
+            f"{FORMAT_VERSION}. Upgrade deltakit (or the file is corrupt)."
+        )
+    delta_type = meta.get("delta_type")
+    if not isinstance(delta_type, str):
+        raise _field_error(where, "delta_type", f"must be a string, got {type(delta_type).__name__}")
+    if delta_type not in CONFIG_REGISTRY:
+        raise CheckpointError(
+            f"{where!r} holds delta_type {_short(delta_type)}, unknown to this deltakit (known: "
+            f"{sorted(CONFIG_REGISTRY)})."
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise _field_error(where, "config", f"must be an object, got {type(meta.get('config')).__name__}")
+    if meta["config"].get("delta_type", delta_type) != delta_type:
+        saved = _short(meta["config"].get("delta_type"), 40)
+        raise _field_error(where, "config", f"holds delta_type {saved}, not {delta_type!r}")
+    _check_string_list(meta, "sites", where, unique=True)
+    if not meta["sites"]:
+        raise _field_error(where, "sites", "is empty")
+    _check_string_list(meta, "backbone_tensors", where, unique=True)
+    for key in ("fingerprint",):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise _field_error(where, key, f"must be an object, got {type(meta[key]).__name__}")
+    if not isinstance(meta.get("deltakit_version", ""), str):
+        raise _field_error(where, "deltakit_version", "must be a string")
+    sha = meta.get("weights_sha256")
+    if sha is not None and (not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise _field_error(where, "weights_sha256", f"must be 64 lowercase hex digits, got {_short(sha)}")
+    return meta
+
+
+def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``delta_config.json`` of the checkpoint directory ``path`` (see :func:`parse_meta`)."""
+    path = os.fspath(path)
+    with locked_view(path) as find:
+        file = find(CONFIG_NAME)
+        return parse_meta(read_regular_file(file, "the delta config", MAX_CONFIG_BYTES), file)
+
+
+def config_from_meta(meta: dict[str, Any], where: str) -> Any:
+    """The :class:`DeltaConfig` a validated meta describes; an invalid one is a :class:`CheckpointError`."""
     try:
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            stored = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
-    if "stacks" not in metadata:
-        return stored
-    try:
-        stacks = json.loads(metadata["stacks"])
-    except ValueError:
-        raise CheckpointError(f"{file!r} has a corrupt stack table in its metadata.") from None
-    return unpack_tensors(stored, stacks, file)
+        return AutoDeltaConfig.from_dict({**meta["config"], "delta_type": meta["delta_type"]})
+    except (DeltaConfigError, TypeError, ValueError) as exc:
+        raise _field_error(where, "config", f"is not a valid {meta['delta_type']} config ({exc})") from None
 
 
-def _compact_json(meta: dict[str, Any]) -> str:
-    """One top-level key per line, everything inside it without spaces: readable, and a few hundred bytes."""
-    lines = [f"{json.dumps(key)}:{json.dumps(value, separators=(',', ':'))}" for key, value in meta.items()]
-    return "{\n" + ",\n".join(lines) + "\n}\n"
+def saved_sites(meta: dict[str, Any], where: str, limit: int = MAX_SITES) -> list[str]:
+    """The full site names a validated meta lists (range form from version 2), at most ``limit`` of them."""
+    if meta["format_version"] >= 2:
+        return expand_sites(meta["sites"], where, limit)
+    if len(meta["sites"]) > limit:
+        raise _field_error(where, "sites", f"lists {len(meta['sites']):,} sites, more than the {limit:,} possible here")
+    return list(meta["sites"])
 
 
-def _atomic_write(directory: str, final_name: str, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final_name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint gets the usual file mode
-        os.replace(tmp, os.path.join(directory, final_name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
+# ------------------------------------------------------------------------------------------------ saving
 def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: bool = True) -> str:
     """Write ``delta``'s checkpoint to the directory ``path`` (created if needed); see the module docstring."""
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot save the delta to {path!r}: it exists and is not a directory.")
-    if not overwrite and any(os.path.exists(os.path.join(path, n)) for n in (CONFIG_NAME, WEIGHTS_NAME)):
-        raise CheckpointError(f"{path!r} already holds a delta checkpoint; pass overwrite=True to replace it.")
 
     tensors: dict[str, torch.Tensor] = dict(delta.delta_state_dict())
     backbone_params = dict(delta.backbone_model.named_parameters())
@@ -327,9 +461,20 @@ def save_delta(delta: DeltaBase, path: str | os.PathLike[str], *, overwrite: boo
                 f"Cannot save {name!r}: it is on the meta device (no data). Materialise the model (e.g. "
                 f"model.to_empty(device='cpu') and load weights) before saving."
             )
-    os.makedirs(path, exist_ok=True)
-    write_checkpoint(delta, tensors, path)
+    make_directory(path)
+    write_checkpoint(delta, tensors, path, overwrite=overwrite)
     return path
+
+
+def make_directory(path: str) -> None:
+    """Create the checkpoint directory (and parents) durably if it does not exist."""
+    if os.path.isdir(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"Cannot create the checkpoint directory {path!r}: {exc.strerror or exc}.") from None
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def _without_own_merge(delta: DeltaBase) -> dict[str, torch.Tensor]:
@@ -378,8 +523,10 @@ def write_checkpoint(
     path: str,
     *,
     fingerprint: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Write ``delta_config.json`` and ``delta_model.safetensors`` for ``delta`` with the given tensors.
+    """Write ``delta_config.json`` and ``delta_model.safetensors`` for ``delta`` with the given tensors, as one
+    atomic step (see :mod:`deltakit.io.transaction`).
 
     The single writer of the format: :func:`save_delta` passes the delta's own tensors; the distributed helpers
     pass tensors gathered from a sharded model (and the fingerprint computed from the full shapes).
@@ -389,11 +536,15 @@ def write_checkpoint(
         tensors: ``{name: tensor}`` keyed like :meth:`DeltaBase.delta_state_dict` plus saved backbone tensors.
         path: An existing directory.
         fingerprint: The backbone fingerprint; computed from ``delta.backbone_model`` when ``None``.
+        overwrite: When ``False``, refuse if the directory already holds a checkpoint.
+
+    Raises:
+        CheckpointError: Writing failed (the previous checkpoint is unchanged), or ``overwrite=False`` and one exists.
     """
-    # Own, contiguous CPU copies: safetensors refuses shared storage (tied weights) and non-CPU memory.
+    # Own, contiguous CPU copies: the bytes written are a snapshot, whatever the caller does meanwhile.
     payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     sites = compress_sites(delta.modified_modules)
-    meta = {
+    meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if sites is not None else 1,
         "deltakit_version": __version__,
@@ -405,97 +556,84 @@ def write_checkpoint(
             delta.backbone_model, delta.modified_modules
         ),
     }
-    digest: dict[str, str] = {}
 
-    def write_weights_file(tmp: str) -> None:
-        # A site list that cannot be written in the range form (names with braces) keeps the version-1 layout.
-        write_weights(tmp, payload, stack=sites is not None)
-        digest["sha256"] = weights_sha256(tmp)
+    def write_weights_file(handle: BinaryIO) -> None:
+        meta["weights_sha256"] = write_tensor_file(handle, payload, WEIGHTS_METADATA)
 
-    _atomic_write(path, WEIGHTS_NAME, write_weights_file)
-    meta["weights_sha256"] = digest["sha256"]
-    text = _compact_json(meta)
+    def write_config(handle: BinaryIO) -> None:
+        try:
+            text = json.dumps(meta, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        except ValueError as exc:
+            raise CheckpointError(
+                f"Cannot save the config of {delta!r}: {exc} (a non-finite hyper-parameter?)."
+            ) from None
+        handle.write(text.encode("utf-8"))
 
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-
-    _atomic_write(path, CONFIG_NAME, write_config)
-
-
-def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and validate ``delta_config.json`` of the checkpoint directory ``path``."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise CheckpointError(
-            f"No delta checkpoint directory at {path!r} (deltakit loads local directories written by save_finetuned)."
-        )
-    meta = load_json(os.path.join(path, CONFIG_NAME))
-    where = os.path.join(path, CONFIG_NAME)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{where!r} is not a deltakit delta config (format {meta.get('format')!r}).")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where!r} has format_version {version!r}; this deltakit ({__version__}) reads up to {FORMAT_VERSION}. "
-            f"Upgrade deltakit."
-        )
-    for key, kind in (("delta_type", str), ("config", dict), ("sites", list), ("backbone_tensors", list)):
-        if not isinstance(meta.get(key), kind):
-            raise CheckpointError(f"{where!r} lacks a valid {key!r} entry; the file is corrupt.")
-    if meta["delta_type"] not in CONFIG_REGISTRY:
-        raise CheckpointError(
-            f"{where!r} holds delta_type {meta['delta_type']!r}, unknown to this deltakit "
-            f"(known: {sorted(CONFIG_REGISTRY)})."
-        )
-    return meta
+    # Applied in this order: the config, which records the weights' hash, is written last.
+    commit(path, {WEIGHTS_NAME: write_weights_file, CONFIG_NAME: write_config}, may_replace=overwrite)
 
 
-def weights_sha256(file: str | os.PathLike[str]) -> str:
-    """The SHA-256 (hex) of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(file, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+# ------------------------------------------------------------------------------------------------ loading
+#: ``{saved tensor name: (shape, kind)}``: what a checkpoint must hold (kind: "float" or a safetensors dtype name).
+Expected = dict[str, tuple[tuple[int, ...], str]]
 
 
-def check_weights_hash(path: str | os.PathLike[str], meta: dict[str, Any]) -> bool | None:
-    """Compare the weights file of the checkpoint directory ``path`` with the SHA-256 its config records.
+def _kind(tensor: torch.Tensor) -> str:
+    return "float" if tensor.is_floating_point() else DTYPE_NAMES[tensor.dtype]
+
+
+def _max_header(expected: Expected) -> int:
+    """Header bytes these tensors can need: ~100 per entry plus the name, generously, and room for metadata."""
+    return 65536 + sum(len(name) + 512 for name in expected)
+
+
+def read_checkpoint(
+    path: str | os.PathLike[str],
+    plan: Callable[[dict[str, Any], str], Expected] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a checkpoint directory consistently: its config, and its tensors checked against what ``plan`` expects.
+
+    Under a shared lock on the directory (no save can run meanwhile): the config is read and validated, ``plan(meta,
+    config_file)`` says which tensors must be there (or raises), the weights header is validated against it before
+    any data is read, then the data is read once, hashed and decoded from the same bytes.
 
     Returns:
-        ``True`` when it matches, ``None`` when the config records none (a checkpoint from before deltakit
-        recorded it).
+        ``(meta, {saved name: tensor})``.
 
     Raises:
-        CheckpointError: The bytes differ (the file is corrupt or was modified after saving), or the recorded
-            value is malformed.
+        CheckpointError: Anything invalid, missing, or not matching the SHA-256 the config records.
     """
     path = os.fspath(path)
-    expected = meta.get("weights_sha256")
-    if expected is None:
-        return None
-    config = os.path.join(path, CONFIG_NAME)
-    if not isinstance(expected, str) or not re.fullmatch(r"[0-9a-f]{64}", expected):
-        raise CheckpointError(f"{config!r} has a malformed weights_sha256 entry {expected!r}; the file is corrupt.")
-    file = os.path.join(path, WEIGHTS_NAME)
-    if weights_sha256(file) != expected:
-        raise CheckpointError(
-            f"{file!r} does not match the SHA-256 recorded in {config!r} when it was saved: the weights file is "
-            f"corrupt or was modified (or the two files come from different saves). Save the delta again, or "
-            f"restore both files from a copy."
-        )
-    return True
+    with locked_view(path) as find:
+        config_file = find(CONFIG_NAME)
+        meta = parse_meta(read_regular_file(config_file, "the delta config", MAX_CONFIG_BYTES), config_file)
+        expected = plan(meta, config_file) if plan is not None else None
+        weights_file = find(WEIGHTS_NAME)
+        with open_regular(weights_file, "the weights file") as (fd, size):
+            header, head = read_header(
+                fd, size, weights_file, **({"max_header": _max_header(expected)} if expected is not None else {})
+            )
+            _refuse_stacked(header, weights_file)
+            if expected is not None:
+                check_entries(header, expected, weights_file)
+            data = read_data(fd, header, weights_file)
+    digest = hashlib.sha256(head)
+    digest.update(data)
+    _check_sha(meta, digest.hexdigest(), config_file, weights_file)
+    return meta, decode(header, data)
 
 
-def _read_tensors(path: str, meta: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of the checkpoint directory ``path``, checked against the SHA-256 in ``meta`` (the directory's
-    config, read again when ``None``). A file that does not parse gets its own, more precise error first."""
-    if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-        raise CheckpointError(f"The delta checkpoint {path!r} has no {WEIGHTS_NAME}.")
-    tensors = read_weights(os.path.join(path, WEIGHTS_NAME))
-    check_weights_hash(path, meta if meta is not None else read_checkpoint_meta(path))
-    return tensors
+def check_finite(name: str, tensor: torch.Tensor, where: str) -> None:
+    """Refuse NaN or infinite values in a floating tensor about to be loaded."""
+    if tensor.is_floating_point():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            raise CheckpointError(
+                f"{where!r}: tensor {name!r} holds {bad:,} NaN or infinite value(s) (after conversion to "
+                f"{tensor.dtype}); loading it would make every output NaN. The training diverged or the file is "
+                f"corrupt; pass allow_nonfinite=True to load it anyway."
+            )
 
 
 #: How the saved backbone sits in the one loaded into: ``(strip, add)``, dotted prefixes ending with ``"."`` (or
@@ -603,76 +741,128 @@ def load_delta(
     expected_type: type[DeltaBase] | None = None,
     check_backbone: bool = True,
     name: str | None = None,
+    allow_nonfinite: bool = False,
+    check_meta: Callable[[dict[str, Any]], None] | None = None,
 ) -> DeltaBase:
-    """Load a checkpoint onto ``backbone_model`` after validating it; see :meth:`DeltaBase.from_finetuned`."""
+    """Load a checkpoint onto ``backbone_model`` after validating it; see :meth:`DeltaBase.from_finetuned`.
+
+    Args:
+        allow_nonfinite: Load tensors holding NaN or infinite values (refused by default).
+        check_meta: Called with the validated config before anything else is done (e.g. a serving group refusing
+            backbone tensors); may raise.
+    """
     from .base import DELTA_REGISTRY, DeltaBase
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise DeltaError(f"from_finetuned(path=...) must be a directory path (str or os.PathLike), got {path!r:.80}.")
     path = os.fspath(path)
     if not isinstance(backbone_model, nn.Module):
         raise DeltaError(f"backbone_model must be an nn.Module, got {type(backbone_model).__name__}.")
-    meta = read_checkpoint_meta(path)
-    config = AutoDeltaConfig.from_dict(meta["config"])
-    cls = DELTA_REGISTRY[meta["delta_type"]]
-    if expected_type is not None and expected_type is not DeltaBase and not issubclass(cls, expected_type):
-        raise CheckpointError(
-            f"{path!r} holds a {cls.__name__} ({meta['delta_type']!r}) delta, not a {expected_type.__name__}; "
-            f"load it with {cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned."
-        )
-    tensors = _read_tensors(path, meta)
-
+    for flag, value in (("check_backbone", check_backbone), ("allow_nonfinite", allow_nonfinite)):
+        if not isinstance(value, bool):
+            raise DeltaError(f"from_finetuned({flag}=...) must be True or False, got {value!r}.")
     modules = dict(backbone_model.named_modules())
-    site_prefixes = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
-    names = [
-        n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in site_prefixes)
-    ]
-    saved_sites = expand_sites(meta["sites"], path) if meta["format_version"] >= 2 else list(meta["sites"])
     backbone_params = dict(backbone_model.named_parameters())
-    placement = _resolve_placement(
-        saved_sites, list(meta["backbone_tensors"]), names, list(backbone_params), path, backbone_model
-    )
-    resolved = [_place(s, placement) for s in saved_sites]
-    if len(set(resolved)) != len(resolved):
-        raise CheckpointError(f"Several saved sites of {path!r} map to the same module of this backbone: {resolved}.")
-    if meta["format_version"] >= 2:
-        # The compact form records the set of sites; build them in model order, as a fresh delta would be.
-        order = {n: i for i, n in enumerate(modules)}
-        pairs = sorted(zip(resolved, saved_sites), key=lambda pair: order[pair[0]])
-        resolved, saved_sites = [p[0] for p in pairs], [p[1] for p in pairs]
-    delta = cls._build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
+    built: dict[str, Any] = {}
 
-    # Tensor names: delta tensors (saved site names -> resolved names), then backbone tensors.
-    expected = delta.delta_state_dict()
-    rename = dict(zip(saved_sites, resolved))
-    delta_keys = {k for k in tensors if k not in set(meta["backbone_tensors"])}
-    mapped: dict[str, torch.Tensor] = {}
-    shared_prefix = f"{delta.delta_type}_shared."
-    for key in sorted(k for k in delta_keys if k.startswith(shared_prefix)):
-        mapped[key] = tensors[key]
-        delta_keys.discard(key)
-    for key in delta_keys:
-        site = next((s for s in sorted(rename, key=len, reverse=True) if key.startswith(s + ".")), None)
-        if site is None:
-            raise CheckpointError(f"{path!r} holds tensor {key!r}, which belongs to no saved site; the file is corrupt.")
-        mapped[rename[site] + key[len(site) :]] = tensors[key]
-    missing = sorted(set(expected) - set(mapped))
-    unexpected = sorted(set(mapped) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path!r} does not fit a {cls.__name__} with this config on this backbone: missing tensors "
-            f"{missing[:3]}{' ...' if len(missing) > 3 else ''}, unexpected tensors {unexpected[:3]}"
-            f"{' ...' if len(unexpected) > 3 else ''}."
-        )
-    for key, tensor in mapped.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    def plan(meta: dict[str, Any], where: str) -> Expected:
+        if check_meta is not None:
+            check_meta(meta)
+        cls = DELTA_REGISTRY[meta["delta_type"]]
+        if expected_type is not None and expected_type is not DeltaBase and not issubclass(cls, expected_type):
             raise CheckpointError(
-                f"Shape mismatch for {key!r}: the checkpoint {path!r} has {tuple(tensor.shape)}, this backbone needs "
-                f"{tuple(expected[key].shape)}. The delta was trained on a backbone of another size or with other "
-                f"hyper-parameters."
+                f"{path!r} holds a {cls.__name__} ({meta['delta_type']!r}) delta, not a {expected_type.__name__}; "
+                f"load it with {cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned."
             )
-    backbone_tensors: dict[str, torch.Tensor] = {}
-    for saved in meta["backbone_tensors"]:
-        if saved not in tensors:
-            raise CheckpointError(f"{path!r} lists backbone tensor {saved!r} but does not contain it; file corrupt.")
+        config = config_from_meta(meta, where)
+        site_prefixes = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
+        names = [n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in site_prefixes)]
+        # Each site is a distinct module: a list longer than the backbone's module count is refused unexpanded.
+        sites = saved_sites(meta, where, limit=len(names))
+        declared = meta["backbone_tensors"]
+        if len(declared) > len(backbone_params):
+            raise _field_error(
+                where, "backbone_tensors", f"lists more tensors than this backbone has ({len(backbone_params)})"
+            )
+        placement = _resolve_placement(sites, list(declared), names, list(backbone_params), path, backbone_model)
+        resolved = [_place(s, placement) for s in sites]
+        if len(set(resolved)) != len(resolved):
+            raise CheckpointError(
+                f"Several saved sites of {path!r} map to the same module of this backbone: {resolved[:4]}."
+            )
+        if meta["format_version"] >= 2:
+            # The compact form records the set of sites; build them in model order, as a fresh delta would be.
+            order = {n: i for i, n in enumerate(modules)}
+            pairs = sorted(zip(resolved, sites), key=lambda pair: order[pair[0]])
+            resolved, sites = [p[0] for p in pairs], [p[1] for p in pairs]
+        delta = cls._build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
+        saved_of = dict(zip(resolved, sites))
+        by_length = sorted(saved_of, key=len, reverse=True)
+        shared_prefix = f"{delta.delta_type}_shared."
+        expected: Expected = {}
+        targets: dict[str, str] = {}  # saved name -> live name
+        for key, tensor in delta.delta_state_dict().items():
+            if key.startswith(shared_prefix):
+                saved = key
+            else:
+                site = next(s for s in by_length if key.startswith(s + "."))
+                saved = saved_of[site] + key[len(site) :]
+            if saved in expected:
+                raise CheckpointError(f"Two tensors of {path!r} would be saved as {saved!r}; the sites collide.")
+            expected[saved], targets[saved] = (tuple(tensor.shape), _kind(tensor)), key
+        backbone_targets = _backbone_targets(declared, placement, backbone_params, backbone_model, path)
+        for saved, target in backbone_targets.items():
+            if saved in expected:
+                raise _field_error(where, "backbone_tensors", f"lists {saved!r}, which is a delta tensor")
+            expected[saved] = (tuple(backbone_params[target].shape), _kind(backbone_params[target]))
+        built.update(delta=delta, targets=targets, backbone=backbone_targets, resolved=resolved)
+        return expected
+
+    meta, tensors = read_checkpoint(path, plan)
+    delta, targets, backbone_targets = built["delta"], built["targets"], built["backbone"]
+    live = delta.delta_state_dict()
+    values: dict[str, torch.Tensor] = {}
+    for saved, key in targets.items():
+        values[key] = tensors[saved].to(live[key].dtype)
+    backbone_values = {
+        target: tensors[saved].to(backbone_params[target].dtype) for saved, target in backbone_targets.items()
+    }
+    if not allow_nonfinite:
+        for key, value in (*values.items(), *backbone_values.items()):
+            check_finite(key, value, os.path.join(path, WEIGHTS_NAME))
+    if check_backbone and isinstance(meta.get("fingerprint"), dict):
+        saved_fp = meta["fingerprint"]
+        fresh_fp = backbone_fingerprint(backbone_model, built["resolved"])
+        for key in ("config", "host_shapes_sha256"):
+            if saved_fp.get(key) != fresh_fp.get(key):
+                raise CheckpointError(
+                    f"The backbone does not match the one {path!r} was saved from ({key}: saved "
+                    f"{str(saved_fp.get(key))[:300]}, this backbone {fresh_fp.get(key)!r}; saved from a "
+                    f"{str(saved_fp.get('class'))[:80]}). Pass check_backbone=False to load anyway."
+                )
+
+    # Every check passed: now change things.
+    with torch.no_grad():
+        shared_prefix = f"{delta.delta_type}_shared."
+        for site in delta.sites:
+            prefix = f"{site.name}.{delta.delta_type}."
+            state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+            site.module.load_state_dict(state, strict=True)
+        if delta.shared is not None:
+            state = {k[len(shared_prefix) :]: v for k, v in values.items() if k.startswith(shared_prefix)}
+            delta.shared.load_state_dict(state, strict=True)
+    delta.attach()
+    delta.write_backbone_tensors(backbone_values)  # detach() puts the backbone's own values back
+    delta.unfrozen_parameter_names = list(backbone_values)
+    return delta
+
+
+def _backbone_targets(
+    declared: list[str], placement: _Placement, backbone_params: dict[str, nn.Parameter], backbone: nn.Module, path: str
+) -> dict[str, str]:
+    """``{saved name: parameter name here}`` of the backbone tensors a checkpoint declares (all must exist)."""
+    out: dict[str, str] = {}
+    for saved in declared:
         target = _place(saved, placement)
         if target not in backbone_params:
             at = (
@@ -681,41 +871,9 @@ def load_delta(
             )
             raise CheckpointError(
                 f"Backbone tensor {saved!r} saved in {path!r} (kept trainable by freeze_module, e.g. a head) does not "
-                f"exist in this backbone ({type(backbone_model).__name__}): the delta's sites are found "
+                f"exist in this backbone ({type(backbone).__name__}): the delta's sites are found "
                 f"{_describe_placement(placement)}, {at}.{_like(saved, list(backbone_params), least=2)} Load into "
                 f"the model class the delta was trained on."
             )
-        if tuple(backbone_params[target].shape) != tuple(tensors[saved].shape):
-            raise CheckpointError(
-                f"Shape mismatch for backbone tensor {target!r}: checkpoint {tuple(tensors[saved].shape)}, "
-                f"backbone {tuple(backbone_params[target].shape)} (e.g. another num_labels for a classifier head)."
-            )
-        backbone_tensors[target] = tensors[saved]
-    if check_backbone and isinstance(meta.get("fingerprint"), dict):
-        saved_fp = meta["fingerprint"]
-        fresh_fp = backbone_fingerprint(backbone_model, resolved)
-        for key in ("config", "host_shapes_sha256"):
-            if saved_fp.get(key) != fresh_fp.get(key):
-                raise CheckpointError(
-                    f"The backbone does not match the one {path!r} was saved from ({key}: saved {saved_fp.get(key)!r}, "
-                    f"this backbone {fresh_fp.get(key)!r}; saved from a {saved_fp.get('class')}). Pass "
-                    f"check_backbone=False to load anyway."
-                )
-
-    # Every check passed: now change things.
-    with torch.no_grad():
-        for site in delta.sites:
-            prefix = f"{site.name}.{delta.delta_type}."
-            state = {k[len(prefix) :]: v for k, v in mapped.items() if k.startswith(prefix)}
-            own = site.module.state_dict()
-            site.module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-        if delta.shared is not None:
-            own = delta.shared.state_dict()
-            state = {k[len(shared_prefix) :]: v for k, v in mapped.items() if k.startswith(shared_prefix)}
-            delta.shared.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
-    delta.attach()
-    with torch.no_grad():
-        for target, tensor in backbone_tensors.items():
-            backbone_params[target].copy_(tensor.to(backbone_params[target].dtype))
-    delta.unfrozen_parameter_names = list(backbone_tensors)
-    return delta
+        out[saved] = target
+    return out

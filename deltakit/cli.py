@@ -29,11 +29,6 @@ from typing import Any
 
 from . import __version__
 
-_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}
-
 
 class CliError(Exception):
     """A failure the command reports on stderr with exit code 1."""
@@ -189,7 +184,7 @@ def _console() -> Any:
 def load_structure(model: str, layers: int = 2) -> Any:
     """The model ``deltakit show`` displays: an architecture name's tiny random model, or a local directory's model
     built from its ``config.json`` on the meta device (class from ``architectures``, else ``AutoModel``)."""
-    from .structures import TINY_ARCHITECTURES, tiny_model
+    from .structures import MAX_TINY_LAYERS, TINY_ARCHITECTURES, tiny_model
 
     if os.path.isdir(model):
         import torch
@@ -205,8 +200,10 @@ def load_structure(model: str, layers: int = 2) -> Any:
                 return cls(config).eval()
             return transformers.AutoModel.from_config(config).eval()
     if model in TINY_ARCHITECTURES:
-        if layers < 1:
-            raise CliError(f"--layers must be at least 1, got {layers}.")
+        if not 1 <= layers <= MAX_TINY_LAYERS:  # checked first: --layers 100000 would exhaust memory building it
+            raise CliError(
+                f"--layers must be between 1 and {MAX_TINY_LAYERS} (deeper than any released model), got {layers:,}."
+            )
         return tiny_model(model, num_layers=layers)
     raise CliError(
         f"MODEL {model!r} is neither a local directory nor a known architecture name; known names: "
@@ -346,126 +343,120 @@ def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 # ------------------------------------------------------------------------------------------------------ inspect
 def read_safetensors_header(file: str) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """Tensor entries (``{name: {"dtype", "shape", "bytes"}}``) and metadata of a safetensors file, read from its
-    header only (no tensor data is loaded).
+    header only (no tensor data is read; the header is bounded and validated: dtypes, shapes and byte ranges).
 
     Raises:
-        CliError: the file is missing, truncated or not a safetensors file.
+        CheckpointError: the file is missing, not a regular file, truncated, corrupt or hostile.
     """
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as handle:
-            head = handle.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else -1
-            if length < 2 or length > size - 8:
-                raise CliError(f"{file!r} is not a safetensors file (bad header length); it is corrupt or truncated.")
-            header = json.loads(handle.read(length))
-    except FileNotFoundError:
-        raise CliError(f"{file!r} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CliError(f"{file!r} has a corrupt safetensors header ({exc}).") from None
-    if not isinstance(header, dict):
-        raise CliError(f"{file!r} has a corrupt safetensors header.")
-    metadata = header.pop("__metadata__", None) or {}
-    entries: dict[str, dict[str, Any]] = {}
-    data_size = size - 8 - length
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CliError(f"{file!r}: the header entry of {name!r} is corrupt.") from None
-        numel = 1
-        for dim in shape:
-            numel *= int(dim)
-        if dtype in _DTYPE_BYTES and end - begin != numel * _DTYPE_BYTES[dtype] or end > data_size or begin > end:
-            raise CliError(f"{file!r}: tensor {name!r} does not fit the file (corrupt or truncated).")
-        entries[name] = {"dtype": dtype, "shape": shape, "bytes": end - begin}
-    return dict(sorted(entries.items())), metadata
+    from .io.files import open_regular
+    from .io.tensor_file import read_header
+
+    with open_regular(file, "the weights file") as (fd, size):
+        header, _ = read_header(fd, size, file)
+    return _rows(header), header.metadata
+
+
+def _rows(header: Any) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"dtype": e.dtype, "shape": list(e.shape), "bytes": e.end - e.begin}
+        for name, e in sorted(header.entries.items())
+    }
+
+
+def _read_deltakit_checkpoint(directory: str) -> tuple[dict[str, Any], Any, str, str, str]:
+    """Config, weights header and SHA-256 of the weights bytes of a deltakit checkpoint, read consistently (under
+    the directory's shared lock) without decoding any tensor: the data is only streamed through the hash."""
+    import hashlib
+
+    from .checkpoint import MAX_CONFIG_BYTES, WEIGHTS_NAME, parse_meta
+    from .config import CONFIG_NAME
+    from .errors import CheckpointError
+    from .io.files import open_regular, read_regular_file
+    from .io.tensor_file import read_header
+    from .io.transaction import locked_view
+
+    with locked_view(directory) as find:
+        config_file, weights = find(CONFIG_NAME), find(WEIGHTS_NAME)
+        meta = parse_meta(read_regular_file(config_file, "the delta config", MAX_CONFIG_BYTES), config_file)
+        with open_regular(weights, "the weights file") as (fd, size):
+            header, head = read_header(fd, size, weights)
+            digest = hashlib.sha256(head)
+            remaining = header.data_bytes
+            while remaining:
+                chunk = os.read(fd, min(remaining, 1 << 20))
+                if not chunk:
+                    raise CheckpointError(f"{weights!r} ended early while being read (truncated).")
+                digest.update(chunk)
+                remaining -= len(chunk)
+    return meta, header, digest.hexdigest(), config_file, weights
 
 
 def inspect_checkpoint(directory: str) -> dict[str, Any]:
     """Everything ``deltakit inspect`` shows, as a dict: kind, config, sites, tensors, totals, fingerprint.
 
-    For a deltakit checkpoint, ``weights_sha256`` is the hash its config records (``None`` for checkpoints saved
-    before it was recorded) and ``weights_sha256_ok`` whether the weights file matches it (``None``: nothing to
-    compare; ``False`` comes with the reason in ``weights_sha256_error``).
+    Only headers are parsed and no tensor is built; hostile files (huge declared shapes or site ranges, FIFOs,
+    devices, malformed JSON) end in one :class:`~deltakit.errors.CheckpointError`. For a deltakit checkpoint,
+    ``weights_sha256`` is the hash its config records (``None`` for checkpoints saved before it was recorded) and
+    ``weights_sha256_ok`` whether the weights file matches it (``None``: nothing to compare; ``False`` comes with
+    the reason in ``weights_sha256_error``).
     """
-    from .checkpoint import WEIGHTS_NAME, check_weights_hash, expand_sites, read_checkpoint_meta
-    from .config import CONFIG_NAME
-    from .errors import CheckpointError
+    from .checkpoint import WEIGHTS_NAME, config_from_meta, saved_sites
+    from .config import CONFIG_NAME, load_json
     from .integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, read_peft_config
+    from .io.transaction import resolve
 
     if not os.path.isdir(directory):
         raise CliError(f"No checkpoint directory at {directory!r}.")
-    if os.path.isfile(os.path.join(directory, CONFIG_NAME)):
-        meta = read_checkpoint_meta(directory)
-        where = os.path.join(directory, CONFIG_NAME)
+    if os.path.lexists(resolve(directory, CONFIG_NAME)):
+        meta, header, sha, config_file, weights = _read_deltakit_checkpoint(directory)
+        config_from_meta(meta, config_file)  # hyper-parameters a loader would refuse are refused here too
         out = {
             "kind": "deltakit delta checkpoint",
             "delta_type": meta["delta_type"],
             "format_version": meta.get("format_version"),
             "deltakit_version": meta.get("deltakit_version"),
             "config": meta["config"],
-            "sites": expand_sites(meta["sites"], where),
+            "sites": saved_sites(meta, config_file),
             "backbone_tensors": meta["backbone_tensors"],
             "fingerprint": meta.get("fingerprint"),
             "weights_sha256": meta.get("weights_sha256"),
         }
-        weights = os.path.join(directory, WEIGHTS_NAME)
-    elif os.path.isfile(os.path.join(directory, PEFT_CONFIG_NAME)):
+        if out["weights_sha256"] is None:
+            out["weights_sha256_ok"] = None
+        else:
+            out["weights_sha256_ok"] = sha == out["weights_sha256"]
+            if not out["weights_sha256_ok"]:
+                out["weights_sha256_error"] = (
+                    f"{weights!r} does not match the SHA-256 recorded in {config_file!r} when it was saved: the "
+                    f"weights file is corrupt or was modified (or the two files come from different saves)."
+                )
+        if "stacks" in header.metadata:
+            out["note"] = "stacked tensors of a development format; deltakit no longer loads it: save it again"
+    elif os.path.lexists(os.path.join(directory, PEFT_CONFIG_NAME)):
+        raw = load_json(os.path.join(directory, PEFT_CONFIG_NAME))  # regular, bounded, strict: checked first
         try:
             config = read_peft_config(directory)
             note = "loads with deltakit.integrations.peft.from_peft"
         except Exception as exc:  # noqa: BLE001 - still show what the file holds
-            with open(os.path.join(directory, PEFT_CONFIG_NAME), encoding="utf-8") as handle:
-                config = json.load(handle)
-            note = f"not importable into deltakit: {exc}"
+            config, note = raw, f"not importable into deltakit: {exc}"
         out = {"kind": "PEFT adapter", "note": note, "config": config, "fingerprint": None}
         weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
+        header = None
     else:
         raise CliError(
             f"{directory!r} holds neither {CONFIG_NAME} (a deltakit checkpoint) nor {PEFT_CONFIG_NAME} (a PEFT adapter)."
         )
-    tensors, metadata = read_safetensors_header(weights)
-    if out["kind"] == "deltakit delta checkpoint":
-        # One pass over the file's bytes: safetensors has no checksum, a flipped data byte shows only here.
-        try:
-            out["weights_sha256_ok"] = check_weights_hash(directory, meta)
-        except CheckpointError as exc:
-            out["weights_sha256_ok"] = False
-            out["weights_sha256_error"] = str(exc)
+    if header is None:
+        tensors, metadata = read_safetensors_header(weights)
+    else:
+        tensors, metadata = _rows(header), header.metadata
     out["weights_file"] = weights
     out["metadata"] = metadata
     out["stored_tensors"] = len(tensors)
-    if "stacks" in metadata:
-        tensors = _unstack_entries(tensors, metadata["stacks"], weights)
     out["tensors"] = tensors
     out["total_parameters"] = sum(_numel(t["shape"]) for t in tensors.values())
     out["total_bytes"] = sum(t["bytes"] for t in tensors.values())
     return out
-
-
-def _unstack_entries(entries: dict[str, dict[str, Any]], stacks_json: str, file: str) -> dict[str, dict[str, Any]]:
-    """Per-owner rows for the stacked tensors of a deltakit weights file (see ``deltakit.checkpoint.pack_tensors``)."""
-    from .checkpoint import expand_sites
-
-    try:
-        stacks = json.loads(stacks_json)
-    except ValueError:
-        raise CliError(f"{file!r} has a corrupt stack table in its metadata.") from None
-    if not isinstance(stacks, dict):
-        raise CliError(f"{file!r} has a corrupt stack table in its metadata.")
-    rows = {name: entry for name, entry in entries.items() if name not in stacks}
-    for key, owners_entries in stacks.items():
-        entry = entries.get(key)
-        owners = expand_sites(owners_entries if isinstance(owners_entries, list) else [None], file)
-        if entry is None or not entry["shape"] or entry["shape"][0] != len(owners):
-            raise CliError(f"{file!r}: stacked tensor {key!r} does not match its stack table (corrupt file).")
-        leaf = key.rpartition("#")[0]
-        for owner in owners:
-            rows[f"{owner}.{leaf}"] = {
-                "dtype": entry["dtype"], "shape": entry["shape"][1:], "bytes": entry["bytes"] // len(owners)
-            }
-    return dict(sorted(rows.items()))
 
 
 def _numel(shape: list[int]) -> int:
@@ -511,9 +502,7 @@ def _inspect(args: argparse.Namespace) -> int:
     for name, entry in info["tensors"].items():
         table.add_row(name, str(tuple(entry["shape"])), entry["dtype"], f"{entry['bytes']:,}")
     table.add_section()
-    stored = info.get("stored_tensors", len(info["tensors"]))
-    packing = f" (stored as {stored} stacked entries)" if stored != len(info["tensors"]) else ""
-    table.add_row(f"{len(info['tensors'])} tensors{packing}, {info['total_parameters']:,} parameters", "", "",
+    table.add_row(f"{len(info['tensors'])} tensors, {info['total_parameters']:,} parameters", "", "",
                   f"{info['total_bytes']:,}")
     console.print(table)
     fingerprint = info.get("fingerprint")

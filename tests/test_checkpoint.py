@@ -123,7 +123,7 @@ def test_missing_and_corrupt_files_fail_cleanly(trained, fresh, tmp_path) -> Non
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         AutoDeltaModel.from_finetuned(path, backbone_model=model)
     os.remove(weights)
-    with pytest.raises(CheckpointError, match="has no delta_model.safetensors"):
+    with pytest.raises(CheckpointError, match="No delta_model.safetensors"):
         AutoDeltaModel.from_finetuned(path, backbone_model=model)
     with open(os.path.join(path, CONFIG_NAME), "w") as handle:
         handle.write("{not json")
@@ -145,7 +145,8 @@ def test_wrong_delta_type_and_tampered_tensors_fail_cleanly(trained, fresh, tmp_
     bitfit.save_finetuned(tmp_path / "bitfit")
     # a weights file from another delta under a lora config: it is not the file the config was saved with ...
     os.replace(tmp_path / "bitfit" / WEIGHTS_NAME, os.path.join(path, WEIGHTS_NAME))
-    with pytest.raises(CheckpointError, match="corrupt or was modified"):
+    # (its header is checked against the tensors this delta needs before any data is read or hashed)
+    with pytest.raises(CheckpointError, match="does not fit this delta on this backbone"):
         AutoDeltaModel.from_finetuned(path, backbone_model=model)
     # ... and, for a config without the recorded hash (older deltakit), its tensor names do not fit
     meta_path = os.path.join(path, CONFIG_NAME)
@@ -180,7 +181,7 @@ def test_save_is_atomic_when_writing_fails(trained, monkeypatch) -> None:
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    monkeypatch.setattr(checkpoint, "write_tensor_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         delta.save_finetuned(path)
     after = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}

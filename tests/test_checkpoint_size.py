@@ -1,4 +1,6 @@
-"""Checkpoint size: the compact delta_config.json (range-form site list) and the bytes-over-raw-tensors bound."""
+"""Checkpoint size and layout: one safetensors entry per tensor (about 100 header bytes each, plus the name), a
+delta_config.json whose size does not grow with the number of layers (range-form site list), and the range form's
+bounded expansion."""
 
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, BertModel, LlamaConfig, LlamaForCausalLM
 
 from deltakit import AutoDeltaModel, LoraModel
-from deltakit.checkpoint import WEIGHTS_NAME, compress_sites, expand_sites, pack_tensors, read_weights, unpack_tensors
+from deltakit.checkpoint import FORMAT_VERSION, WEIGHTS_NAME, compress_sites, expand_sites, read_weights
 from deltakit.config import CONFIG_NAME
 from deltakit.errors import CheckpointError
 
 from .conftest import hook_counts, perturb, snapshot, tiny_bert
 
-BOUND = 4096
+#: Header bytes per safetensors entry besides its name: ``"<name>":{"dtype":"F32","shape":[8,32],
+#: "data_offsets":[123456,124480]},`` is about 60 characters of framing; 100 leaves room for longer numbers.
+PER_TENSOR = 100
+#: The config: format, versions, hyper-parameters, range-form sites, fingerprint, hash (indented JSON).
+CONFIG_BOUND = 1500
 
 
 def _bert(layers: int) -> nn.Module:
@@ -82,8 +88,14 @@ def test_malformed_site_ranges_are_checkpoint_errors(bad) -> None:
 # ----------------------------------------------------------------------------- the bound
 
 
-def test_lora_on_query_value_of_a_six_layer_bert_stays_within_4kb(tmp_path) -> None:
-    """The MiniLM layout (6 layers, bert.encoder.layer.N... names): raw tensor bytes + at most 4 KB on disk."""
+def _header_bound(delta) -> int:
+    names = list(delta.delta_state_dict())
+    return 8 + 32 + sum(len(n) + PER_TENSOR for n in names)  # + the length field and {"__metadata__":{"format":"pt"}}
+
+
+def test_lora_on_query_value_of_a_six_layer_bert_costs_about_100_bytes_per_tensor(tmp_path) -> None:
+    """The MiniLM layout (6 layers, bert.encoder.layer.N... names): raw tensor bytes + the header (one entry per
+    tensor: its name and ~100 bytes) + a config of at most 1.5 KB."""
     from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -92,8 +104,8 @@ def test_lora_on_query_value_of_a_six_layer_bert_stays_within_4kb(tmp_path) -> N
     delta = LoraModel(model, lora_r=16, modified_modules=["query", "value"])
     overhead, header, config = _overhead(delta, tmp_path / "ckpt")
     assert overhead == header + config
-    assert overhead <= BOUND, (header, config)
-    assert config < 800
+    assert header <= _header_bound(delta), header
+    assert config <= CONFIG_BOUND, config
 
 
 def test_config_size_does_not_grow_with_the_number_of_layers(tmp_path) -> None:
@@ -106,18 +118,22 @@ def test_config_size_does_not_grow_with_the_number_of_layers(tmp_path) -> None:
     # 12x the sites, but only "{0-1}" -> "{0-23}" in each of the 7 entries and the layer count in the fingerprint.
     assert sizes[1] - sizes[0] == 7 + 1
     meta = json.loads((tmp_path / "l24" / CONFIG_NAME).read_text())
-    assert meta["format_version"] == 3
+    assert meta["format_version"] == FORMAT_VERSION == 4
     assert meta["sites"][0] == "model.layers.{0-23}.self_attn.q_proj" and len(meta["sites"]) == 7
 
 
-def test_compact_config_is_still_one_key_per_line_json(tmp_path) -> None:
+def test_the_config_is_plain_indented_json_and_saving_twice_gives_the_same_bytes(tmp_path) -> None:
     delta = LoraModel(_bert(2), modified_modules=["query"])
-    delta.save_finetuned(tmp_path)
-    text = (tmp_path / CONFIG_NAME).read_text()
-    lines = text.strip().splitlines()
-    assert lines[0] == "{" and lines[-1] == "}"
-    assert [json.loads("{" + line.rstrip(",") + "}") for line in lines[1:-1]]
-    assert set(json.loads(text)) >= {"format", "format_version", "config", "sites", "fingerprint"}
+    perturb(delta)
+    delta.save_finetuned(tmp_path / "a")
+    delta.save_finetuned(tmp_path / "b")
+    text = (tmp_path / "a" / CONFIG_NAME).read_text()
+    meta = json.loads(text)
+    assert text == json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+    assert list(meta)[:2] == ["format", "format_version"]
+    assert set(meta) >= {"config", "sites", "backbone_tensors", "fingerprint", "weights_sha256"}
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
 
 # ----------------------------------------------------------------------------- compatibility and order
@@ -184,7 +200,7 @@ def test_a_corrupt_site_range_leaves_the_model_untouched(tmp_path) -> None:
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
-# ----------------------------------------------------------------------------- stacked tensors in the weights file
+# ----------------------------------------------------------------------------- one tensor per parameter
 
 
 def _header(path) -> dict:
@@ -193,24 +209,27 @@ def _header(path) -> dict:
         return json.loads(handle.read(size))
 
 
-def test_the_issue_setting_llama_12_layers_q_v_stays_within_4kb(tmp_path) -> None:
-    """48 LoRA tensors (12 layers x q,v x A,B): one safetensors entry each would cost ~5.3 KB of header alone."""
+def test_the_issue_setting_llama_12_layers_q_v_has_one_entry_per_tensor(tmp_path) -> None:
+    """48 LoRA tensors (12 layers x q,v x A,B), each its own safetensors entry under its delta_state_dict name."""
     delta = LoraModel(_llama(12), lora_r=8, modified_modules=["q_proj", "v_proj"])
     overhead, header, config = _overhead(delta, tmp_path / "ckpt")
-    assert overhead <= BOUND, (header, config)
-    stored = {k for k in _header(tmp_path / "ckpt") if k != "__metadata__"}
-    # k_proj/v_proj are narrower than q_proj (grouped-query attention): two shapes per parameter name.
-    assert stored == {"lora_A#0", "lora_B#0", "lora_B#1"}
+    stored = _header(tmp_path / "ckpt")
+    assert stored.pop("__metadata__") == {"format": "pt"}
+    assert set(stored) == set(delta.delta_state_dict()) and len(stored) == 48
+    for name, tensor in delta.delta_state_dict().items():
+        assert stored[name]["shape"] == list(tensor.shape) and stored[name]["dtype"] == "F32"
+    assert header <= _header_bound(delta) and config <= CONFIG_BOUND, (header, config)
 
 
-def test_header_size_does_not_grow_with_the_number_of_layers(tmp_path) -> None:
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    sizes = []
-    for layers in (2, 24):
-        delta = LoraModel(_llama(layers), lora_r=4, modified_modules=targets)
-        _, header, _ = _overhead(delta, tmp_path / f"l{layers}")
-        sizes.append(header)
-    assert sizes[1] - sizes[0] <= 64, sizes  # only digits of shapes, offsets and ranges change
+def test_any_safetensors_reader_sees_the_delta_tensors(tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    delta = LoraModel(_llama(2), lora_r=4, modified_modules=["q_proj", "v_proj"])
+    perturb(delta)
+    delta.save_finetuned(tmp_path)
+    loaded = load_file(str(tmp_path / WEIGHTS_NAME))
+    expected = delta.delta_state_dict()
+    assert set(loaded) == set(expected) and all(torch.equal(loaded[k], expected[k]) for k in expected)
 
 
 def test_read_weights_gives_back_exactly_the_named_tensors(tmp_path) -> None:
@@ -225,45 +244,47 @@ def test_read_weights_gives_back_exactly_the_named_tensors(tmp_path) -> None:
     expected.update({k: v for k, v in model.state_dict().items() if k.startswith("classifier.")})
     assert list(stored) != [] and set(stored) == set(expected)
     assert all(torch.equal(stored[k], expected[k]) for k in expected)
-    # the tensors are independent copies (save_file refuses shared storage; callers may modify them)
+    # the tensors are independent copies (callers may modify them)
     ptrs = [t.untyped_storage().data_ptr() for t in stored.values()]
     assert len(set(ptrs)) == len(ptrs)
-    # classifier tensors are alone in their groups: stored under their own names
-    assert {"classifier.weight", "classifier.bias"} <= set(_header(tmp_path))
+    assert set(_header(tmp_path)) == set(expected) | {"__metadata__"}
 
 
-@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["q", "v", "dense"]), st.sampled_from(["a", "b"]),
-                          st.sampled_from([(2, 3), (3, 2), (4,)])), max_size=20, unique_by=lambda t: t[:3]))
-@settings(max_examples=60, deadline=None)
-def test_pack_then_unpack_is_the_identity(items) -> None:
-    tensors = {f"layer.{i}.{m}.lora.{p}": torch.randn(shape) for i, m, p, shape in items}
-    stored, stacks = pack_tensors(tensors)
-    assert sum(t.numel() for t in stored.values()) == sum(t.numel() for t in tensors.values())
-    back = unpack_tensors(stored, json.loads(json.dumps(stacks)))
-    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
-
-
-def test_a_corrupt_stack_table_is_a_clear_error_and_changes_nothing(tmp_path) -> None:
-    from safetensors import safe_open
+def test_a_stacked_file_of_the_development_format_is_refused_clearly(tmp_path) -> None:
     from safetensors.torch import save_file
 
     delta = LoraModel(tiny_bert(), modified_modules=["query"])
     delta.save_finetuned(tmp_path)
-    file = str(tmp_path / WEIGHTS_NAME)
-    with safe_open(file, framework="pt") as handle:
-        metadata = handle.metadata()
-        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    stacked = {"lora_A#0": torch.zeros(2, 8, 32), "lora_B#0": torch.zeros(2, 32, 8)}
+    owners = ["bert.encoder.layer.{0-1}.attention.self.query.lora"]
+    save_file(stacked, str(tmp_path / WEIGHTS_NAME), metadata={"format": "deltakit-delta", "stacks": json.dumps(
+        {"lora_A#0": owners, "lora_B#0": owners})})
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    meta["format_version"] = 3
+    del meta["weights_sha256"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
     model = tiny_bert()
     keys, hooks, state = list(model.state_dict()), hook_counts(model), snapshot(model)
-    stacks = json.loads(metadata["stacks"])
-    key = next(iter(stacks))
-    for bad, message in (
-        ("{not json", "corrupt stack table"),
-        (json.dumps({key: stacks[key] + ["extra.owner"]}), "lists 3 owners"),
-        (json.dumps({"missing#0": stacks[key]}), "does not hold"),
-    ):
-        save_file(tensors, file, metadata={**metadata, "stacks": bad})
-        with pytest.raises(CheckpointError, match=message):
-            AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
-        assert list(model.state_dict()) == keys and hook_counts(model) == hooks
-        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(CheckpointError, match="stacks tensors.*save it again"):
+        AutoDeltaModel.from_finetuned(tmp_path, backbone_model=model)
+    with pytest.raises(CheckpointError, match="stacks tensors"):
+        read_weights(tmp_path)
+    assert list(model.state_dict()) == keys and hook_counts(model) == hooks
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+# ----------------------------------------------------------------------------- bounded expansion
+
+
+def test_site_ranges_are_counted_before_they_are_expanded() -> None:
+    with pytest.raises(CheckpointError, match="more sites than the 1,000"):
+        expand_sites(["x.{0-999999999}.y"], "ckpt", limit=1000)
+    with pytest.raises(CheckpointError, match="more sites than"):
+        expand_sites(["x.{0-600}.y", "z.{0-600}.y"], "ckpt", limit=1000)
+    with pytest.raises(CheckpointError, match="malformed site range"):
+        expand_sites(["x.{0-100000000000}.y"], "ckpt")  # more than nine digits: refused unparsed
+    with pytest.raises(CheckpointError, match="twice"):
+        expand_sites(["x.{0-3,2}.y"], "ckpt")
+    with pytest.raises(CheckpointError, match="more than one range"):
+        expand_sites(["x.{0-3}.{0-3}"], "ckpt")
+    assert len(expand_sites(["x.{0-999}.y"], "ckpt", limit=1000)) == 1000

@@ -32,7 +32,16 @@ import torch
 from torch import nn
 
 from ..base import DeltaBase
-from ..checkpoint import _read_tensors, backbone_fingerprint, expand_sites, read_checkpoint_meta, write_checkpoint
+from ..checkpoint import (
+    backbone_fingerprint,
+    check_finite,
+    config_from_meta,
+    make_directory,
+    read_checkpoint,
+    saved_sites,
+    write_checkpoint,
+)
+from ..io.tensor_file import DTYPE_NAMES
 from ..errors import CheckpointError, DeltaError
 
 __all__ = [
@@ -279,16 +288,27 @@ def save_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os
 def _write_checkpoint(delta: DeltaBase, state: dict[str, torch.Tensor], fingerprint: dict[str, Any], path: str) -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot save the delta to {path!r}: it exists and is not a directory.")
-    os.makedirs(path, exist_ok=True)
+    make_directory(path)
     write_checkpoint(delta, state, path, fingerprint=fingerprint)
 
 
-def read_delta_checkpoint(path: str | os.PathLike[str], delta: DeltaBase) -> dict[str, torch.Tensor]:
+#: Config fields that say where a delta goes, not what it computes (the sites themselves are compared instead).
+_PATTERN_FIELDS = ("modified_modules", "exclude_modules", "unfrozen_modules")
+
+
+def read_delta_checkpoint(
+    path: str | os.PathLike[str], delta: DeltaBase, *, allow_nonfinite: bool = False
+) -> dict[str, torch.Tensor]:
     """Read a deltakit checkpoint written for ``delta`` (same method and sites) and return its tensors.
+
+    The file must hold exactly the tensors of ``delta`` (and of the backbone tensors ``delta`` keeps trainable), at
+    their shapes, in floating dtypes where the parameters are floating: checked on the header, before any tensor data
+    is read.
 
     Args:
         path: A directory written by :meth:`~deltakit.DeltaBase.save_finetuned` or :func:`save_delta_checkpoint`.
         delta: The delta the checkpoint is meant for.
+        allow_nonfinite: Accept NaN or infinite values (refused by default).
 
     Returns:
         ``{checkpoint key: CPU tensor}``.
@@ -297,33 +317,63 @@ def read_delta_checkpoint(path: str | os.PathLike[str], delta: DeltaBase) -> dic
         CheckpointError: The directory is not a deltakit checkpoint, is corrupt, or belongs to another delta.
     """
     path = os.fspath(path)
-    meta = read_checkpoint_meta(path)
-    if meta["delta_type"] != delta.delta_type:
-        raise CheckpointError(
-            f"{path!r} holds a {meta['delta_type']!r} delta, but the delta to load into is {delta.delta_type!r}."
-        )
-    sites = expand_sites(meta["sites"], path) if meta["format_version"] >= 2 else list(meta["sites"])
-    if sorted(sites) != sorted(delta.modified_modules):
-        raise CheckpointError(
-            f"{path!r} was saved from a delta on other modules ({len(sites)} sites, e.g. {sites[:2]}) than this one "
-            f"({len(delta.modified_modules)} sites, e.g. {delta.modified_modules[:2]}). Load it onto a fresh backbone "
-            f"with AutoDeltaModel.from_finetuned instead."
-        )
-    return _read_tensors(path)
+    named = dict(_named_tensors(delta))
+
+    def plan(meta: dict[str, Any], where: str) -> dict[str, tuple[tuple[int, ...], str]]:
+        if meta["delta_type"] != delta.delta_type:
+            raise CheckpointError(
+                f"{path!r} holds a {meta['delta_type']!r} delta, but the delta to load into is {delta.delta_type!r}."
+            )
+        saved_config = config_from_meta(meta, where).to_dict()
+        live_config = delta.config.to_dict()
+        differ = sorted(k for k in live_config if k not in _PATTERN_FIELDS and saved_config.get(k) != live_config[k])
+        if differ:
+            raise CheckpointError(
+                f"{path!r} was saved with other hyper-parameters than this delta ("
+                + ", ".join(f"{k}: saved {saved_config.get(k)!r}, here {live_config[k]!r}" for k in differ[:3])
+                + "): its tensors would compute something else here. Create the delta with the saved config "
+                f"(AutoDeltaConfig.from_finetuned(path)) or load it with AutoDeltaModel.from_finetuned."
+            )
+        sites = saved_sites(meta, where, limit=len(delta.modified_modules))
+        if sorted(sites) != sorted(delta.modified_modules):
+            raise CheckpointError(
+                f"{path!r} was saved from a delta on other modules ({len(sites)} sites, e.g. {sites[:2]}) than this "
+                f"one ({len(delta.modified_modules)} sites, e.g. {delta.modified_modules[:2]}). Load it onto a fresh "
+                f"backbone with AutoDeltaModel.from_finetuned instead."
+            )
+        if sorted(meta["backbone_tensors"]) != sorted(delta.unfrozen_parameter_names):
+            raise CheckpointError(
+                f"{path!r} declares the backbone tensors {meta['backbone_tensors'][:3]}, but this delta keeps "
+                f"{delta.unfrozen_parameter_names[:3]} trainable; call freeze_module() as when it was saved."
+            )
+        # Only what this delta (and the backbone tensors it keeps trainable) holds may be in the file.
+        return {
+            key: (_global_shape(t), "float" if t.is_floating_point() else DTYPE_NAMES[t.dtype])
+            for key, t in named.items()
+        }
+
+    _, tensors = read_checkpoint(path, plan)
+    if not allow_nonfinite:
+        for key, tensor in tensors.items():
+            check_finite(key, tensor.to(named[key].dtype), path)
+    return tensors
 
 
-def load_delta_checkpoint(model_or_engine: Any, delta: DeltaBase, path: str | os.PathLike[str]) -> None:
+def load_delta_checkpoint(
+    model_or_engine: Any, delta: DeltaBase, path: str | os.PathLike[str], *, allow_nonfinite: bool = False
+) -> None:
     """Load a deltakit checkpoint into an existing delta in place, on any engine (every rank reads the files).
 
     Args:
         model_or_engine: The model the delta is attached to, or its wrapper / engine.
         delta: The delta to load into (same method and sites as the saved one).
         path: The checkpoint directory.
+        allow_nonfinite: Accept NaN or infinite values (refused by default).
 
     Raises:
         CheckpointError: See :func:`read_delta_checkpoint` and :func:`load_delta_state_dict`.
     """
-    load_delta_state_dict(model_or_engine, delta, read_delta_checkpoint(path, delta))
+    load_delta_state_dict(model_or_engine, delta, read_delta_checkpoint(path, delta, allow_nonfinite=allow_nonfinite))
 
 
 def _model_index(models: list[Any], delta: DeltaBase) -> int:

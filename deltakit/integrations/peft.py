@@ -541,8 +541,6 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
             site.module.lora_A.copy_(factors[site_name][keys[0]].to(site.module.lora_A.dtype))
             site.module.lora_B.copy_(factors[site_name][keys[1]].to(site.module.lora_B.dtype))
     delta.attach()
-    with torch.no_grad():
-        for target, tensor in backbone_tensors.items():
-            params[target].copy_(tensor.to(params[target].dtype))
+    delta.write_backbone_tensors(backbone_tensors)  # detach() puts the backbone's own values back
     delta.unfrozen_parameter_names = [n for n in params if n in backbone_tensors]  # in model order
     return delta
