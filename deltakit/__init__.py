@@ -8,13 +8,12 @@ weights::
     delta.freeze_module(exclude=["deltas", "classifier"])
 """
 
-__version__ = "0.1.0"
-
-from .addressing import find_modules  # noqa: E402
-from .auto import AutoDeltaModel  # noqa: E402
-from .base import DeltaBase  # noqa: E402
-from .config import AutoDeltaConfig, DeltaConfig  # noqa: E402
-from .deltas import (  # noqa: E402
+from ._version import __version__
+from .addressing import find_modules
+from .auto import AutoDeltaConfig, AutoDeltaModel
+from .base import DeltaBase
+from .config import DeltaConfig
+from .deltas import (
     AdapterConfig,
     AdapterModel,
     BitFitConfig,
@@ -32,7 +31,7 @@ from .deltas import (  # noqa: E402
     SoftPromptConfig,
     SoftPromptModel,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     CheckpointError,
     DeltaConfigError,
     DeltaError,
@@ -40,8 +39,8 @@ from .errors import (  # noqa: E402
     ModuleMatchError,
     UnsupportedModuleError,
 )
-from .serving import DeltaGroup  # noqa: E402
-from .visualization import Visualization  # noqa: E402
+from .serving import DeltaGroup
+from .visualization import Visualization
 
 __all__ = [
     "AdapterConfig",

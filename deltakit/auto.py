@@ -1,4 +1,4 @@
-"""``AutoDeltaModel``: build or load any registered delta method by its ``delta_type``."""
+"""``AutoDeltaConfig`` and ``AutoDeltaModel``: build or load any registered delta method by its ``delta_type``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,33 @@ from typing import Any
 
 from torch import nn
 
-from .base import DELTA_REGISTRY, DeltaBase
-from .config import AutoDeltaConfig, DeltaConfig
+from .base import DeltaBase
+from .checkpoint import CONFIG_NAME, config_from_meta, load_delta, read_checkpoint_meta
+from .config import DeltaConfig, config_from_dict
 from .errors import DeltaConfigError
+from .registry import DELTA_REGISTRY
+
+
+class AutoDeltaConfig:
+    """Builds the right :class:`DeltaConfig` subclass from a dict or a saved checkpoint directory."""
+
+    def __init__(self) -> None:
+        raise TypeError("AutoDeltaConfig is a factory: use AutoDeltaConfig.from_dict() or .from_finetuned().")
+
+    @staticmethod
+    def from_dict(values: dict[str, Any]) -> DeltaConfig:
+        """Build a config from a dict holding ``"delta_type"`` (e.g. ``"lora"``) and the method's settings."""
+        return config_from_dict(values)
+
+    @staticmethod
+    def from_finetuned(path: str | os.PathLike[str]) -> DeltaConfig:
+        """Read the config of a checkpoint written by :meth:`DeltaBase.save_finetuned`.
+
+        Raises:
+            CheckpointError: The directory holds no valid ``delta_config.json`` (naming the file and the field).
+        """
+        meta = read_checkpoint_meta(path)
+        return config_from_meta(meta, os.path.join(os.fspath(path), CONFIG_NAME))
 
 
 class AutoDeltaModel:
@@ -40,6 +64,4 @@ class AutoDeltaModel:
         path: str | os.PathLike[str], backbone_model: nn.Module, *, check_backbone: bool = True, **kwargs: Any
     ) -> DeltaBase:
         """Load any delta checkpoint written by ``save_finetuned`` onto ``backbone_model`` (validated first)."""
-        from .checkpoint import load_delta
-
         return load_delta(path, backbone_model, check_backbone=check_backbone, **kwargs)

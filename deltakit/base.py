@@ -11,14 +11,21 @@ States and transitions::
 
 Every other transition raises :class:`~deltakit.errors.DeltaStateError` and changes nothing.
 
-To add a method, subclass :class:`DeltaBase` in a new file of ``deltakit/deltas/``: set ``delta_type``,
-``config_class`` and ``default_modified_modules``, and implement :meth:`DeltaBase.build_site` returning a
-:class:`~deltakit.hooks.DeltaSite` with a ``forward_hook`` (and optionally ``merge_deltas``).
+To add a method (docs/adding_a_method.md), subclass :class:`DeltaBase` in a new file of ``deltakit/deltas/``: set
+``delta_type``, ``config_class`` (its hyper-parameters; the keyword constructor is made from it) and
+``default_modified_modules``, and implement :meth:`DeltaBase.build_site` returning a
+:class:`~deltakit.site.DeltaSite` that declares its composition (:mod:`deltakit.site`). The other public hooks
+(:meth:`~DeltaBase.match_sites`, :meth:`~DeltaBase.plan`, :meth:`~DeltaBase.build_shared`,
+:meth:`~DeltaBase.extra_hooks`, :meth:`~DeltaBase.on_attach`, :meth:`~DeltaBase.on_detach`) have working defaults;
+every way of building a delta (constructor, ``from_config``, checkpoint load, PEFT import, CLI preview) calls them
+through :meth:`DeltaBase.build_detached`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import itertools
 import os
 from collections.abc import Iterable, Iterator
@@ -30,12 +37,13 @@ from torch import nn
 from torch.nn.modules import module as _torch_module
 
 from .addressing import find_modules
-from .config import DeltaConfig
+from .config import DeltaConfig, field_docs
 from .errors import DeltaError, DeltaStateError, ModuleMatchError
-from .hooks import DeltaSite, add_hook, hook_keys, remove_hook
+from .hooks import add_hook, hook_keys, remove_hook
+from .registry import DELTA_REGISTRY, register
+from .site import Composition, DeltaSite, SharedParameters, factory_kwargs
 
-#: delta_type -> delta class, filled by :meth:`DeltaBase.__init_subclass__`.
-DELTA_REGISTRY: dict[str, type[DeltaBase]] = {}
+__all__ = ["DELTA_REGISTRY", "DeltaBase", "Site", "factory_kwargs"]
 
 # Order keys: deltas on the same host apply in the order they were created, whatever the attach/detach history.
 _ORDER_KEYS = itertools.count()
@@ -57,22 +65,6 @@ class Site:
     slot: int = 0
 
 
-def factory_kwargs(host: nn.Module) -> dict[str, Any]:
-    """``device``/``dtype`` of the host's own parameters, so a delta is created where its host lives.
-
-    A non-floating host weight (a quantized model's int8 storage) sets only the device: the delta stays in the
-    default floating dtype.
-    """
-    param = next(host.parameters(recurse=False), None)
-    if param is None:
-        param = next(host.parameters(), None)
-    if param is None:
-        return {}
-    if not param.dtype.is_floating_point:
-        return {"device": param.device}
-    return {"device": param.device, "dtype": param.dtype}
-
-
 # Switching deltas (detach one, attach another) is on the serving path, so attach/detach avoid nn.Module's slow
 # generic paths (``hasattr`` raising through ``__getattr__``, ``.to()`` / ``.train()`` walks when nothing changes,
 # ``add_module``'s checks already done here); the observable result is the same.
@@ -86,8 +78,8 @@ def _attribute_taken(owner: nn.Module, name: str, mine: nn.Module) -> bool:
 
 
 def _member(module: nn.Module, name: str) -> Any:
-    """``getattr(module, name, None)`` for methods/properties a per-site module may define, without the failing
-    ``nn.Module.__getattr__`` lookup when it does not."""
+    """``getattr(module, name, None)`` without the failing ``nn.Module.__getattr__`` lookup (for tools inspecting
+    modules; the core reads the members :class:`~deltakit.site.DeltaSite` declares directly)."""
     if name in module.__dict__ or hasattr(type(module), name):
         return getattr(module, name)
     return None
@@ -165,6 +157,54 @@ def _delta_site_prefixes(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, DeltaSite)]
 
 
+def _keyword_constructor(cls: type[DeltaBase]) -> Any:
+    """The OpenDelta-style ``__init__(backbone_model, <config fields>, name=None)`` of a method class, made from its
+    config dataclass (the one place a hyper-parameter is declared, with its type, default and one-line doc)."""
+    config_class = cls.config_class
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    order = cls.constructor_fields
+    if order is None:
+        common = ("modified_modules", "exclude_modules", "unfrozen_modules")
+        order = ("modified_modules", *(n for n in fields if n not in common), "exclude_modules", "unfrozen_modules")
+    docs = field_docs(config_class)
+    where = f"{cls.__module__}.{cls.__qualname__}"
+    params = [
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        inspect.Parameter("backbone_model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="nn.Module"),
+    ]
+    lines = ["    backbone_model: The model to modify."]
+    for field_name in order:
+        field = fields.get(field_name)
+        if field is None or field.default is dataclasses.MISSING or field_name not in docs:
+            raise DeltaError(
+                f"{where}.constructor_fields names {field_name!r}: it must be a field of {config_class.__name__} with "
+                f"a plain default and a line in the config's docstring (Args: section)."
+            )
+        params.append(inspect.Parameter(
+            field_name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=field.default, annotation=field.type
+        ))
+        lines.append(f"    {field_name}: {docs[field_name]}")
+    params.append(
+        inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="str | None")
+    )
+    lines.append(f"    name: Child-module name of the per-site modules (default {cls.delta_type or 'delta'!r}).")
+    signature = inspect.Signature(params, return_annotation="None")
+
+    def __init__(self: DeltaBase, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)  # TypeError for a wrong call, as Python's own
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        del values["self"]
+        backbone, name = values.pop("backbone_model"), values.pop("name")
+        DeltaBase.__init__(self, backbone, config_class(**values), name=name)
+
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    __init__.__doc__ = f"Create a {cls.__name__} on ``backbone_model`` and attach it.\n\nArgs:\n" + "\n".join(lines)
+    return __init__
+
+
 class DeltaBase:
     """Base class of all delta objects (``LoraModel``, ``BitFitModel``, ...).
 
@@ -173,23 +213,61 @@ class DeltaBase:
         config: The method's :class:`~deltakit.config.DeltaConfig`.
         name: Child-module name of this delta's per-site modules (default: the delta type, e.g. ``"lora"``,
             with a numeric suffix when another module already uses it).
+
+    A method class that declares ``config_class`` and no ``__init__`` of its own gets an OpenDelta-style keyword
+    constructor made from the config's fields (``LoraModel(model, lora_r=8, modified_modules=[...])``), with its
+    signature and docstring, in the order of :attr:`constructor_fields`.
     """
 
     delta_type: ClassVar[str] = ""
     config_class: ClassVar[type[DeltaConfig]] = DeltaConfig
     #: Positions used when ``modified_modules`` is ``None`` (role names resolved per architecture).
     default_modified_modules: ClassVar[tuple[str, ...]] = ()
+    #: Config fields the keyword constructor takes after ``backbone_model``, in order (``name`` comes last).
+    #: ``None``: ``modified_modules``, the method's own fields, ``exclude_modules``, ``unfrozen_modules``.
+    constructor_fields: ClassVar[tuple[str, ...] | None] = None
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, register_type: bool = True, **kwargs: Any) -> None:
+        """Register a method class that declares its own ``delta_type`` (``register_type=False``: leave that to
+        :func:`deltakit.registry.register`) and give it its keyword constructor."""
         super().__init_subclass__(**kwargs)
-        if cls.delta_type:
-            DELTA_REGISTRY[cls.delta_type] = cls
+        if "config_class" in cls.__dict__ and "__init__" not in cls.__dict__:
+            cls.__init__ = _keyword_constructor(cls)  # type: ignore[method-assign]
+            if cls.__doc__ and "Args:" not in cls.__doc__:  # the hyper-parameters' docs, for help() and IDEs
+                args = cls.__init__.__doc__.partition("Args:\n")[2].replace("\n", "\n    ")
+                cls.__doc__ = f"{cls.__doc__.rstrip()}\n\n    Args:\n    {args}\n"
+        if register_type and "delta_type" in cls.__dict__ and cls.delta_type:
+            register(cls)
 
     def __init__(self, backbone_model: nn.Module, config: DeltaConfig, *, name: str | None = None) -> None:
-        self._setup(backbone_model, config, name, None)
+        self._build(backbone_model, config, name, None)
         self.attach()
 
-    def _setup(
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def build_detached(
+        cls,
+        backbone_model: nn.Module,
+        config: DeltaConfig,
+        matches: list[tuple[str, nn.Module]] | None = None,
+        name: str | None = None,
+    ) -> DeltaBase:
+        """Plan and build a delta without touching the model: the one path every construction takes.
+
+        Runs :meth:`match_sites` (unless ``matches`` gives the hosts, as a checkpoint or PEFT loader does),
+        :meth:`plan`, :meth:`build_shared` and :meth:`build_site` for each host. Call :meth:`attach` to insert it.
+
+        Args:
+            backbone_model: The model the delta is for.
+            config: The method's config.
+            matches: ``(full name, host module)`` pairs in model order; ``None`` resolves ``config.modified_modules``.
+            name: The delta's child-module name (see the class docstring).
+        """
+        obj = cls.__new__(cls)
+        obj._build(backbone_model, config, name, matches)
+        return obj
+
+    def _build(
         self,
         backbone_model: nn.Module,
         config: DeltaConfig,
@@ -212,26 +290,34 @@ class DeltaBase:
         self._merge_exact = True
         self._checkpointing_handles: list[Any] = []
         self._checkpointing_hooks: Any = None
+        self._extra: list[tuple[nn.Module, Any, bool]] = []
         self.unfrozen_parameter_names: list[str] = []
         # Backbone tensors a checkpoint wrote (a saved head): the values not in the model right now, by name.
         self._swapped_backbone: dict[str, torch.Tensor] = {}
         if matches is None:
-            matches = self._match_sites()
-        self.shared: DeltaSite | None = self.build_shared(matches)
+            matches = self.match_sites()
+        self.plan(matches)
+        self.shared: SharedParameters | None = self.build_shared(matches)
         sites = [Site(n, host, self.build_site(n, host), slot) for slot, (n, host) in enumerate(matches)]
+        self._check_declared(sites)
         self.child_name = self._pick_child_name(name, sites)
         self.sites: list[Site] = sites
 
-    @classmethod
-    def _build_detached(
-        cls, backbone_model: nn.Module, config: DeltaConfig, matches: list[tuple[str, nn.Module]], name: str | None = None
-    ) -> DeltaBase:
-        """A detached delta on exactly the given hosts (used by the checkpoint loader); the model is not touched."""
-        obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, name, matches)
-        return obj
+    def _check_declared(self, sites: list[Site]) -> None:
+        """Refuse what a method built outside the contract (deltakit/site.py), before anything is attached."""
+        for site in sites:
+            composition = getattr(type(site.module), "composition", None)
+            if not isinstance(site.module, DeltaSite) or not isinstance(composition, Composition):
+                raise DeltaError(
+                    f"{type(self).__name__}.build_site({site.name!r}) returned a {type(site.module).__name__}, which "
+                    f"is not a DeltaSite declaring a Composition (see deltakit/site.py)."
+                )
+        if self.shared is not None and not isinstance(self.shared, SharedParameters):
+            raise DeltaError(
+                f"{type(self).__name__}.build_shared() returned a {type(self.shared).__name__}; shared parameters "
+                f"belong in a deltakit.site.SharedParameters subclass."
+            )
 
-    # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config: DeltaConfig | dict[str, Any], backbone_model: nn.Module, **kwargs: Any) -> DeltaBase:
         """Build and attach a delta from a config object or dict (OpenDelta's ``from_config``).
@@ -243,9 +329,7 @@ class DeltaBase:
             raise DeltaError(f"Unexpected keyword arguments for from_config: {sorted(kwargs)}; it accepts name= only.")
         if isinstance(config, dict):
             config = cls.config_class.from_dict(config)
-        obj = cls.__new__(cls)
-        obj._setup(backbone_model, config, name, None)
-        return obj.attach()
+        return cls.build_detached(backbone_model, config, name=name).attach()
 
     @classmethod
     def from_finetuned(
@@ -269,8 +353,10 @@ class DeltaBase:
         _check_flag("from_finetuned", "check_backbone", check_backbone)
         return load_delta(path, backbone_model, expected_type=cls, check_backbone=check_backbone, **kwargs)
 
-    def _match_sites(self) -> list[tuple[str, nn.Module]]:
-        """Resolve ``modified_modules`` (or the default positions) to host modules; the backbone is not modified."""
+    # ------------------------------------------------------------------ the hooks a method overrides
+    def match_sites(self) -> list[tuple[str, nn.Module]]:
+        """The hosts to modify, ``(full name, module)`` in model order: ``modified_modules`` (or the default
+        positions) resolved. Not called when a loader gives the hosts. The backbone is not modified."""
         patterns = self.config.modified_modules
         use_defaults = patterns is None
         if use_defaults:
@@ -323,7 +409,15 @@ class DeltaBase:
                 return candidate
         raise AssertionError("unreachable")
 
-    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
+    def plan(self, matches: list[tuple[str, nn.Module]]) -> None:
+        """Whole-delta planning and checks over all hosts, before any site is built (default: nothing).
+
+        Called on every construction path, also when a loader gives the hosts: what every site needs to know about
+        the others (a prefix's attention geometry, a parallel adapter's input modules) is found here, and what must
+        hold for the hosts together is checked here. Raise before allocating anything.
+        """
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> SharedParameters | None:
         """Parameters shared by all sites (Compacter's PHM rules), or ``None`` (the default).
 
         The module is registered once, on the backbone root under :attr:`shared_name`, while the delta is attached,
@@ -332,11 +426,22 @@ class DeltaBase:
         return None
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
-        """Build the per-site module for ``host`` (full name ``name``) without modifying it.
+        """Build the per-site module for ``host`` (full name ``name``) without modifying it (required).
 
         Raise :class:`~deltakit.errors.UnsupportedModuleError` naming the type when the host cannot be handled.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement build_site(name, host).")
+
+    def extra_hooks(self) -> list[tuple[nn.Module, Any, bool]]:
+        """Hooks besides the sites', ``(module, hook, is_pre_hook)``, installed at :meth:`attach` and removed at
+        :meth:`detach` in the same per-module dispatchers (default: none). They carry no parameters."""
+        return []
+
+    def on_attach(self) -> None:
+        """Called at the end of every :meth:`attach` (default: nothing)."""
+
+    def on_detach(self) -> None:
+        """Called at the end of every :meth:`detach` (default: nothing)."""
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -388,12 +493,11 @@ class DeltaBase:
                 f"Cannot attach {self._describe()}: the backbone already has an attribute {self.shared_name!r}. Detach "
                 f"the delta that uses it first, or create this delta with another name=."
             )
-        # A delta that can itself be merged only adds a function of the host's input (out + f(x)), so it commutes
-        # with a merged one; any other (an adapter reads the output) must not end up behind a later merged delta.
-        additive = bool(self.sites) and getattr(type(self.sites[0].module), "merge_deltas", None) is not None
-        for site in () if additive else self.sites:
-            if _member(site.module, "forward_hook") is None:
-                continue  # it does not act on this host's output
+        # Only a site that transforms the host output must not end up behind a delta merged later: additive ones
+        # (out + f(x)) commute with it, and call rewrites act before the host runs (deltakit/site.py).
+        for site in self.sites:
+            if type(site.module).composition is not Composition.TRANSFORMS_OUTPUT:
+                continue
             later = _merged_after(site.host, self._order_key)
             if later:
                 raise DeltaStateError(
@@ -414,6 +518,10 @@ class DeltaBase:
         self._state = ATTACHED
         if self._set_state_dict:
             self._install_state_dict_hook()
+        self._extra = self.extra_hooks()
+        for index, (module, fn, pre) in enumerate(self._extra):
+            add_hook(module, (self._order_key, -1 - index), fn, pre=pre)
+        self.on_attach()
         return self
 
     def _add_checkpointing_hooks(self) -> None:
@@ -436,25 +544,23 @@ class DeltaBase:
         return (self._order_key, site.slot)
 
     def _add_site_hooks(self, site: Site) -> None:
-        key = self._hook_key(site)
-        pre = _member(site.module, "forward_pre_hook")
-        if pre is not None:
-            add_hook(site.host, key, pre, pre=True)
-        post = _member(site.module, "forward_hook")
-        if post is not None:
-            add_hook(site.host, key, post)
+        module, key = site.module, self._hook_key(site)
+        target = module.hook_module if module.hook_module is not None else site.host
+        if module.forward_pre_hook is not None:
+            add_hook(target, key, module.forward_pre_hook, pre=True)
+        if module.forward_hook is not None:
+            add_hook(target, key, module.forward_hook)
         # A site may also read another module's input (a parallel adapter spanning a block).
-        source = _member(site.module, "input_source")
-        if source is not None:
-            add_hook(source, key, site.module.capture_input, pre=True)
+        if module.input_source is not None:
+            add_hook(module.input_source, key, module.capture_input, pre=True)
 
     def _remove_site_hooks(self, site: Site) -> None:
-        key = self._hook_key(site)
-        remove_hook(site.host, key, pre=True)
-        remove_hook(site.host, key)
-        source = _member(site.module, "input_source")
-        if source is not None:
-            remove_hook(source, key, pre=True)
+        module, key = site.module, self._hook_key(site)
+        target = module.hook_module if module.hook_module is not None else site.host
+        remove_hook(target, key, pre=True)
+        remove_hook(target, key)
+        if module.input_source is not None:
+            remove_hook(module.input_source, key, pre=True)
 
     def detach(self) -> DeltaBase:
         """Remove the delta: the backbone is bit-for-bit what it was (outputs, state_dict keys, no hooks left).
@@ -472,6 +578,10 @@ class DeltaBase:
         self._remove_checkpointing_hooks()
         self._swap_backbone_tensors()
         self._state = DETACHED
+        for index, (module, _, pre) in enumerate(self._extra):
+            remove_hook(module, (self._order_key, -1 - index), pre=pre)
+        self._extra = []
+        self.on_detach()
         return self
 
     def write_backbone_tensors(self, values: dict[str, torch.Tensor]) -> None:
@@ -524,8 +634,7 @@ class DeltaBase:
         _check_flag("merge", "exact_unmerge", exact_unmerge)
         _check_flag("merge", "safe", safe)
         self._require("merge", ATTACHED)
-        merger = getattr(type(self.sites[0].module), "merge_deltas", None) if self.sites else None
-        if merger is None:
+        if not self.sites or type(self.sites[0].module).merge_deltas is None:
             raise DeltaStateError(f"{type(self).__name__} cannot be merged: its delta is not a change of host weights.")
         self._check_hosts_in_place("merge")
         for site in self.sites:

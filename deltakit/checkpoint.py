@@ -43,10 +43,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import torch
 from torch import nn
 
-from . import __version__
-from .config import CONFIG_NAME, CONFIG_REGISTRY, AutoDeltaConfig
+from ._version import __version__
+from .config import CONFIG_NAME, CONFIG_REGISTRY, config_from_dict
 from .errors import CheckpointError, DeltaConfigError, DeltaError, DeltaStateError
-from .hooks import DeltaSite
+from .site import DeltaSite
 from .io import safe_json
 from .io.files import atomic_write as _atomic_write  # noqa: F401 - used by integrations.peft
 from .io.files import fsync_directory, open_regular, read_regular_file
@@ -422,7 +422,7 @@ def read_checkpoint_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
 def config_from_meta(meta: dict[str, Any], where: str) -> Any:
     """The :class:`DeltaConfig` a validated meta describes; an invalid one is a :class:`CheckpointError`."""
     try:
-        return AutoDeltaConfig.from_dict({**meta["config"], "delta_type": meta["delta_type"]})
+        return config_from_dict({**meta["config"], "delta_type": meta["delta_type"]})
     except (DeltaConfigError, TypeError, ValueError) as exc:
         raise _field_error(where, "config", f"is not a valid {meta['delta_type']} config ({exc})") from None
 
@@ -751,7 +751,7 @@ def load_delta(
         check_meta: Called with the validated config before anything else is done (e.g. a serving group refusing
             backbone tensors); may raise.
     """
-    from .base import DELTA_REGISTRY, DeltaBase
+    from .registry import DELTA_REGISTRY
 
     if not isinstance(path, (str, os.PathLike)):
         raise DeltaError(f"from_finetuned(path=...) must be a directory path (str or os.PathLike), got {path!r:.80}.")
@@ -769,7 +769,7 @@ def load_delta(
         if check_meta is not None:
             check_meta(meta)
         cls = DELTA_REGISTRY[meta["delta_type"]]
-        if expected_type is not None and expected_type is not DeltaBase and not issubclass(cls, expected_type):
+        if expected_type is not None and expected_type.delta_type and not issubclass(cls, expected_type):
             raise CheckpointError(
                 f"{path!r} holds a {cls.__name__} ({meta['delta_type']!r}) delta, not a {expected_type.__name__}; "
                 f"load it with {cls.__name__}.from_finetuned or AutoDeltaModel.from_finetuned."
@@ -795,7 +795,7 @@ def load_delta(
             order = {n: i for i, n in enumerate(modules)}
             pairs = sorted(zip(resolved, sites), key=lambda pair: order[pair[0]])
             resolved, sites = [p[0] for p in pairs], [p[1] for p in pairs]
-        delta = cls._build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
+        delta = cls.build_detached(backbone_model, config, [(n, modules[n]) for n in resolved], name=name)
         saved_of = dict(zip(resolved, sites))
         by_length = sorted(saved_of, key=len, reverse=True)
         shared_prefix = f"{delta.delta_type}_shared."

@@ -27,7 +27,7 @@ import shutil
 import sys
 from typing import Any
 
-from . import __version__
+from ._version import __version__
 
 
 class CliError(Exception):
@@ -98,7 +98,7 @@ def _architecture_names() -> list[str]:
 
 def _delta_types() -> list[str]:
     from . import deltas  # noqa: F401  (registers the methods)
-    from .base import DELTA_REGISTRY
+    from .registry import DELTA_REGISTRY
 
     return sorted(DELTA_REGISTRY)
 
@@ -265,7 +265,7 @@ def preview_delta(
         DeltaError: unknown delta type, bad option, or a pattern that matches nothing (as the method would).
     """
     from . import deltas  # noqa: F401
-    from .base import DELTA_REGISTRY
+    from .registry import DELTA_REGISTRY
     from .errors import DeltaConfigError
 
     if delta_type not in DELTA_REGISTRY:
@@ -274,8 +274,7 @@ def preview_delta(
     values = dict(options or {})
     values.update(modified_modules=modified_modules, exclude_modules=exclude_modules)
     config = cls.config_class.from_dict(values)
-    planned = cls.__new__(cls)
-    planned._setup(model, config, None, None)  # matching, type checks and site modules: the model is untouched
+    planned = cls.build_detached(model, config)  # matching, planning, checks and site modules: the model is untouched
     sites = [
         {
             "module": site.name,

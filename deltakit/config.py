@@ -1,4 +1,9 @@
-"""Delta configurations: one dataclass per delta method, and :class:`AutoDeltaConfig` to build them by name."""
+"""Delta configurations: one dataclass per delta method, and :class:`AutoDeltaConfig` to build them by name.
+
+A method's config dataclass is the one place its hyper-parameters are declared: name, type and default as fields,
+and a one-line doc each in the class docstring's ``Args:`` section. The method's keyword constructor, its signature
+and its docstring are made from them (:class:`deltakit.base.DeltaBase`).
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,16 @@ import dataclasses
 import math
 import numbers
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import CheckpointError, DeltaConfigError
+from .registry import CONFIG_REGISTRY
+
+__all__ = ["CONFIG_NAME", "CONFIG_REGISTRY", "AutoDeltaConfig", "DeltaConfig", "field_docs"]
 
 CONFIG_NAME = "delta_config.json"
-
-#: delta_type -> config class, filled by :meth:`DeltaConfig.__init_subclass__`.
-CONFIG_REGISTRY: dict[str, type[DeltaConfig]] = {}
 
 
 @dataclass
@@ -25,7 +31,7 @@ class DeltaConfig:
         modified_modules: Name patterns of the modules to modify (dotted suffixes, ``[r]`` regexes or role names
             such as ``attn.q``). ``None`` uses the method's default positions for the backbone's architecture.
         exclude_modules: Patterns of modules (and everything inside them) that must not be modified.
-        unfrozen_modules: What :meth:`DeltaBase.freeze_module` keeps trainable when called without ``exclude``;
+        unfrozen_modules: What :meth:`~deltakit.base.DeltaBase.freeze_module` keeps trainable by default;
             ``"deltas"`` means this delta's own parameters. ``None`` means ``["deltas"]``.
     """
 
@@ -33,12 +39,7 @@ class DeltaConfig:
 
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
-    unfrozen_modules: list[str] | None = field(default_factory=lambda: ["deltas"])
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.delta_type:
-            CONFIG_REGISTRY[cls.delta_type] = cls
+    unfrozen_modules: list[str] | None = None  # None becomes ["deltas"] in __post_init__
 
     def __post_init__(self) -> None:
         if self.unfrozen_modules is None:
@@ -75,6 +76,28 @@ class DeltaConfig:
                 f"Unknown {cls.delta_type or 'delta'} config key(s) {unknown}; valid keys: {sorted(names)}."
             )
         return cls(**values)
+
+
+def field_docs(config_class: type) -> dict[str, str]:
+    """``{field: doc}`` from the ``Args:`` sections of a config class's docstring and its bases' (Google style:
+    one ``name: text`` entry per field, continuation lines indented deeper; a blank line ends the section)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(config_class.__mro__):
+        lines = (klass.__dict__.get("__doc__") or "").partition("Args:\n")[2].splitlines()
+        if not lines:
+            continue
+        indent = len(lines[0]) - len(lines[0].lstrip())
+        name = None
+        for line in lines:
+            depth = len(line) - len(line.lstrip())
+            if not line.strip() or depth < indent:
+                break
+            if depth == indent:
+                name, _, text = line.strip().partition(": ")
+                docs[name] = text
+            elif name is not None:
+                docs[name] += " " + line.strip()
+    return docs
 
 
 # ---------------------------------------------------------------------------------------------- argument checks
@@ -224,35 +247,20 @@ def check_bounded_by(config: object, name: str, value: int, limit: int, module: 
         )
 
 
-class AutoDeltaConfig:
-    """Builds the right :class:`DeltaConfig` subclass from a dict or a saved checkpoint directory."""
+def config_from_dict(values: dict[str, Any]) -> DeltaConfig:
+    """Build the config of the method named by ``values["delta_type"]`` (e.g. ``"lora"``) from its settings.
 
-    def __init__(self) -> None:
-        raise TypeError("AutoDeltaConfig is a factory: use AutoDeltaConfig.from_dict() or .from_finetuned().")
-
-    @staticmethod
-    def from_dict(values: dict[str, Any]) -> DeltaConfig:
-        """Build a config from a dict holding ``"delta_type"`` (e.g. ``"lora"``) and the method's settings."""
-        if not isinstance(values, dict) or "delta_type" not in values:
-            raise DeltaConfigError(
-                f"AutoDeltaConfig.from_dict needs a dict with a 'delta_type' key (one of {sorted(CONFIG_REGISTRY)})."
-            )
-        delta_type = values["delta_type"]
-        if not isinstance(delta_type, str) or delta_type not in CONFIG_REGISTRY:
-            raise DeltaConfigError(f"Unknown delta_type {delta_type!r}; known types: {sorted(CONFIG_REGISTRY)}.")
-        return CONFIG_REGISTRY[delta_type].from_dict(values)
-
-    @staticmethod
-    def from_finetuned(path: str | os.PathLike[str]) -> DeltaConfig:
-        """Read the config of a checkpoint written by :meth:`DeltaBase.save_finetuned`.
-
-        Raises:
-            CheckpointError: The directory holds no valid ``delta_config.json`` (naming the file and the field).
-        """
-        from .checkpoint import config_from_meta, read_checkpoint_meta
-
-        meta = read_checkpoint_meta(path)
-        return config_from_meta(meta, os.path.join(os.fspath(path), CONFIG_NAME))
+    Raises:
+        DeltaConfigError: ``values`` is not a dict with a known ``delta_type``, or a setting is invalid.
+    """
+    if not isinstance(values, dict) or "delta_type" not in values:
+        raise DeltaConfigError(
+            f"AutoDeltaConfig.from_dict needs a dict with a 'delta_type' key (one of {sorted(CONFIG_REGISTRY)})."
+        )
+    delta_type = values["delta_type"]
+    if not isinstance(delta_type, str) or delta_type not in CONFIG_REGISTRY:
+        raise DeltaConfigError(f"Unknown delta_type {delta_type!r}; known types: {sorted(CONFIG_REGISTRY)}.")
+    return CONFIG_REGISTRY[delta_type].from_dict(values)
 
 
 #: Largest JSON file :func:`load_json` reads.

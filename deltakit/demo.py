@@ -545,7 +545,9 @@ def run_demo(
         ``trainable_percent``, ``train_seconds``, ``total_seconds``, ``checkpoint_bytes``, ``backbone_bytes``,
         ``checkpoint_dir``, ``checks`` (name -> bool), ``passed`` and the settings used.
     """
-    import deltakit
+    from .auto import AutoDeltaModel
+    from .deltas import LoraModel
+    from .visualization import Visualization
 
     t_start = time.perf_counter()
     console = console or Console()
@@ -603,9 +605,9 @@ def run_demo(
         # 2. structure, LoRA, freezing --------------------------------------------------------------------------
         if not quiet:
             console.rule("backbone structure")
-            deltakit.Visualization(model).structure_graph()
+            Visualization(model).structure_graph()
         torch.manual_seed(seed + 1)  # LoRA's A matrices
-        delta = deltakit.LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
+        delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
         delta.freeze_module(exclude=["deltas", "classifier"])
         if not quiet:
             console.rule("with LoRA (frozen backbone; deltas and classifier trainable)")
@@ -666,7 +668,7 @@ def run_demo(
         checks["fresh backbone == untrained backbone"] = torch.equal(
             _encoder_output(fresh, check_batch), base_features
         )
-        deltakit.AutoDeltaModel.from_finetuned(checkpoint_dir, backbone_model=fresh)
+        AutoDeltaModel.from_finetuned(checkpoint_dir, backbone_model=fresh)
         checks["from_finetuned(fresh backbone): logits == trained logits"] = torch.equal(
             logits_of(fresh, check_batch), trained_logits
         )

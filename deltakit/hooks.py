@@ -24,30 +24,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .site import DeltaSite  # noqa: F401 - re-exported: `from deltakit.hooks import DeltaSite` keeps working
+
 ForwardFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any], Any], Any]
 PreFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
 
 # Entry lists are replaced, never edited in place; this lock keeps two writers (two threads opening route() blocks)
 # from losing each other's update.
 _EDIT = threading.Lock()
-
-
-class DeltaSite(nn.Module):
-    """Base class of the per-site modules that deltas register as children of their hosts.
-
-    ``forward_hook(host, args, kwargs, output)`` returns the new output and may update ``output`` in place (the
-    dispatcher guarantees nobody else holds it); ``forward_pre_hook(host, args, kwargs)`` returns ``(args, kwargs)``.
-
-    Addressing never matches a module inside a :class:`DeltaSite`, so one delta cannot modify another by accident.
-    While merged, ``merge_versions`` maps each host tensor the delta was folded into to its in-place version
-    counter before and after the merge (used to unmerge exactly, in the right order).
-    """
-
-    merge_versions: dict[str, tuple[int, int]]
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.merge_versions = {}
 
 
 class _Dispatch:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import ModuleMatchError
-from .hooks import DeltaSite
+from .site import DeltaSite
 
 ROLE_NAMES: tuple[str, ...] = (
     "attn.q",

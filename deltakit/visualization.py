@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from .hooks import DeltaSite
+from .site import DeltaSite
 
 if TYPE_CHECKING:
     from .base import DeltaBase

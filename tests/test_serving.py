@@ -23,6 +23,7 @@ from deltakit import (
 from deltakit.base import DeltaBase
 from deltakit.config import DeltaConfig
 from deltakit.hooks import DeltaSite
+from deltakit.site import Composition
 
 from .tolerances import assert_same_function, assert_same_gradients
 from .conftest import ARCHS, VOCAB, Arch, hook_counts, perturb, snapshot, assert_state_equal
@@ -410,6 +411,8 @@ def test_route_gradients_in_eval_mode_match_each_sample_alone() -> None:
 
 
 class _ScaleSite(DeltaSite):
+    composition = Composition.TRANSFORMS_OUTPUT
+
     def __init__(self) -> None:
         super().__init__()
         self.scale = nn.Parameter(torch.zeros(()))

@@ -13,15 +13,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import DeltaConfig, check_bounded_by, check_positive_int
-from ..hooks import DeltaSite
+from ..site import Composition, DeltaSite, factory_kwargs
 from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, map_hidden, output_dim
 
 
 @dataclass
 class AdapterConfig(DeltaConfig):
-    """Adapter settings: bottleneck width and activation."""
+    """Adapter settings.
+
+    Args:
+        bottleneck_dim: Width of the bottleneck.
+        non_linearity: ``"gelu_new"`` (default), ``"gelu"``, ``"relu"``, ``"silu"``, ``"tanh"``, ...
+    """
 
     delta_type: ClassVar[str] = "adapter"
 
@@ -34,8 +39,9 @@ class AdapterConfig(DeltaConfig):
 
 
 class AdapterSite(DeltaSite):
-    """A bottleneck MLP added residually to its host's output."""
+    """A bottleneck MLP added residually to its host's output: ``h + up(act(down(h)))`` reads the output."""
 
+    composition = Composition.TRANSFORMS_OUTPUT
     router = BottleneckRouter
 
     def __init__(self, dim: int, bottleneck: int, non_linearity: str, **factory: Any) -> None:
@@ -63,40 +69,13 @@ class AdapterSite(DeltaSite):
 
 
 class AdapterModel(DeltaBase):
-    """Sequential bottleneck adapters (Houlsby et al. 2019).
-
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Modules whose output is adapted; default ``["attn.o", "ff.w2"]``.
-        bottleneck_dim: Width of the bottleneck.
-        non_linearity: ``"gelu_new"`` (default), ``"gelu"``, ``"relu"``, ``"silu"``, ``"tanh"``, ...
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name of the per-site modules (default ``"adapter"``).
-    """
+    """Sequential bottleneck adapters (Houlsby et al. 2019) on the output of each modified module (default
+    ``["attn.o", "ff.w2"]``)."""
 
     delta_type: ClassVar[str] = "adapter"
     config_class = AdapterConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.o", "ff.w2")
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        bottleneck_dim: int = 24,
-        non_linearity: str = "gelu_new",
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = AdapterConfig(
-            bottleneck_dim=bottleneck_dim,
-            non_linearity=non_linearity,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: AdapterConfig = self.config  # type: ignore[assignment]

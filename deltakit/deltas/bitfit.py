@@ -15,11 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..errors import DeltaStateError, UnsupportedModuleError
-from ..hooks import DeltaSite
-from ..serving import SiteRouter
+from ..routing import SiteRouter
+from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import linear_dims, norm_shape
 
 
@@ -45,8 +45,9 @@ class BitFitRouter(SiteRouter):
 
 
 class BitFitSite(DeltaSite):
-    """The delta bias of one host."""
+    """The delta bias of one host: ``out + b`` (mergeable into the host's bias)."""
 
+    composition = Composition.ADDS_INPUT_FUNCTION
     router = BitFitRouter
 
     def __init__(self, shape: tuple[int, ...], **factory: Any) -> None:
@@ -68,13 +69,8 @@ class BitFitSite(DeltaSite):
 class BitFitModel(DeltaBase):
     """BitFit: a trainable bias added after each modified module.
 
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Module patterns; default: every attention and feed-forward projection and every layer
-            norm of the transformer layers (roles ``attn.q/k/v/o``, ``ff.w1/gate/w2``, ``attn.norm``, ``ff.norm``).
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name of the per-site modules (default ``"bitfit"``).
+    Default positions: every attention and feed-forward projection and every layer norm of the transformer layers
+    (roles ``attn.q/k/v/o``, ``ff.w1/gate/w2``, ``attn.norm``, ``ff.norm``).
     """
 
     delta_type: ClassVar[str] = "bitfit"
@@ -82,21 +78,6 @@ class BitFitModel(DeltaBase):
     default_modified_modules: ClassVar[tuple[str, ...]] = (
         "attn.q", "attn.k", "attn.v", "attn.o", "ff.w1", "ff.gate", "ff.w2", "attn.norm", "ff.norm",
     )
-
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = BitFitConfig(
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         dims = linear_dims(host)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DeltaConfigError, DeltaError, UnsupportedModuleError
-from ..hooks import DeltaSite
-from ..serving import SiteRouter
+from ..site import DeltaSite
+from ..routing import SiteRouter
 from ..structures import find_config, linear_dims, norm_shape
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -17,16 +17,31 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import DeltaConfig, check_bool, check_bounded_by, check_choice, check_finite_number, check_positive_int
-from ..errors import DeltaConfigError, UnsupportedModuleError
-from ..hooks import DeltaSite
+from ..errors import UnsupportedModuleError
+from ..site import Composition, DeltaSite, SharedParameters, factory_kwargs
 from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, map_hidden, output_dim
 
 
 @dataclass
 class CompacterConfig(DeltaConfig):
-    """Compacter settings (names as in OpenDelta)."""
+    """Compacter settings (names as in OpenDelta).
+
+    Args:
+        reduction_factor: Bottleneck width is ``hidden // reduction_factor``.
+        non_linearity: Activation (default ``"gelu_new"``).
+        hypercomplex_division: ``n``, the number of Kronecker summands; must divide the hidden size and the
+            bottleneck.
+        phm_rank: Rank of each ``B_i = s_i t_i`` when ``factorized_phm``.
+        factorized_phm: Low-rank ``B_i`` (Compacter) instead of full ``B_i`` (PHM adapter).
+        shared_phm_rule: One set of rules ``A_i`` for every PHM layer of the model (saved once).
+        factorized_phm_rule: Rank-1 rules ``A_i = left_i right_i``.
+        phm_init_range: Standard deviation of the rules' normal init.
+        phm_c_init: ``"normal"`` or ``"uniform"`` init of the rules.
+        use_bias_up_sampler: Bias on the up projection.
+        use_bias_down_sampler: Bias on the down projection.
+    """
 
     delta_type: ClassVar[str] = "compacter"
 
@@ -117,7 +132,7 @@ class PHMLinear(nn.Module):
         return out.view(*x.shape[:-1], self.out_features)
 
 
-class CompacterShared(DeltaSite):
+class CompacterShared(SharedParameters):
     """The PHM rules shared by every Compacter layer of one delta."""
 
     def __init__(self, rule: PHMRule) -> None:
@@ -126,8 +141,9 @@ class CompacterShared(DeltaSite):
 
 
 class CompacterSite(DeltaSite):
-    """A Compacter adapter (two PHM layers) on one host."""
+    """A Compacter adapter (two PHM layers) on one host (reads and transforms its output)."""
 
+    composition = Composition.TRANSFORMS_OUTPUT
     router = BottleneckRouter
 
     def __init__(self, dim: int, bottleneck: int, cfg: CompacterConfig, shared: PHMRule | None, **factory: Any) -> None:
@@ -158,74 +174,20 @@ class CompacterSite(DeltaSite):
 
 
 class CompacterModel(DeltaBase):
-    """Compacter adapters (Mahabadi et al. 2021); see the module docstring.
-
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Modules whose output is adapted; default ``["attn.o", "ff.w2"]`` (``["ff.w2"]``:
-            Compacter++).
-        reduction_factor: Bottleneck width is ``hidden // reduction_factor``.
-        non_linearity: Activation (default ``"gelu_new"``).
-        hypercomplex_division: ``n``, the number of Kronecker summands; must divide the hidden size and the
-            bottleneck.
-        phm_rank: Rank of each ``B_i = s_i t_i`` when ``factorized_phm``.
-        factorized_phm: Low-rank ``B_i`` (Compacter) instead of full ``B_i`` (PHM adapter).
-        shared_phm_rule: One set of rules ``A_i`` for every PHM layer of the model (saved once).
-        factorized_phm_rule: Rank-1 rules ``A_i = left_i right_i``.
-        phm_init_range: Standard deviation of the rules' normal init.
-        phm_c_init: ``"normal"`` or ``"uniform"`` init of the rules.
-        use_bias_up_sampler: Bias on the up projection.
-        use_bias_down_sampler: Bias on the down projection.
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name (default ``"compacter"``).
-    """
+    """Compacter adapters (Mahabadi et al. 2021); see the module docstring. Default positions
+    ``["attn.o", "ff.w2"]``; ``modified_modules=["ff.w2"]`` is Compacter++."""
 
     delta_type: ClassVar[str] = "compacter"
     config_class = CompacterConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.o", "ff.w2")
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        reduction_factor: int = 16,
-        non_linearity: str = "gelu_new",
-        hypercomplex_division: int = 4,
-        phm_rank: int = 1,
-        factorized_phm: bool = True,
-        shared_phm_rule: bool = True,
-        factorized_phm_rule: bool = False,
-        phm_init_range: float = 1e-4,
-        phm_c_init: str = "normal",
-        use_bias_up_sampler: bool = True,
-        use_bias_down_sampler: bool = True,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = CompacterConfig(
-            reduction_factor=reduction_factor,
-            non_linearity=non_linearity,
-            hypercomplex_division=hypercomplex_division,
-            phm_rank=phm_rank,
-            factorized_phm=factorized_phm,
-            shared_phm_rule=shared_phm_rule,
-            factorized_phm_rule=factorized_phm_rule,
-            phm_init_range=phm_init_range,
-            phm_c_init=phm_c_init,
-            use_bias_up_sampler=use_bias_up_sampler,
-            use_bias_down_sampler=use_bias_down_sampler,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
-    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
-        cfg: CompacterConfig = self.config  # type: ignore[assignment]
+    def plan(self, matches: list[tuple[str, nn.Module]]) -> None:
         for name, host in matches:  # every site's sizes are checked before the shared rules are allocated
             self._site_sizes(name, host)
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> SharedParameters | None:
+        cfg: CompacterConfig = self.config  # type: ignore[assignment]
         if not cfg.shared_phm_rule or not matches:
             return None
         factory = factory_kwargs(matches[0][1])

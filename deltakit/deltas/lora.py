@@ -16,20 +16,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import (
     MAX_SCALE, DeltaConfig, check_bounded_by, check_finite_number, check_positive_int, check_probability,
 )
-from ..errors import DeltaConfigError, DeltaStateError, UnsupportedModuleError
-from ..hooks import DeltaSite
-from ..serving import SiteRouter
+from ..errors import DeltaStateError, UnsupportedModuleError
+from ..routing import SiteRouter
+from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import is_conv1d, linear_dims
 from .common import first_input
 
 
 @dataclass
 class LoraConfig(DeltaConfig):
-    """LoRA settings: rank ``lora_r``, scale ``lora_alpha / lora_r``, dropout on the LoRA branch's input."""
+    """LoRA settings.
+
+    Args:
+        lora_r: Rank of the update.
+        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / lora_r``.
+        lora_dropout: Dropout probability on the LoRA branch's input (training mode only).
+    """
 
     delta_type: ClassVar[str] = "lora"
 
@@ -249,8 +255,9 @@ class SharedInputGroup:
 
 
 class LoraSite(DeltaSite):
-    """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host."""
+    """The low-rank pair ``lora_A`` / ``lora_B`` of one Linear or Conv1D host: ``out + s B A x``, mergeable."""
 
+    composition = Composition.ADDS_INPUT_FUNCTION
     router = LoraRouter
 
     def __init__(
@@ -316,6 +323,7 @@ class LoraEmbeddingSite(DeltaSite):
     ``E`` computes, and what PEFT computes, so merged, attached and PEFT-converted outputs agree.
     """
 
+    composition = Composition.ADDS_INPUT_FUNCTION
     router = LoraEmbeddingRouter
 
     def __init__(self, host: nn.Embedding, r: int, alpha: float, dropout: float, **factory: Any) -> None:
@@ -359,55 +367,25 @@ class LoraModel(DeltaBase):
         >>> delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
         >>> delta.freeze_module(exclude=["deltas", "classifier"])
 
-    Args:
-        backbone_model: The model to modify.
-        lora_r: Rank of the update.
-        lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / lora_r``.
-        lora_dropout: Dropout probability on the LoRA branch's input (training mode only).
-        modified_modules: Module patterns; default ``["attn.q", "attn.v"]`` (query and value projections).
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name of the per-site modules (default ``"lora"``).
+    Default positions: ``["attn.q", "attn.v"]`` (query and value projections).
     """
 
     delta_type: ClassVar[str] = "lora"
     config_class = LoraConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
+    constructor_fields = (
+        "lora_r", "lora_alpha", "lora_dropout", "modified_modules", "exclude_modules", "unfrozen_modules",
+    )
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        lora_r: int = 8,
-        lora_alpha: float = 16,
-        lora_dropout: float = 0.0,
-        modified_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = LoraConfig(
-            lora_r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
-    def _setup(self, backbone_model: nn.Module, config: Any, name: str | None, matches: Any) -> None:
-        super()._setup(backbone_model, config, name, matches)
-        self._group_shared_inputs()
-
-    def attach(self) -> LoraModel:
-        super().attach()
+    def on_attach(self) -> None:
+        if not self.__dict__.get("_inputs_linked"):  # once, on the first attach: the sites are all built by then
+            self._group_shared_inputs()
+            self._inputs_linked = True
         self._reset_shared_inputs()
-        return self
 
-    def detach(self) -> LoraModel:
-        super().detach()
+    def on_detach(self) -> None:
         self._reset_shared_inputs()
-        return self
 
     def _reset_shared_inputs(self) -> None:
         for site in self.sites:

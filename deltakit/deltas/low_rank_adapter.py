@@ -15,16 +15,23 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import DeltaConfig, check_bounded_by, check_choice, check_positive_int
-from ..errors import DeltaConfigError, UnsupportedModuleError
-from ..hooks import DeltaSite
+from ..errors import UnsupportedModuleError
+from ..site import Composition, DeltaSite, factory_kwargs
 from .common import ACTIVATIONS, BottleneckRouter, check_activation, check_width, glorot_, map_hidden, output_dim
 
 
 @dataclass
 class LowRankAdapterConfig(DeltaConfig):
-    """Low-rank adapter settings."""
+    """Low-rank adapter settings.
+
+    Args:
+        reduction_factor: Bottleneck width is ``hidden // reduction_factor``.
+        non_linearity: Activation between the projections (default ``"gelu_new"``).
+        low_rank_w_init: ``"glorot-uniform"`` or ``"glorot-normal"``.
+        low_rank_rank: Rank of each projection's factorisation (any positive integer).
+    """
 
     delta_type: ClassVar[str] = "low_rank_adapter"
 
@@ -61,8 +68,9 @@ class LowRankLinear(nn.Module):
 
 
 class LowRankAdapterSite(DeltaSite):
-    """A low-rank bottleneck adapter on one host."""
+    """A low-rank bottleneck adapter on one host (reads and transforms its output)."""
 
+    composition = Composition.TRANSFORMS_OUTPUT
     router = BottleneckRouter
 
     def __init__(self, dim: int, bottleneck: int, cfg: LowRankAdapterConfig, **factory: Any) -> None:
@@ -90,46 +98,13 @@ class LowRankAdapterSite(DeltaSite):
 
 
 class LowRankAdapterModel(DeltaBase):
-    """Adapters with low-rank down/up projections.
-
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Modules whose output is adapted; default ``["attn.o", "ff.w2"]``.
-        reduction_factor: Bottleneck width is ``hidden // reduction_factor``.
-        non_linearity: Activation between the projections (default ``"gelu_new"``).
-        low_rank_w_init: ``"glorot-uniform"`` or ``"glorot-normal"``.
-        low_rank_rank: Rank of each projection's factorisation (any positive integer).
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name (default ``"low_rank_adapter"``).
-    """
+    """Adapters with low-rank down/up projections on the output of each modified module (default
+    ``["attn.o", "ff.w2"]``)."""
 
     delta_type: ClassVar[str] = "low_rank_adapter"
     config_class = LowRankAdapterConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.o", "ff.w2")
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        reduction_factor: int = 32,
-        non_linearity: str = "gelu_new",
-        low_rank_w_init: str = "glorot-uniform",
-        low_rank_rank: int = 1,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = LowRankAdapterConfig(
-            reduction_factor=reduction_factor,
-            non_linearity=non_linearity,
-            low_rank_w_init=low_rank_w_init,
-            low_rank_rank=low_rank_rank,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: LowRankAdapterConfig = self.config  # type: ignore[assignment]

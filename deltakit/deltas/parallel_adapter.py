@@ -10,7 +10,6 @@ init.
 from __future__ import annotations
 
 import threading
-
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -18,10 +17,10 @@ import torch
 from torch import nn
 
 from ..addressing import find_modules
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import MAX_SCALE, DeltaConfig, check_bounded_by, check_finite_number, check_positive_int, check_str_list
-from ..errors import DeltaConfigError, DeltaError, ModuleMatchError
-from ..hooks import DeltaSite
+from ..errors import DeltaError, ModuleMatchError
+from ..site import Composition, DeltaSite, factory_kwargs
 from .common import (
     ACTIVATIONS, BottleneckRouter, check_activation, check_width, first_input, input_dim, map_hidden, output_dim,
 )
@@ -29,8 +28,16 @@ from .common import (
 
 @dataclass
 class ParallelAdapterConfig(DeltaConfig):
-    """Parallel adapter settings. ``input_modules`` names where each adapter reads its input (``None``: the same
-    module as its output; with default positions, ``ff.w1``)."""
+    """Parallel adapter settings.
+
+    Args:
+        bottleneck_dim: Width of the bottleneck.
+        non_linearity: Activation (default ``"gelu_new"``).
+        scaled: Factor on the adapter's value.
+        input_modules: Where each adapter reads its input. ``None`` with explicit ``modified_modules``: the input of
+            the same module; with default positions: ``["ff.w1"]`` (spanning the FFN block). Each modified module is
+            paired with the input module sharing the longest dotted name prefix (its own layer).
+    """
 
     delta_type: ClassVar[str] = "parallel_adapter"
 
@@ -63,8 +70,9 @@ class ParallelAdapterRouter(BottleneckRouter):
 
 
 class ParallelAdapterSite(DeltaSite):
-    """Captures ``input_source``'s input, adds the adapted value to the host's output."""
+    """Captures ``input_source``'s input, adds the adapted value to the host's output (never reads the output)."""
 
+    composition = Composition.ADDS_INPUT_FUNCTION
     router = ParallelAdapterRouter
 
     def __init__(self, in_dim: int, out_dim: int, cfg: ParallelAdapterConfig, source: nn.Module, **factory: Any) -> None:
@@ -116,66 +124,29 @@ class ParallelAdapterSite(DeltaSite):
 
 
 class ParallelAdapterModel(DeltaBase):
-    """Parallel adapters (He et al. 2022).
-
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Modules whose output receives the adapter's value; default ``["ff.w2"]``.
-        bottleneck_dim: Width of the bottleneck.
-        non_linearity: Activation (default ``"gelu_new"``).
-        scaled: Factor on the adapter's value.
-        input_modules: Where each adapter reads its input. ``None`` with explicit ``modified_modules``: the input of
-            the same module; with default positions: ``["ff.w1"]`` (spanning the FFN block). Each modified module is
-            paired with the input module sharing the longest dotted name prefix (its own layer).
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name (default ``"parallel_adapter"``).
-    """
+    """Parallel adapters (He et al. 2022); modified modules (default ``["ff.w2"]``) receive the adapter's value."""
 
     delta_type: ClassVar[str] = "parallel_adapter"
     config_class = ParallelAdapterConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("ff.w2",)
     default_input_modules: ClassVar[tuple[str, ...]] = ("ff.w1",)
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        bottleneck_dim: int = 24,
-        non_linearity: str = "gelu_new",
-        scaled: float = 1.0,
-        input_modules: list[str] | None = None,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = ParallelAdapterConfig(
-            bottleneck_dim=bottleneck_dim,
-            non_linearity=non_linearity,
-            scaled=scaled,
-            input_modules=input_modules,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
-    def _input_candidates(self) -> list[tuple[str, nn.Module]] | None:
+    def plan(self, matches: list[tuple[str, nn.Module]]) -> None:
+        """Resolve ``input_modules`` (the candidate sources; ``None``: each site reads its own host's input)."""
         cfg: ParallelAdapterConfig = self.config  # type: ignore[assignment]
         patterns = cfg.input_modules
         if patterns is None and cfg.modified_modules is None:
             patterns = list(self.default_input_modules)
-        if patterns is None:
-            return None
-        if not hasattr(self, "_inputs_cache"):
-            self._inputs_cache = find_modules(
+        self._inputs: list[tuple[str, nn.Module]] | None = None
+        if patterns is not None:
+            self._inputs = find_modules(
                 self.backbone_model, patterns, what="input_modules", skip_types=(DeltaSite,),
                 allow_unmatched_roles=cfg.input_modules is None,
             )
-        return self._inputs_cache
 
     def _source_for(self, name: str, host: nn.Module) -> tuple[str, nn.Module]:
-        candidates = self._input_candidates()
+        candidates = self._inputs
         if candidates is None:
             return name, host
 

@@ -23,15 +23,23 @@ from torch import nn
 
 from .. import hf_compat
 from ..addressing import find_modules
-from ..base import DeltaBase, factory_kwargs
+from ..base import DeltaBase
 from ..config import MAX_MLP_WIDTH, MAX_PROMPT_LENGTH, DeltaConfig, check_bool, check_positive_int
-from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError
-from ..hooks import DeltaSite
+from ..errors import DeltaStateError, ModuleMatchError
+from ..site import Composition, DeltaSite, SharedParameters, factory_kwargs
 
 
 @dataclass
 class PrefixConfig(DeltaConfig):
-    """Prefix-tuning settings (names as in OpenDelta)."""
+    """Prefix-tuning settings (names as in OpenDelta).
+
+    Args:
+        prefix_token_num: Number of prefix positions ``n``.
+        reparameterize: Produce the prefixes with the shared MLP (``embedding -> mid_dim -> tanh -> K/V``);
+            ``False`` trains the prefixes directly.
+        embed_dim: Width of the prefix embedding (reparameterization only).
+        mid_dim: Hidden width of the MLP (reparameterization only).
+    """
 
     delta_type: ClassVar[str] = "prefix"
 
@@ -49,7 +57,7 @@ class PrefixConfig(DeltaConfig):
         check_bool(self, "reparameterize")
 
 
-class PrefixShared(DeltaSite):
+class PrefixShared(SharedParameters):
     """The reparameterization shared by all sites: ``out(tanh(mid(embedding)))``.
 
     The output layer (``mid_dim`` -> every layer's keys and values) is stored as one row block per site,
@@ -77,7 +85,9 @@ class PrefixShared(DeltaSite):
 
 class PrefixSite(DeltaSite):
     """The prefix of one attention module: its own ``prefix_key``/``prefix_value`` ``(kv_heads, n, head_dim)``, or
-    its slice of the shared reparameterization."""
+    its slice of the shared reparameterization; a pre-hook puts them in front of the attention's keys and values."""
+
+    composition = Composition.REWRITES_CALL
 
     def __init__(
         self,
@@ -153,49 +163,18 @@ class PrefixModel(DeltaBase):
         >>> ...  # train
         >>> delta.fold_reparameterization()  # keep only the computed prefixes for deployment
 
-    Args:
-        backbone_model: The model to modify.
-        modified_modules: Attention modules to prefix; default every attention module that consumes a KV cache
-            (self-attention of encoders and decoders, cross-attention).
-        prefix_token_num: Number of prefix positions ``n``.
-        reparameterize: Produce the prefixes with the shared MLP (``embedding -> mid_dim -> tanh -> K/V``);
-            ``False`` trains the prefixes directly.
-        embed_dim: Width of the prefix embedding (reparameterization only).
-        mid_dim: Hidden width of the MLP (reparameterization only).
-        exclude_modules: Module patterns never to modify.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name of the per-site modules (default ``"prefix"``).
+    Default positions: every attention module that consumes a KV cache (self-attention of encoders and decoders,
+    cross-attention).
     """
 
     delta_type: ClassVar[str] = "prefix"
     config_class = PrefixConfig
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        modified_modules: list[str] | None = None,
-        prefix_token_num: int = 6,
-        reparameterize: bool = True,
-        embed_dim: int = 512,
-        mid_dim: int = 512,
-        exclude_modules: list[str] | None = None,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = PrefixConfig(
-            prefix_token_num=prefix_token_num,
-            reparameterize=reparameterize,
-            embed_dim=embed_dim,
-            mid_dim=mid_dim,
-            modified_modules=modified_modules,
-            exclude_modules=exclude_modules,
-            unfrozen_modules=unfrozen_modules,
-        )
-        super().__init__(backbone_model, config, name=name)
 
-    def _match_sites(self) -> list[tuple[str, nn.Module]]:
-        everything = hf_compat.find_attention_modules(self.backbone_model, skip_types=(DeltaSite,))
+    def match_sites(self) -> list[tuple[str, nn.Module]]:
+        """Default positions: every attention module consuming a KV cache, minus ``exclude_modules``."""
         if self.config.modified_modules is None:
+            everything = hf_compat.find_attention_modules(self.backbone_model, skip_types=(DeltaSite,))
             excluded: set[str] = set()
             if self.config.exclude_modules:
                 for name, _ in find_modules(self.backbone_model, self.config.exclude_modules, what="exclude_modules"):
@@ -209,21 +188,22 @@ class PrefixModel(DeltaBase):
                     f"(transformers {hf_compat.transformers_version()}). Pass modified_modules=[...] naming them."
                 )
         else:
-            matches = super()._match_sites()
-        for name, module in matches:
-            hf_compat.AttentionSignature.probe(name, module)  # raises UnsupportedModuleError for non-attention hosts
-        hf_compat.check_position_bias_groups(everything, [n for n, _ in matches])
+            matches = super().match_sites()
         return matches
 
-    def _plan(self, matches: list[tuple[str, nn.Module]]) -> dict[str, tuple[hf_compat.AttentionGeometry, int]]:
-        return {
+    def plan(self, matches: list[tuple[str, nn.Module]]) -> None:
+        """Check the hosts are attention modules that can take a prefix together, and read their geometry."""
+        for name, module in matches:
+            hf_compat.AttentionSignature.probe(name, module)  # raises UnsupportedModuleError for non-attention hosts
+        everything = hf_compat.find_attention_modules(self.backbone_model, skip_types=(DeltaSite,))
+        hf_compat.check_position_bias_groups(everything, [n for n, _ in matches])
+        self._site_plan = {
             name: (hf_compat.attention_geometry(name, module, self.backbone_model), index)
             for index, (name, module) in enumerate(matches)
         }
 
-    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> DeltaSite | None:
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> SharedParameters | None:
         cfg: PrefixConfig = self.config  # type: ignore[assignment]
-        self._site_plan = self._plan(matches)
         if not cfg.reparameterize or not matches:
             return None
         widths = [2 * g.num_kv_heads * g.head_dim for g, _ in self._site_plan.values()]

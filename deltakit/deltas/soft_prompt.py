@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from .. import hf_compat
-from ..base import DeltaBase, Site, factory_kwargs
+from ..base import DeltaBase
 from ..config import MAX_PROMPT_LENGTH, DeltaConfig, check_bool, check_finite_number, check_positive_int
 from ..errors import DeltaConfigError
-from ..hooks import DeltaSite, add_hook, remove_hook
+from ..site import Composition, DeltaSite, factory_kwargs
 
 #: What a forward pre-hook with kwargs returns: the call's new ``(args, kwargs)``.
 Call = tuple[tuple[Any, ...], dict[str, Any]]
@@ -34,7 +34,13 @@ Call = tuple[tuple[Any, ...], dict[str, Any]]
 
 @dataclass
 class SoftPromptConfig(DeltaConfig):
-    """Soft-prompt settings (names as in OpenDelta)."""
+    """Soft-prompt settings (names as in OpenDelta).
+
+    Args:
+        soft_token_num: Number of prompt embeddings.
+        init_range: Half-width of the uniform init, used when ``token_init`` is False.
+        token_init: Initialize the prompt from the embeddings of randomly drawn vocabulary tokens.
+    """
 
     delta_type: ClassVar[str] = "soft_prompt"
 
@@ -62,6 +68,8 @@ class SoftPromptSite(DeltaSite):
     site is hosted by the input embedding module (a child of the root, so the prompt has a name in the backbone).
     """
 
+    composition = Composition.REWRITES_CALL
+
     def __init__(
         self, site: str, params: list[str], embedding: nn.Module, prompt: torch.Tensor, target: nn.Module
     ) -> None:
@@ -76,6 +84,11 @@ class SoftPromptSite(DeltaSite):
     @property
     def target(self) -> nn.Module:
         """The module whose calls get the prompt in front of their token embeddings."""
+        return self._target[0]
+
+    @property
+    def hook_module(self) -> nn.Module:  # type: ignore[override]
+        """The pre-hook goes on :attr:`target` (the host, or the root of a bare base model)."""
         return self._target[0]
 
     def forward_pre_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
@@ -154,35 +167,17 @@ class SoftPromptModel(DeltaBase):
         >>> delta = SoftPromptModel(backbone_model=model, soft_token_num=20)
         >>> delta.freeze_module(exclude=["deltas"])
 
-    Args:
-        backbone_model: A transformers model (encoder, decoder or encoder-decoder).
-        soft_token_num: Number of prompt embeddings.
-        init_range: Half-width of the uniform init, used when ``token_init`` is False.
-        token_init: Initialize the prompt from the embeddings of randomly drawn vocabulary tokens.
-        unfrozen_modules: What :meth:`freeze_module` keeps trainable by default (``["deltas"]``).
-        name: Child-module name of the per-site module (default ``"soft_prompt"``).
+    ``backbone_model`` is a transformers model (encoder, decoder or encoder-decoder); the prompt's place is found
+    from it (``modified_modules`` is not taken).
     """
 
     delta_type: ClassVar[str] = "soft_prompt"
     config_class = SoftPromptConfig
+    constructor_fields = ("soft_token_num", "init_range", "token_init", "unfrozen_modules")
 
-    def __init__(
-        self,
-        backbone_model: nn.Module,
-        soft_token_num: int = 100,
-        init_range: float = 0.5,
-        token_init: bool = True,
-        unfrozen_modules: list[str] | None = None,
-        name: str | None = None,
-    ) -> None:
-        config = SoftPromptConfig(
-            soft_token_num=soft_token_num, init_range=init_range, token_init=token_init, unfrozen_modules=unfrozen_modules
-        )
-        super().__init__(backbone_model, config, name=name)
-
-    def _match_sites(self) -> list[tuple[str, nn.Module]]:
-        target, decoder = hf_compat.soft_prompt_targets(self.backbone_model)
-        self._decoder = decoder
+    def match_sites(self) -> list[tuple[str, nn.Module]]:
+        """The module that embeds the tokens (see :class:`SoftPromptSite`)."""
+        target, _ = hf_compat.soft_prompt_targets(self.backbone_model)
         if target[0] == "":
             # A bare base model: the root takes the tokens. Sites are named modules, so the prompt is kept on the
             # input embedding module (see SoftPromptSite) and the pre-hook still goes on the root.
@@ -190,10 +185,12 @@ class SoftPromptModel(DeltaBase):
             return [(hf_compat.module_name(self.backbone_model, embedding, "input embedding"), embedding)]
         return [target]
 
+    def plan(self, matches: list[tuple[str, nn.Module]]) -> None:
+        """Find the decoder of an encoder-decoder (its cross-attention mask must cover the prompt)."""
+        self._decoder = hf_compat.soft_prompt_targets(self.backbone_model)[1]
+
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         cfg: SoftPromptConfig = self.config  # type: ignore[assignment]
-        if not hasattr(self, "_decoder"):  # built from a checkpoint: the site was given, find the decoder again
-            self._decoder = hf_compat.soft_prompt_targets(self.backbone_model)[1]
         embedding = hf_compat.input_embeddings(self.backbone_model)
         target, where = host, name
         if host is embedding:  # the prompt lives on the embedding module (saved from a bare base model)
@@ -214,17 +211,9 @@ class SoftPromptModel(DeltaBase):
             prompt = torch.empty(cfg.soft_token_num, hidden, **factory).uniform_(-cfg.init_range, cfg.init_range)
         return SoftPromptSite(where, hf_compat.forward_parameters(target), embedding, prompt, target)
 
-    def _add_site_hooks(self, site: Site) -> None:
-        module: SoftPromptSite = site.module  # type: ignore[assignment]
-        add_hook(module.target, self._hook_key(site), module.forward_pre_hook, pre=True)
-
-    def _remove_site_hooks(self, site: Site) -> None:
-        module: SoftPromptSite = site.module  # type: ignore[assignment]
-        remove_hook(module.target, self._hook_key(site), pre=True)
-
     # The extra hooks (decoder cross-attention mask, token-level labels, classifier pooling) carry no parameters:
     # they are not sites, but their handles live in the same per-host dispatchers and go with attach/detach.
-    def _extra_hooks(self) -> list[tuple[nn.Module, Any, bool]]:
+    def extra_hooks(self) -> list[tuple[nn.Module, Any, bool]]:
         """``(module, hook, is_pre_hook)`` for every hook besides the sites'."""
         count = self.config.soft_token_num  # type: ignore[attr-defined]
         hooks: list[tuple[nn.Module, Any, bool]] = []
@@ -244,17 +233,3 @@ class SoftPromptModel(DeltaBase):
         if "labels" in root_params:
             hooks.append((root, _TokenLabelsHook(root_params, count), True))
         return hooks
-
-    def attach(self) -> SoftPromptModel:
-        super().attach()
-        self._extra = self._extra_hooks()
-        for index, (module, fn, pre) in enumerate(self._extra):
-            add_hook(module, (self._order_key, -1 - index), fn, pre=pre)
-        return self
-
-    def detach(self) -> SoftPromptModel:
-        super().detach()
-        for index, (module, _, pre) in enumerate(self._extra):
-            remove_hook(module, (self._order_key, -1 - index), pre=pre)
-        self._extra = []
-        return self

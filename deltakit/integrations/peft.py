@@ -29,7 +29,7 @@ from torch import nn
 
 from ..checkpoint import _atomic_write
 from ..errors import CheckpointError, DeltaError
-from ..hooks import DeltaSite
+from ..site import DeltaSite
 from ..structures import find_config, is_conv1d
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -494,7 +494,7 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         modified_modules=[resolved[s] for s in sites],
     )
-    delta = LoraModel._build_detached(
+    delta = LoraModel.build_detached(
         backbone_model, lora_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name
     )
     for site_name, site in zip(sites, delta.sites):

@@ -49,7 +49,7 @@ from ..base import DeltaBase
 from ..checkpoint import WEIGHTS_NAME
 from ..config import CONFIG_NAME
 from ..errors import CheckpointError, DeltaError
-from ..hooks import DeltaSite
+from ..site import DeltaSite
 from .distributed import load_delta_state_dict, read_delta_checkpoint
 
 __all__ = ["DeltaTrainer"]
