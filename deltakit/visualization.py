@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from .errors import DeltaError
 from .site import DeltaSite
 
 if TYPE_CHECKING:
@@ -29,7 +30,10 @@ class Visualization(_BigModelVis):
 
     def __init__(self, plm: nn.Module) -> None:
         if not isinstance(plm, nn.Module):
-            raise TypeError(f"Visualization needs an nn.Module, got {type(plm).__name__}.")
+            raise DeltaError(
+                f"Visualization needs an nn.Module (the model to draw), got {type(plm).__name__}: {plm!r:.80}. "
+                f"Pass the model itself, e.g. Visualization(model).structure_graph()."
+            )
         super().__init__(plm)
 
     def build_tree(self, module: nn.Module, tree: Any = None, in_delta: bool = False) -> None:

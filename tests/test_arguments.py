@@ -214,3 +214,11 @@ def test_show_bounds_its_size_options_up_front(argv: list[str], fragment: str, c
 
     assert main(argv) == 1
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [5, "bert", None, [nn.Linear(2, 2)]])
+def test_visualization_of_something_that_is_not_a_model_is_a_deltakit_error(bad: Any) -> None:
+    from deltakit import DeltaError, Visualization
+
+    with pytest.raises(DeltaError, match="Visualization needs an nn.Module"):
+        Visualization(bad)
