@@ -388,3 +388,25 @@ def test_an_inexact_unmerge_brings_each_entry_back_within_the_stated_tolerance(d
         w, d = weights[site.name], updates[site.name]
         bound = u * ((w + d).abs() + w.abs()) * (1 + 4 * u)  # the merge() docstring's two roundings
         assert ((site.host.weight - w).abs() <= bound).all(), site.name
+
+
+def test_a_routed_adapter_whose_host_output_is_not_what_its_layers_say_fails_with_a_clear_error() -> None:
+    class Odd(nn.Module):  # its last registered Linear is not the one producing the output
+        def __init__(self) -> None:
+            super().__init__()
+            self.main = nn.Linear(8, 8)
+            self.side = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.main(x)
+
+    from deltakit import DeltaGroup
+
+    model = nn.Sequential(Odd()).eval()
+    group = DeltaGroup(model)
+    for name in ("a", "b"):
+        group.add(AdapterModel(model, modified_modules=["0"], bottleneck_dim=2, name=name).detach())
+    with torch.no_grad(), pytest.raises(DeltaError, match=r"routed Adapter.*'0'.*built for outputs 3 wide"):
+        with group.route(["a", "b"]):
+            model(torch.randn(2, 8))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # nothing left behind

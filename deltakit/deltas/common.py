@@ -192,4 +192,9 @@ class BottleneckRouter(SiteRouter):
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: Any) -> Any:
-        return map_hidden(output, lambda h: h + self.update(stack, slots, h).to(h.dtype))
+        def add(h: torch.Tensor) -> torch.Tensor:
+            # the same clear error as the unrouted hook when the host's output is not what its layers said
+            check_width(h, stack["w_down"].shape[1], self.host_name, f"routed {type(self.sites[0]).__name__}")
+            return h + self.update(stack, slots, h).to(h.dtype)
+
+        return map_hidden(output, add)
