@@ -503,3 +503,16 @@ def test_from_peft_refuses_lora_on_a_convolution_by_name(tmp_path) -> None:
         from_peft(tmp_path, model)
     assert_state_equal(model, state)
     assert hook_counts(model) == hooks
+
+
+def test_export_records_a_path_given_as_a_path_object(tmp_path) -> None:
+    from pathlib import Path
+
+    delta = LoraModel(tiny_model("bert"), lora_r=2)
+    export_to_peft(delta, tmp_path / "adapter", base_model_name_or_path=Path("/models/my-bert"))
+    assert json.loads((tmp_path / "adapter" / PEFT_CONFIG_NAME).read_text())["base_model_name_or_path"] == (
+        "/models/my-bert"
+    )
+    with pytest.raises(DeltaError, match="must be a hub id or a path"):
+        export_to_peft(delta, tmp_path / "bad", base_model_name_or_path=42)
+    assert not (tmp_path / "bad").exists()

@@ -82,7 +82,7 @@ def export_to_peft(
     path: str | os.PathLike[str],
     *,
     task_type: str | None = None,
-    base_model_name_or_path: str | None = None,
+    base_model_name_or_path: str | os.PathLike[str] | None = None,
     overwrite: bool = True,
 ) -> str:
     """Write a deltakit LoRA delta as a PEFT LoRA adapter directory.
@@ -155,6 +155,13 @@ def export_to_peft(
     if base_model_name_or_path is None:
         config = find_config(delta.backbone_model)
         base_model_name_or_path = getattr(config, "_name_or_path", None) or None
+    elif isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)  # a local path is recorded as a string
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise DeltaError(
+            f"export_to_peft(base_model_name_or_path=...) must be a hub id or a path (str or os.PathLike), got "
+            f"{type(base_model_name_or_path).__name__}: {base_model_name_or_path!r:.80}."
+        )
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
