@@ -467,6 +467,13 @@ def usable_cores() -> int:
     return max(1, min(cores, 8))
 
 
+def threads_from_environment() -> int | None:
+    """The thread count the user set with ``OMP_NUM_THREADS`` (a positive integer), which the demo then keeps
+    instead of measuring its own; ``None`` when it is unset or not a positive integer."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def pick_num_threads(max_threads: int) -> int:
     """Set and return the fastest ``torch`` intra-op thread count, measured on a small transformer-like workload.
 
@@ -564,6 +571,7 @@ def run_demo(
     say = (lambda *a, **k: None) if quiet else console.print
 
     old_threads = torch.get_num_threads()
+    threads = threads or threads_from_environment()
     if threads:
         torch.set_num_threads(threads)
     else:
