@@ -23,7 +23,6 @@ import argparse
 import errno
 import json
 import os
-import shutil
 import sys
 from typing import Any
 
@@ -177,7 +176,13 @@ def _console() -> Any:
             self.quiet = True
             raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
-    return _Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
+    # A terminal gets its own width (rich reads it); output to a file or pipe is laid out 160 wide, so names and
+    # tables are not cut short for grep or a log.
+    return _Console(width=None if sys.stdout.isatty() else _PIPE_WIDTH)
+
+
+#: Width of ``show`` / ``inspect`` output that does not go to a terminal.
+_PIPE_WIDTH = 160
 
 
 # ------------------------------------------------------------------------------------------------------ show

@@ -213,3 +213,13 @@ def test_demo_failure_is_one_line_without_traceback(tmp_path, capsys: pytest.Cap
     assert occupied.read_text() == "not a directory"
     with pytest.raises(OSError):  # --debug (after the command too) shows the real exception
         run_cli(capsys, "demo", "--debug", "--tiny", "--quiet", "--steps", "1", "--output-dir", str(occupied))
+
+
+def test_output_follows_the_terminal_width_and_is_wide_in_a_pipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deltakit.cli import _console
+
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert _console().width == 80  # a terminal: its own width, never forced wider
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    assert _console().width == 160  # a file or a pipe: wide, nothing cut
