@@ -74,8 +74,32 @@ def _router_key(site: DeltaSite) -> Hashable:
 _CALL_IMPL = nn.Module._call_impl.__code__
 
 
+def _outermost_call(frame: Any) -> Any:
+    """The outermost ``nn.Module`` call running in the stack that ends at ``frame`` (its frame), or ``None``.
+
+    Only frame identities and code objects are read: a frame's ``f_locals`` must never be read from another thread
+    (before Python 3.13 that can write into the frame while its thread runs it: seen here as a local variable of
+    the other thread turning into an int)."""
+    outermost = None
+    while frame is not None:
+        if frame.f_code is _CALL_IMPL:
+            outermost = frame
+        frame = frame.f_back
+    return outermost
+
+
+def _still_running(frame: Any, target: Any) -> bool:
+    """Whether the frame object ``target`` is still in the stack that ends at ``frame``."""
+    while frame is not None:
+        if frame is target:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _calls_in(frame: Any, modules: set[int]) -> int:
-    """How many calls of the modules ``modules`` (ids) are running in the stack that ends at ``frame``."""
+    """How many calls of the modules ``modules`` (ids) are running in the stack that ends at ``frame``: the
+    calling thread's own stack only (see :func:`_outermost_call`)."""
     count = 0
     while frame is not None:
         if frame.f_code is _CALL_IMPL and id(frame.f_locals.get("self")) in modules:
@@ -183,16 +207,27 @@ class _Serving:
         self.handles = []
 
     def _wait_for_forwards(self) -> None:
-        """Wait until no other thread runs a forward of the backbone that passed (or predates) the gate."""
+        """Wait until no other thread runs a forward of the backbone that predates the gate.
+
+        The gate is in place, so every forward of the backbone that starts from now on is held there; the ones that
+        may still run are inside a module call that began before. Each other thread's outermost module call of this
+        moment is followed until it returns (or its thread parks at the gate). That may include a call of another
+        model (waited for too: one call, never a stream of them), and it reads no frame's locals (see
+        :func:`_outermost_call`)."""
         me = threading.get_ident()
-        while True:
-            with self.cond:
-                skip = {me, *self.parked}
-            frames = sys._current_frames()
-            if not any(_calls_in(f, self.entries) for t, f in frames.items() if t not in skip):
-                return
-            del frames
+        with self.cond:
+            skip = {me, *self.parked}
+        running = {t: _outermost_call(f) for t, f in sys._current_frames().items() if t not in skip}
+        running = {t: f for t, f in running.items() if f is not None}
+        while running:
             time.sleep(0.0002)
+            with self.cond:
+                parked = set(self.parked)
+            frames = sys._current_frames()
+            running = {
+                t: f for t, f in running.items() if t not in parked and t in frames and _still_running(frames[t], f)
+            }
+            del frames
 
     # -------------------------------------------------------------- writers
     def check_caller(self, action: str) -> None:
