@@ -118,31 +118,6 @@ def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str
     return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
 
 
-def _host_shapes(backbone: nn.Module, names: list[str]) -> dict[str, dict[str, list[int]]]:
-    modules = dict(backbone.named_modules())
-    return {
-        n: {p: list(t.shape) for p, t in modules[n].named_parameters(recurse=False)}
-        for n in names
-    }
-
-
-def backbone_fingerprint(backbone: nn.Module, site_names: list[str]) -> dict[str, Any]:
-    """A cheap structural fingerprint: class, config essentials and a hash of the hosts' own parameter shapes.
-
-    Host names are not part of the hash, so a backbone wrapped in another module still matches.
-    """
-    config = find_config(backbone)
-    essentials = {}
-    if config is not None:
-        for key in _ESSENTIALS:
-            value = getattr(config, key, None)
-            if isinstance(value, (bool, int, float, str)):
-                essentials[key] = value
-    shapes = list(_host_shapes(backbone, site_names).values())
-    digest = hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]
-    return {"class": type(backbone).__name__, "config": essentials, "host_shapes_sha256": digest}
-
-
 _RANGE_GROUP = re.compile(r"\{([0-9,-]*)\}")
 
 

@@ -266,17 +266,20 @@ def test_adapters_refuse_a_convolution_before_changing_anything(method: str) -> 
     assert hook_counts(model) == hooks
 
 
+class _OddBlock(nn.Module):
+    """A block whose last registered Linear is not the one producing its output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.main = nn.Linear(8, 8)
+        self.side = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x)
+
+
 def test_an_adapter_whose_host_output_is_not_what_its_layers_say_fails_with_a_clear_error() -> None:
-    class Odd(nn.Module):  # its last registered Linear is not the one producing the output
-        def __init__(self) -> None:
-            super().__init__()
-            self.main = nn.Linear(8, 8)
-            self.side = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.main(x)
-
-    model = nn.Sequential(Odd())
+    model = nn.Sequential(_OddBlock())
     AdapterModel(model, modified_modules=["0"], bottleneck_dim=2)
     with pytest.raises(DeltaError, match=r"built for outputs 3 wide.*shape \(2, 8\)"):
         model(torch.randn(2, 8))
@@ -391,18 +394,9 @@ def test_an_inexact_unmerge_brings_each_entry_back_within_the_stated_tolerance(d
 
 
 def test_a_routed_adapter_whose_host_output_is_not_what_its_layers_say_fails_with_a_clear_error() -> None:
-    class Odd(nn.Module):  # its last registered Linear is not the one producing the output
-        def __init__(self) -> None:
-            super().__init__()
-            self.main = nn.Linear(8, 8)
-            self.side = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.main(x)
-
     from deltakit import DeltaGroup
 
-    model = nn.Sequential(Odd()).eval()
+    model = nn.Sequential(_OddBlock()).eval()
     group = DeltaGroup(model)
     for name in ("a", "b"):
         group.add(AdapterModel(model, modified_modules=["0"], bottleneck_dim=2, name=name).detach())
