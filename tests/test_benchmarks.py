@@ -329,3 +329,14 @@ def test_memory_helpers(common):
     assert common.peak_rss_bytes() >= common.current_rss_bytes() // 2
     assert isinstance(common.reset_peak_rss(), bool)
     common.trim_memory()
+
+
+def test_core_paths_script_runs_quick() -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "core_paths.py"), "--quick"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert all(figures[k] > 0 for k in ("switch_ms", "step_ms", "inject_7b_ms"))
