@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of PyTorch; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test bench bench-all install-dev install-demo clean test-oldest test-other-cpus
+.PHONY: demo test test-fast bench bench-all install-dev install-demo clean test-oldest test-other-cpus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: install-demo
 
 test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# Everything but the runs marked slow (the real MiniLM, multi-process training, compile, stress): under 2 minutes.
+test-fast: install-dev
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_step.py

@@ -18,6 +18,7 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.slow  # the real all-MiniLM-L6-v2
 def test_readme_quick_start_runs_as_printed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     block = python_blocks(README.read_text())[0]
     assert "LoraModel(backbone_model=model" in block and "from_finetuned" in block  # it is the quick start
