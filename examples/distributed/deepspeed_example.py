@@ -13,7 +13,6 @@ the delta's parameters (``deepspeed.zero.GatheredParameters``) on every rank and
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import GLOBAL_BATCH, LR, STEPS, batch, build, rank_and_world, shutdown, write_report  # noqa: E402
+from dist_common import GLOBAL_BATCH, LR, STEPS, batch, build, leave, rank_and_world, shutdown, write_report  # noqa: E402
 
 from deltakit import DeltaError  # noqa: E402
 from deltakit.integrations.distributed import delta_state_dict, load_delta_checkpoint, save_delta_checkpoint  # noqa: E402
@@ -94,10 +93,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # All work is done and the group destroyed. DeepSpeed's CPU communication objects can still own a joinable C++
-    # thread when the interpreter tears them down, which aborts the process ("terminate called without an active
-    # exception", about 1 run in 10 here) after a successful run. Leave without that teardown.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    leave(main())  # without interpreter teardown (see dist_common.leave)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -80,6 +81,18 @@ def shutdown() -> None:
     """
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+
+
+def leave(code: int) -> None:
+    """End the process with ``code`` once the work is done and the group destroyed, skipping interpreter teardown.
+
+    gloo's (and DeepSpeed's) CPU communication objects can still own a joinable C++ thread when the interpreter
+    destroys them, which aborts a rank ("terminate called without an active exception") after a successful run:
+    seen in about 1 run in 10 for DeepSpeed and, even after :func:`shutdown`, now and then for Trainer + DDP.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def write_report(out: str, report: dict[str, Any]) -> None:

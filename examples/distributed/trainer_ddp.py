@@ -21,7 +21,7 @@ import torch.distributed as dist
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dist_common import VOCAB, build, shutdown, write_report  # noqa: E402
+from dist_common import VOCAB, build, leave, shutdown, write_report  # noqa: E402
 
 from deltakit.integrations.trainer import DeltaTrainer  # noqa: E402
 
@@ -85,4 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main())  # without interpreter teardown (see dist_common.leave)
