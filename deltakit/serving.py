@@ -259,11 +259,15 @@ class _Serving:
             self._wait_for_forwards()
             yield
         finally:
-            with self.cond:
-                self.writer = None
-                if not self.strict:
-                    self._close_gate()
-                self.cond.notify_all()
+            self.release_writer()
+
+    def release_writer(self) -> None:
+        """End this thread's write: no writer, the gate down unless routing keeps it, waiting threads woken."""
+        with self.cond:
+            self.writer = None
+            if not self.strict:
+                self._close_gate()
+            self.cond.notify_all()
 
 
 def _writer(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -688,11 +692,7 @@ class DeltaGroup:
                 serving.reattach, serving.strict = attached, True
                 self._enter(call)
         finally:
-            with serving.cond:
-                serving.writer = None
-                if not serving.strict:
-                    serving._close_gate()
-                serving.cond.notify_all()
+            serving.release_writer()
         return call
 
     def _enter(self, call: _RouteCall) -> None:
