@@ -47,7 +47,7 @@ OTHER_CPUS := "avx2 AVX2 AVX2" "default SSE4_2 SSE41"
 test-other-cpus: install-dev
 	@for isa in $(OTHER_CPUS); do set -- $$isa; echo "== as a CPU with $$1 kernels"; \
 	  ATEN_CPU_CAPABILITY=$$1 MKL_ENABLE_INSTRUCTIONS=$$2 DNNL_MAX_CPU_ISA=$$3 HF_HUB_OFFLINE=1 \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --deselect tests/test_distributed.py || exit 1; done
+	  $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --deselect tests/integrations/test_distributed.py || exit 1; done
 
 # The whole suite against PEFT (train step, memory, inference, injection, serving, checkpoint size).
 bench-all: install-dev
@@ -58,7 +58,7 @@ bench-all: install-dev
 # upstream change shows up as a failing test. Keep OLDEST_TRANSFORMERS equal to pyproject's lower bound.
 OLDEST_VENV ?= .venv-oldest
 OLDEST_TRANSFORMERS ?= 5.0.0
-PROMPT_TESTS := tests/test_prefix.py tests/test_soft_prompt.py tests/test_contract.py
+PROMPT_TESTS := tests/deltas/test_prefix.py tests/deltas/test_soft_prompt.py tests/core/test_contract.py
 
 $(OLDEST_VENV)/.installed-$(OLDEST_TRANSFORMERS): pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)

@@ -1,4 +1,4 @@
-"""Fault injection for checkpoint saves, run as its own process by ``tests/test_checkpoint_crash.py``.
+"""Fault injection for checkpoint saves, run as its own process by ``tests/checkpoint/test_checkpoint_crash.py``.
 
 One long-lived process imports deltakit once and then forks a fresh saver for every fault (a fork costs
 milliseconds, an interpreter with torch and transformers seconds), so hundreds of real ``SIGKILL``s fit in a few

@@ -29,7 +29,7 @@ from deltakit import (
     SoftPromptModel,
 )
 
-from .conftest import ARCHS, perturb
+from tests.helpers import ARCHS, perturb
 
 GOLDEN_FILE = Path(__file__).parent / "data" / "golden.safetensors"
 GOLDEN_ARCHS = ("bert", "gpt2", "t5", "llama")
