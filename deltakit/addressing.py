@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from torch import nn
 
 from .errors import ModuleMatchError
+from .site import is_inside
 from .structures import (
     ROLE_NAMES,
     STRUCTURES,
@@ -80,7 +81,7 @@ def _match_literal_or_regex(names: Sequence[str], pattern: str) -> list[str]:
 
 def _suggest(pattern: str, names: Sequence[str], limit: int = 5) -> list[str]:
     """Existing names (full names and their dotted suffixes, and role names) closest to ``pattern``."""
-    target = pattern[len(REGEX_PREFIX) :] if pattern.startswith(REGEX_PREFIX) else pattern
+    target = pattern.removeprefix(REGEX_PREFIX)
     candidates: dict[str, None] = {}
     for name in names:
         for suffix in dotted_suffixes(name):
@@ -188,10 +189,8 @@ def find_modules(
     modules = dict(model.named_modules())
     modules.pop("", None)
     if skip_types:
-        skipped = [n for n, m in modules.items() if isinstance(m, skip_types)]
-        modules = {
-            n: m for n, m in modules.items() if not any(n == s or n.startswith(s + ".") for s in skipped)
-        }
+        skipped = {n for n, m in modules.items() if isinstance(m, skip_types)}
+        modules = {n: m for n, m in modules.items() if not is_inside(n, skipped)}
     names = list(modules)
     model_type = detect_model_type(model)
     inferred: list[InferredStructure] = []

@@ -41,7 +41,15 @@ from .config import DeltaConfig, field_docs
 from .errors import DeltaError, DeltaStateError, ModuleMatchError
 from .hooks import add_hook, hook_keys, remove_hook
 from .registry import DELTA_REGISTRY, register
-from .site import Composition, DeltaSite, SharedParameters, factory_kwargs
+from .site import (
+    Composition,
+    DeltaSite,
+    SharedParameters,
+    backbone_parameters,
+    factory_kwargs,
+    shared_tensor_key,
+    site_tensor_key,
+)
 
 __all__ = ["DELTA_REGISTRY", "DeltaBase", "Site", "factory_kwargs"]
 
@@ -151,10 +159,6 @@ def _check_flag(method: str, name: str, value: Any) -> None:
     """Refuse a non-bool flag (``merge(exact_unmerge="no")`` would otherwise count as true)."""
     if not isinstance(value, bool):
         raise DeltaError(f"{method}({name}=...) must be True or False, got {value!r} ({type(value).__name__}).")
-
-
-def _delta_site_prefixes(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, DeltaSite)]
 
 
 def _keyword_constructor(cls: type[DeltaBase]) -> Any:
@@ -864,10 +868,10 @@ class DeltaBase:
         out: dict[str, torch.Tensor] = {}
         for site in self.sites:
             for pname, tensor in site.module.state_dict().items():
-                out[f"{site.name}.{self.delta_type}.{pname}"] = tensor
+                out[site_tensor_key(site.name, self.delta_type, pname)] = tensor
         if self.shared is not None:
             for pname, tensor in self.shared.state_dict().items():
-                out[f"{self.delta_type}_shared.{pname}"] = tensor
+                out[shared_tensor_key(self.delta_type, pname)] = tensor
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -937,11 +941,8 @@ class DeltaBase:
                 backbone_keep.update(ids)
         for param in module.parameters():
             param.requires_grad_(id(param) in keep)
-        site_prefixes = _delta_site_prefixes(self.backbone_model)
         self.unfrozen_parameter_names = [
-            n
-            for n, p in self.backbone_model.named_parameters()
-            if id(p) in backbone_keep and not any(n.startswith(s + ".") for s in site_prefixes)
+            n for n, p in backbone_parameters(self.backbone_model).items() if id(p) in backbone_keep
         ]
         self._set_state_dict = bool(set_state_dict)
         self._remove_state_dict_hook()

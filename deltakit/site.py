@@ -33,7 +33,18 @@ from torch import nn
 
 from .errors import DeltaError
 
-__all__ = ["Composition", "DeltaSite", "SharedParameters", "factory_kwargs"]
+__all__ = [
+    "Composition",
+    "DeltaSite",
+    "SharedParameters",
+    "backbone_modules",
+    "backbone_parameters",
+    "delta_site_names",
+    "factory_kwargs",
+    "is_inside",
+    "shared_tensor_key",
+    "site_tensor_key",
+]
 
 
 class Composition(enum.Enum):
@@ -128,3 +139,47 @@ def factory_kwargs(host: nn.Module) -> dict[str, Any]:
     if not param.dtype.is_floating_point:
         return {"device": param.device}
     return {"device": param.device, "dtype": param.dtype}
+
+
+# ------------------------------------------------------------------------------ what belongs to deltas in a model
+def site_tensor_key(site_name: str, delta_type: str, param: str) -> str:
+    """The checkpoint key of a site's tensor: ``<host module>.<delta_type>.<param>`` (relative to the backbone)."""
+    return f"{site_name}.{delta_type}.{param}"
+
+
+def shared_tensor_key(delta_type: str, param: str = "") -> str:
+    """The checkpoint key of a tensor shared by all sites, ``<delta_type>_shared.<param>`` (its prefix when
+    ``param`` is empty)."""
+    return f"{delta_type}_shared.{param}"
+
+
+def is_inside(name: str, sites: set[str]) -> bool:
+    """Whether ``name`` is one of ``sites`` or lies under one (each dotted prefix is looked up once)."""
+    if name in sites:
+        return True
+    cut = name.rfind(".")
+    while cut > 0:
+        if name[:cut] in sites:
+            return True
+        cut = name.rfind(".", 0, cut)
+    return False
+
+
+def delta_site_names(model: nn.Module) -> set[str]:
+    """Names of the :class:`DeltaSite` modules attached anywhere in ``model``."""
+    return {n for n, m in model.named_modules() if isinstance(m, DeltaSite)}
+
+
+def backbone_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``model``'s own modules by name, without its root and without the delta sites and everything inside them.
+
+    Addressing, loaders and importers look for hosts here: a delta's own modules are never a host.
+    """
+    sites = delta_site_names(model)
+    return {n: m for n, m in model.named_modules() if n and not is_inside(n, sites)}
+
+
+def backbone_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s own parameters by name, without those of attached delta sites."""
+    sites = delta_site_names(model)
+    return {n: p for n, p in model.named_parameters() if not is_inside(n.rpartition(".")[0], sites)}

@@ -156,7 +156,7 @@ def build_backbone(tiny: bool, vocab_size: int) -> nn.Module:
     else:
         from transformers import AutoModelForSequenceClassification
 
-        with demo._quiet_transformers():
+        with demo.quiet_transformers():
             model = AutoModelForSequenceClassification.from_pretrained(
                 demo.real_model_path(), num_labels=NUM_LABELS, local_files_only=True
             )

@@ -41,8 +41,9 @@ from ..checkpoint import (
     saved_sites,
     write_checkpoint,
 )
-from ..io.tensor_file import DTYPE_NAMES
 from ..errors import CheckpointError, DeltaError
+from ..io.tensor_file import DTYPE_NAMES
+from ..site import shared_tensor_key, site_tensor_key
 
 __all__ = [
     "delta_state_dict",
@@ -118,10 +119,10 @@ def _named_tensors(delta: DeltaBase) -> Iterator[tuple[str, torch.Tensor]]:
     rank)."""
     for site in delta.sites:
         for pname, tensor in site.module.state_dict(keep_vars=True).items():
-            yield f"{site.name}.{delta.delta_type}.{pname}", tensor
+            yield site_tensor_key(site.name, delta.delta_type, pname), tensor
     if delta.shared is not None:
         for pname, tensor in delta.shared.state_dict(keep_vars=True).items():
-            yield f"{delta.delta_type}_shared.{pname}", tensor
+            yield shared_tensor_key(delta.delta_type, pname), tensor
     if delta.unfrozen_parameter_names:
         params = dict(delta.backbone_model.named_parameters())
         for name in delta.unfrozen_parameter_names:

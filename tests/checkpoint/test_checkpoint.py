@@ -10,6 +10,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import deltakit.checkpoint as checkpoint
+import deltakit.checkpoint.save
 from deltakit import (
     AutoDeltaConfig,
     AutoDeltaModel,
@@ -181,7 +182,7 @@ def test_save_is_atomic_when_writing_fails(trained, monkeypatch) -> None:
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "write_tensor_file", broken_save)
+    monkeypatch.setattr(checkpoint.save, "write_tensor_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         delta.save_finetuned(path)
     after = {n: open(os.path.join(path, n), "rb").read() for n in os.listdir(path)}

@@ -119,7 +119,7 @@ def test_real_demo_reaches_090_held_out_accuracy(tmp_path: os.PathLike[str]) -> 
 
 def test_demo_keeps_the_thread_count_set_with_omp_num_threads(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     measured: list[int] = []
-    monkeypatch.setattr(demo, "pick_num_threads", lambda n: measured.append(n) or 1)  # would override the user
+    monkeypatch.setattr(demo.run, "pick_num_threads", lambda n: measured.append(n) or 1)  # would override the user
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     demo.run_demo(tiny=True, steps=2, output_dir=tmp_path, quiet=True, console=Console(file=io.StringIO()))
     assert measured == []  # the user's setting is kept, not measured away
