@@ -51,7 +51,7 @@ from .meta import config_from_meta, parse_meta, read_checkpoint_meta, saved_site
 from .read import Expected, check_finite, read_checkpoint
 from .save import make_directory, save_delta, write_checkpoint
 from .sites import compress_sites, expand_sites
-from .weights import check_weights_hash, read_weights, weights_sha256, write_weights
+from .weights import check_weights_hash, read_weights, refuse_stacked, weights_sha256, write_weights
 
 __all__ = [
     "CONFIG_NAME",
@@ -74,6 +74,7 @@ __all__ = [
     "read_checkpoint",
     "read_checkpoint_meta",
     "read_weights",
+    "refuse_stacked",
     "save_delta",
     "saved_sites",
     "weights_sha256",
