@@ -213,11 +213,7 @@ def find_modules(
     excluded: set[str] = set()
     for pattern in exclude_list:
         excluded.update(_resolve(names, pattern, model_type, "exclude_modules", inference))
-
-    def is_excluded(name: str) -> bool:
-        return any(name == ex or name.startswith(ex + ".") for ex in excluded)
-
-    result = [(n, modules[n]) for n in names if n in selected and not is_excluded(n)]
+    result = [(n, modules[n]) for n in names if n in selected and not is_inside(n, excluded)]
     if not selected:
         raise ModuleMatchError(
             f"None of the {what} {pattern_list} exists in this {model_type or type(model).__name__} backbone. "
