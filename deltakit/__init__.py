@@ -12,6 +12,7 @@ from ._version import __version__
 from .addressing import find_modules
 from .auto import AutoDeltaConfig, AutoDeltaModel
 from .base import DeltaBase
+from .combine import combine_loras
 from .config import DeltaConfig
 from .deltas import (
     AdapterConfig,
@@ -31,6 +32,7 @@ from .deltas import (
     SoftPromptConfig,
     SoftPromptModel,
 )
+from .deltas.prefix import PTuningV2Config, PTuningV2Model
 from .errors import (
     CheckpointError,
     DeltaConfigError,
@@ -39,6 +41,7 @@ from .errors import (
     ModuleMatchError,
     UnsupportedModuleError,
 )
+from .optim import create_loraplus_optimizer, loraplus_parameter_groups
 from .serving import DeltaGroup
 from .visualization import Visualization
 
@@ -63,6 +66,8 @@ __all__ = [
     "LowRankAdapterConfig",
     "LowRankAdapterModel",
     "ModuleMatchError",
+    "PTuningV2Config",
+    "PTuningV2Model",
     "ParallelAdapterConfig",
     "ParallelAdapterModel",
     "PrefixConfig",
@@ -72,5 +77,8 @@ __all__ = [
     "UnsupportedModuleError",
     "Visualization",
     "__version__",
+    "combine_loras",
+    "create_loraplus_optimizer",
     "find_modules",
+    "loraplus_parameter_groups",
 ]

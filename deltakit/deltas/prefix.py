@@ -247,3 +247,40 @@ class PrefixModel(DeltaBase):
         self.shared = None
         self.config.reparameterize = False  # type: ignore[attr-defined]
         return self
+
+
+# ---------------------------------------------------------------------------------------------- P-tuning v2
+@dataclass
+class PTuningV2Config(PrefixConfig):
+    """P-tuning v2 settings: :class:`PrefixConfig` with the reference code's default of no reparameterization.
+
+    Args:
+        reparameterize: Produce the prefixes with the shared MLP; ``False`` (P-tuning v2's default, its
+            ``prefix_projection``) trains the key/value vectors of every layer directly.
+    """
+
+    reparameterize: bool = False
+
+
+class PTuningV2Model(PrefixModel):
+    """P-tuning v2 (Liu et al. 2021, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally Across
+    Scales and Tasks", arXiv:2110.07602): deep prompt tuning, i.e. prefix tuning of every attention layer.
+
+    The same method as :class:`PrefixModel` (``delta_type`` ``"prefix"``, not registered a second time): only the
+    default differs, ``reparameterize=False``, since the paper found the MLP reparameterization helps on some tasks
+    only and its code leaves it off (``prefix_projection=False``). Checkpoints are prefix checkpoints and load as
+    :class:`PrefixModel` (``AutoDeltaModel.from_finetuned``, ``PrefixModel.from_finetuned`` or this class's).
+
+    Example:
+        >>> delta = PTuningV2Model(backbone_model=model, prefix_token_num=20)
+        >>> delta.freeze_module(exclude=["deltas", "classifier"])
+    """
+
+    config_class = PTuningV2Config
+
+    @classmethod
+    def from_finetuned(
+        cls, path: Any, backbone_model: nn.Module, *, check_backbone: bool = True, **kwargs: Any
+    ) -> DeltaBase:
+        """Load a prefix checkpoint (see :meth:`DeltaBase.from_finetuned`); it comes back as a :class:`PrefixModel`."""
+        return PrefixModel.from_finetuned(path, backbone_model, check_backbone=check_backbone, **kwargs)

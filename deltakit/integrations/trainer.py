@@ -31,6 +31,8 @@ A checkpoint directory therefore has no ``config.json`` and no ``model.safetenso
 fails loudly, and ``AutoDeltaModel.from_finetuned(ckpt_dir, backbone_model=...)`` loads it.
 
 Several deltas on one model: pass a list; each is saved in a subdirectory named after the delta (``delta.child_name``).
+LoRA+ (:mod:`deltakit.optim`): ``DeltaTrainer(..., loraplus_lr_ratio=16)`` builds Trainer's optimizer (the class
+``args.optim`` names, ``args.learning_rate`` for the A matrices, ``args.weight_decay``) over the LoRA+ groups.
 Under DeepSpeed or FSDP inside Trainer, use the engine helpers of :mod:`deltakit.integrations.distributed` in your
 own loop instead (see ``docs/ecosystem.md``); ``DeltaTrainer`` refuses those set-ups with a clear error.
 """
@@ -49,6 +51,7 @@ from ..base import DeltaBase
 from ..checkpoint import WEIGHTS_NAME
 from ..config import CONFIG_NAME
 from ..errors import CheckpointError, DeltaError
+from ..optim import check_loraplus_arguments, create_loraplus_optimizer
 from ..site import DeltaSite
 from .distributed import load_delta_state_dict, read_delta_checkpoint
 
@@ -62,13 +65,25 @@ class DeltaTrainer(Trainer):
         *args: Passed to :class:`transformers.Trainer`.
         delta: The delta object(s) attached to ``model`` (e.g. a ``LoraModel``); with several, each is saved in a
             subdirectory named after ``delta.child_name``.
+        loraplus_lr_ratio: Train with LoRA+ (:mod:`deltakit.optim`): LoRA's B matrices get ``args.learning_rate``
+            times this ratio (the paper recommends 16); ``None`` (default) keeps Trainer's own optimizer set-up.
+        loraplus_lr_embedding: With LoRA+, the learning rate of LoRA factors on embeddings.
         **kwargs: Passed to :class:`transformers.Trainer` (``model=`` must be the model the deltas are attached to).
 
     Raises:
-        DeltaError: No delta given, a delta not attached to ``model``, or DeepSpeed / FSDP enabled in Trainer.
+        DeltaError: No delta given, a delta not attached to ``model``, DeepSpeed / FSDP enabled in Trainer, or LoRA+
+            asked for together with a ready-made optimizer (``optimizers=``).
+        DeltaConfigError: A LoRA+ setting is not a finite number in range.
     """
 
-    def __init__(self, *args: Any, delta: DeltaBase | Sequence[DeltaBase], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        delta: DeltaBase | Sequence[DeltaBase],
+        loraplus_lr_ratio: float | None = None,
+        loraplus_lr_embedding: float = 1e-6,
+        **kwargs: Any,
+    ) -> None:
         deltas = [delta] if isinstance(delta, DeltaBase) else list(delta) if delta is not None else []
         if not deltas or not all(isinstance(d, DeltaBase) for d in deltas):
             raise DeltaError(
@@ -78,6 +93,16 @@ class DeltaTrainer(Trainer):
         names = [d.child_name for d in deltas]
         if len(set(names)) != len(names):
             raise DeltaError(f"DeltaTrainer got deltas with the same name {names}; give each a distinct name=.")
+        if loraplus_lr_ratio is not None:
+            check_loraplus_arguments(loraplus_lr_ratio, loraplus_lr_embedding)
+            if (kwargs.get("optimizers") or (None, None))[0] is not None:
+                raise DeltaError(
+                    "DeltaTrainer got both loraplus_lr_ratio and a ready-made optimizer (optimizers=(...)): LoRA+ "
+                    "builds the optimizer's parameter groups itself. Drop one, or build yours with "
+                    "deltakit.optim.create_loraplus_optimizer."
+                )
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_lr_embedding = loraplus_lr_embedding
         super().__init__(*args, **kwargs)
         for d in deltas:
             if not any(m is d.backbone_model for m in self.model.modules()):
@@ -92,6 +117,38 @@ class DeltaTrainer(Trainer):
                 "save_delta_checkpoint (see docs/ecosystem.md)."
             )
         self.deltas: list[DeltaBase] = deltas
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer; with ``loraplus_lr_ratio``, over the LoRA+ parameter groups (:mod:`deltakit.optim`).
+
+        The class and its settings come from Trainer as usual (``args.optim``, ``optimizer_cls_and_kwargs``); only
+        the parameter groups differ.
+
+        Raises:
+            DeltaError: The optimizer Trainer would build does not take parameter groups (GaLore, LOMO, an optimizer
+                factory), or the model trains no LoRA factor.
+        """
+        if self.loraplus_lr_ratio is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        optimizer_kwargs = dict(optimizer_kwargs)
+        special = [k for k in ("params", "model", "optimizer_dict") if k in optimizer_kwargs]
+        if special or not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise DeltaError(
+                f"DeltaTrainer(loraplus_lr_ratio=...) needs an optimizer built from parameter groups, but "
+                f"optim={self.args.optim!r} gives {getattr(optimizer_cls, '__name__', optimizer_cls)!r}"
+                f"{f' with its own {special}' if special else ''}. Use a torch optimizer such as optim='adamw_torch'."
+            )
+        lr = optimizer_kwargs.pop("lr", self.args.learning_rate)
+        self.optimizer = create_loraplus_optimizer(
+            opt_model, optimizer_cls, lr=lr, loraplus_lr_ratio=self.loraplus_lr_ratio,
+            loraplus_lr_embedding=self.loraplus_lr_embedding, weight_decay=self.args.weight_decay, **optimizer_kwargs,
+        )
+        return self.optimizer
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """:meth:`transformers.Trainer.train`, after checking that every tensor it would train is checkpointed.

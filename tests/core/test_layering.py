@@ -43,6 +43,8 @@ LAYERS: dict[str, int] = {
     "deltakit.serving": 4,
     "deltakit.auto": 4,
     "deltakit.integrations": 4,
+    "deltakit.optim": 4,
+    "deltakit.combine": 4,
     # 5: the command line, the demo and the package's public face
     "deltakit.cli": 5,
     "deltakit.demo": 5,

@@ -565,3 +565,42 @@ def test_fold_keeps_the_delta_frozen_or_trainable(frozen: bool) -> None:
         delta.freeze_module(exclude=[])  # everything frozen, the delta included
     delta.fold_reparameterization()
     assert all(p.requires_grad is not frozen for p in delta.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- P-tuning v2 alias
+def test_p_tuning_v2_is_the_prefix_method_with_direct_prefixes(tmp_path) -> None:
+    """PTuningV2Model is PrefixModel with P-tuning v2's default (no MLP): same delta_type, no second registry entry,
+    the same computation as PrefixModel(reparameterize=False), prefix checkpoints that every loader reads."""
+    from deltakit import PTuningV2Config, PTuningV2Model
+    from deltakit.registry import CONFIG_REGISTRY, DELTA_REGISTRY
+
+    assert PTuningV2Model.delta_type == PTuningV2Config.delta_type == "prefix"
+    assert DELTA_REGISTRY["prefix"] is PrefixModel and PTuningV2Model not in DELTA_REGISTRY.values()
+    assert PTuningV2Config not in CONFIG_REGISTRY.values()
+
+    model = tiny_gpt2()
+    torch.manual_seed(7)
+    delta = PTuningV2Model(model, prefix_token_num=3)
+    assert isinstance(delta, PrefixModel) and delta.config.reparameterize is False and delta.shared is None
+    assert {n.rpartition(".")[2] for n, _ in delta.named_parameters()} == {"prefix_key", "prefix_value"}
+    ids = ids_batch()
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    other = tiny_gpt2()
+    torch.manual_seed(7)
+    PrefixModel(other, prefix_token_num=3, reparameterize=False)
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, ours)  # the same operations, run twice
+
+    delta.save_finetuned(tmp_path / "ptv2")
+    for loader in (AutoDeltaModel.from_finetuned, PrefixModel.from_finetuned, PTuningV2Model.from_finetuned):
+        fresh = tiny_gpt2()
+        loaded = loader(tmp_path / "ptv2", backbone_model=fresh)
+        assert type(loaded) is PrefixModel and loaded.config.reparameterize is False
+        with torch.no_grad():
+            assert torch.equal(fresh(input_ids=ids).logits, ours)
+    # The MLP is still available, and the configs are interchangeable with the prefix ones.
+    assert PTuningV2Model(tiny_gpt2(), reparameterize=True, embed_dim=8, mid_dim=8).shared is not None
+    from_dict = PTuningV2Model.from_config({"prefix_token_num": 2}, tiny_gpt2())
+    assert from_dict.config.reparameterize is False
+    assert AutoDeltaModel.from_config(PTuningV2Config(prefix_token_num=2), tiny_gpt2()).config.reparameterize is False
