@@ -39,7 +39,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from benchmarks import common, suite_utils  # noqa: E402
 
-SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "checkpoint")
+SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "checkpoint", "many_deltas")
 DEFAULT_OUTPUT_DIR = _REPO_ROOT / "benchmarks" / "results"
 BUSY_NOTE = (
     "Measured on a shared 2-core machine while other work ran on it: wall times are inflated and noisy; the CPU "
@@ -90,9 +90,15 @@ def _checkpoint(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     return checkpoint_size.run(quick, log=log)
 
 
+def _many_deltas(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks import many_deltas
+
+    return many_deltas.run(quick, log=log)
+
+
 RUNNERS: dict[str, Callable[[bool, Callable[[str], None]], dict[str, Any]]] = {
     "train_step": _train_step, "inference": _inference, "injection": _injection, "serving": _serving,
-    "checkpoint": _checkpoint,
+    "checkpoint": _checkpoint, "many_deltas": _many_deltas,
 }
 
 
@@ -227,6 +233,11 @@ def section_tables(results: dict[str, Any]) -> list[Table]:
         tables += serving.tables(s["serving"])
     if "checkpoint" in s:
         tables.append((f"Checkpoint size ({s['checkpoint']['model']})", *checkpoint_size.table(s["checkpoint"])))
+    if "many_deltas" in s:
+        from benchmarks import many_deltas
+
+        tables.append(("Many deltas: a store, a bounded active set, mixed batches (deltakit vs PEFT)",
+                       *many_deltas.table(s["many_deltas"])))
     return tables
 
 

@@ -7,10 +7,14 @@ group drops its deltas (see docs/serving.md for the reasons).
 * :meth:`DeltaGroup.switch` makes one delta the active one: a detach plus an attach, which move existing modules
   and hook entries around (no allocation, no copy of weights, O(sites) Python work).
 * :meth:`DeltaGroup.route` runs one batch in which row ``i`` uses delta ``names[i]``. On every modified module one
-  :class:`SiteRouter` per kind of delta stacks the factors of all the group's deltas there (plus an all-zero slot
-  for rows routed to no delta), gathers each row's factors by index and applies them with batched matmuls: one
-  pass for all deltas, not one pass per delta. The per-method routers live next to their methods
-  (``LoraRouter`` in deltas/lora.py, ...); a per-site module opts in with a ``router`` class attribute.
+  :class:`SiteRouter` per kind of delta applies each row's delta: by gathering each row's factors from a stack of
+  all the group's deltas there (batched matmuls, one pass for all deltas) or by segments (rows grouped by delta,
+  each delta's own factors on its rows), whichever the batch's composition makes cheaper (deltakit.routing). The
+  per-method routers live next to their methods (``LoraRouter`` in deltas/lora.py, ...); a per-site module opts in
+  with a ``router`` class attribute.
+* :meth:`DeltaGroup.register` adds a delta by checkpoint directory without loading it (deltakit.store): with
+  ``max_active`` the group keeps at most that many deltas materialised, loads a registered one on a miss of
+  ``switch`` / ``route`` and drops the least recently used, changing one routing slot per delta.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -30,8 +34,11 @@ from torch import nn
 from .base import ATTACHED, DETACHED, MERGED, DeltaBase
 from .errors import DeltaError, DeltaStateError
 from .hooks import _Dispatch, add_hook, hook_keys, remove_hook
-from .routing import _NO_CALLS, SiteRouter, _RouterCall, _ThreadState  # noqa: F401 - SiteRouter re-exported
+from .routing import (  # noqa: F401 - SiteRouter re-exported
+    _NO_CALLS, PATHS, RouterTable, SiteRouter, _RouterCall, _ThreadState,
+)
 from .site import Composition, DeltaSite
+from .store import DeltaStore, StoredDelta, read_stored
 
 __all__ = ["DeltaGroup", "SiteRouter"]
 
@@ -65,10 +72,6 @@ class _GatherBudget:
             return False
         self.left -= nbytes
         return True
-
-
-def _router_key(site: DeltaSite) -> Hashable:
-    return (type(site).router, site.routing_key())
 
 
 _CALL_IMPL = nn.Module._call_impl.__code__
@@ -285,7 +288,7 @@ def _writer(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 class DeltaGroup:
-    """Named deltas on one backbone: look-up by name, fast switching, per-sample routing.
+    """Named deltas on one backbone: look-up by name, fast switching, per-sample routing, a store of many.
 
     Example:
         >>> group = DeltaGroup(model)
@@ -295,17 +298,25 @@ class DeltaGroup:
         >>> with torch.inference_mode(), group.route(["sentiment", None, "topic"]):
         ...     logits = model(**batch).logits      # row i uses names[i]; None: the backbone alone
 
+        >>> store = DeltaGroup(model, max_active=64)
+        >>> for name, path in checkpoints.items():
+        ...     store.register(name, path)         # reads the small config and header only
+        >>> with torch.inference_mode(), store.route(names):   # misses loaded, least recently used dropped
+        ...     logits = model(**batch).logits
+
     Args:
         backbone_model: The model every delta of the group is built on.
+        max_active: Most deltas kept materialised at once (``None``: no bound). Deltas given by :meth:`add` or
+            :meth:`load` are pinned (always materialised, counted); registered ones come and go.
     """
 
-    def __init__(self, backbone_model: nn.Module) -> None:
+    def __init__(self, backbone_model: nn.Module, *, max_active: int | None = None) -> None:
         if not isinstance(backbone_model, nn.Module):
             raise DeltaError(f"DeltaGroup needs the backbone nn.Module, got {type(backbone_model).__name__}.")
         self.backbone_model = backbone_model
         self._deltas: dict[str, DeltaBase] = {}
-        self._routers: list[SiteRouter] | None = None
-        self._routable: list[str] = []
+        self._store = DeltaStore(max_active)
+        self._table: RouterTable | None = None
         self._serving = _Serving(backbone_model)
 
     # -------------------------------------------------------------- membership
@@ -313,8 +324,43 @@ class DeltaGroup:
     def _check_new_name(self, name: Any) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise DeltaError(f"Delta name {name!r} must be a Python identifier (it becomes a child module name).")
-        if name in self._deltas:
+        if name in self._deltas or name in self._store:
             raise DeltaError(f"The group already has a delta named {name!r}; remove() it first or choose another name.")
+
+    @property
+    def max_active(self) -> int | None:
+        """Most deltas kept materialised at once (``None``: no bound)."""
+        return self._store.max_active
+
+    @property
+    def _routers(self) -> list[SiteRouter] | None:
+        """The routers (``None`` before the first ``route()``)."""
+        return None if self._table is None else list(self._table.routers.values())
+
+    def _pinned(self) -> list[str]:
+        return [n for n in self._deltas if n not in self._store]
+
+    def _check_room_for_pinned(self, name: str) -> None:
+        limit = self._store.max_active
+        if limit is not None and len(self._pinned()) + 1 > limit:
+            raise DeltaError(
+                f"Cannot pin {name!r}: the group keeps at most max_active={limit} deltas materialised and "
+                f"{len(self._pinned())} are pinned by add()/load() already. register() it instead (loaded on use), "
+                f"remove() a pinned delta, or create the group with a larger max_active."
+            )
+
+    def _adopt(self, name: str, delta: DeltaBase) -> None:
+        """Take a materialised delta into the group (and into the routing table, one slot)."""
+        self._deltas[name] = delta
+        if self._table is not None:
+            self._table.add(name, delta)
+
+    def _drop(self, name: str) -> DeltaBase:
+        """Forget a materialised delta (its routing slot is freed)."""
+        delta = self._deltas.pop(name)
+        if self._table is not None:
+            self._table.remove(name, delta)
+        return delta
 
     @_writer("add() a delta")
     def add(self, delta: DeltaBase, name: str | None = None) -> DeltaBase:
@@ -343,8 +389,9 @@ class DeltaGroup:
         if any(d is delta for d in self._deltas.values()):
             raise DeltaError(f"{delta._describe()} is already in the group.")
         self._check_new_name(delta.child_name)
-        self._deltas[delta.child_name] = delta
-        self._routers = None
+        self._check_room_for_pinned(delta.child_name)
+        self._adopt(delta.child_name, delta)
+        self._evict_over(keep={delta.child_name})
         return delta
 
     @_writer("load() a delta")
@@ -357,7 +404,7 @@ class DeltaGroup:
         check_backbone: bool = True,
         allow_nonfinite: bool = False,
     ) -> DeltaBase:
-        """Load a checkpoint written by ``save_finetuned`` onto the backbone under ``name`` and add it.
+        """Load a checkpoint written by ``save_finetuned`` onto the backbone under ``name`` and add it (pinned).
 
         Args:
             name: Group name and child-module name of the delta.
@@ -371,12 +418,22 @@ class DeltaGroup:
 
         Raises:
             CheckpointError: The checkpoint is invalid (nothing changed).
-            DeltaError: The name is taken, or the checkpoint carries backbone tensors (e.g. a classifier head kept
-                trainable): on a shared backbone they would overwrite each other's.
+            DeltaError: The name is taken, the group is full of pinned deltas (``max_active``), or the checkpoint
+                carries backbone tensors (e.g. a classifier head kept trainable): on a shared backbone they would
+                overwrite each other's.
         """
-        from .checkpoint import load_delta
-
         self._check_new_name(name)
+        self._check_room_for_pinned(name)
+        delta = self._load_delta(name, path, check_backbone=check_backbone, allow_nonfinite=allow_nonfinite)
+        if attach:
+            delta.attach()
+        self._adopt(name, delta)
+        self._evict_over(keep={name})
+        return delta
+
+    def _load_delta(self, name: str, path: str | os.PathLike[str], **options: bool) -> DeltaBase:
+        """The checkpoint at ``path`` loaded (fully validated) onto the backbone as ``name``, left detached."""
+        from .checkpoint import load_delta
 
         def no_backbone_tensors(meta: dict[str, Any]) -> None:
             # Checked on the config read together with the weights (one consistent read of the directory).
@@ -388,19 +445,106 @@ class DeltaGroup:
                     f"on its own backbone."
                 )
 
-        delta = load_delta(
-            path, self.backbone_model, check_backbone=check_backbone, name=name, allow_nonfinite=allow_nonfinite,
-            check_meta=no_backbone_tensors,
-        )
-        if not attach:
-            delta.detach()
-        self._deltas[name] = delta
-        self._routers = None
+        delta = load_delta(path, self.backbone_model, name=name, check_meta=no_backbone_tensors, **options)
+        delta.detach()
         return delta
 
+    def register(
+        self, name: str, path: str | os.PathLike[str], *, check_backbone: bool = True, allow_nonfinite: bool = False,
+    ) -> StoredDelta:
+        """Add a delta by checkpoint directory without loading it: materialised when :meth:`switch` or
+        :meth:`route` first needs it, dropped again when it is the least recently used of more than
+        ``max_active``.
+
+        Reads and validates only the small parts of the checkpoint (``delta_config.json`` and the weights file's
+        header; see deltakit.store); a miss loads it with every check of :meth:`load` (SHA-256, backbone
+        fingerprint, finiteness). Does not touch the model, so it does not wait for forwards.
+
+        Args:
+            name: Group name (a Python identifier; the child-module name once materialised).
+            path: The checkpoint directory (written by ``save_finetuned``).
+            check_backbone: See :meth:`DeltaBase.from_finetuned` (applied when it is loaded).
+            allow_nonfinite: Load tensors holding NaN or infinite values (refused by default).
+
+        Returns:
+            What was recorded (type, hyper-parameters, size).
+
+        Raises:
+            CheckpointError: The config or the header is invalid (nothing recorded).
+            DeltaError: The name is taken or not an identifier, or the checkpoint carries backbone tensors.
+        """
+        for flag, value in (("check_backbone", check_backbone), ("allow_nonfinite", allow_nonfinite)):
+            if not isinstance(value, bool):
+                raise DeltaError(f"register({flag}=...) must be True or False, got {value!r}.")
+        if not isinstance(path, (str, os.PathLike)):
+            raise DeltaError(f"register(path=...) must be a directory path (str or os.PathLike), got {path!r:.80}.")
+        with self._serving.cond:
+            self._check_new_name(name)
+        # The files are read outside the lock (routing goes on meanwhile); the name is checked again when recorded.
+        entry = read_stored(name, path, check_backbone=check_backbone, allow_nonfinite=allow_nonfinite)
+        with self._serving.cond:
+            self._check_new_name(name)
+            self._store.entries[name] = entry
+        return entry
+
+    @property
+    def resident(self) -> list[str]:
+        """Names of the materialised deltas (pinned ones, then registered ones from least to most recently used)."""
+        return [*self._pinned(), *self._store.lru]
+
+    @property
+    def store_stats(self) -> dict[str, float]:
+        """Hits, misses, evictions and seconds spent loading registered deltas since the group was created."""
+        return dict(self._store.stats)
+
+    # -------------------------------------------------------------- the active set (writes only)
+    def _materialise(self, names: set[str], keep: set[str]) -> None:
+        """Load the registered ``names`` that are not materialised, then drop the least recently used beyond
+        ``max_active`` (never one of ``keep``, attached, merged or pinned). Loads before it drops: a checkpoint
+        that fails its checks raises with the materialised set unchanged but for the misses loaded before it."""
+        for name in sorted(names - self._deltas.keys()):
+            entry = self._store.entries[name]
+            # route() is usually opened inside torch.inference_mode(): parameters made there would be inference
+            # tensors (no version counter, unusable outside it), so a miss loads outside it.
+            with torch.inference_mode(False):
+                delta = self._store.timed_load(name, lambda e: self._load_delta(e.name, e.path, **e.load_options))
+            self._adopt(entry.name, delta)
+            self._evict_over(keep)
+
+    def _evict_over(self, keep: set[str]) -> None:
+        limit = self._store.max_active
+        if limit is None or len(self._deltas) <= limit:
+            return
+
+        def evictable(name: str) -> bool:
+            return name not in keep and self._deltas[name].state == DETACHED
+
+        for name in self._store.victims(len(self._deltas) - limit, evictable):
+            self._drop(name)
+            self._store.evicted(name)
+
+    def _check_fits(self, used: set[str], action: str, *, count_attached: bool = True) -> None:
+        """Refuse a request that needs more deltas materialised at once than ``max_active`` allows."""
+        limit = self._store.max_active
+        if limit is None:
+            return
+        attached = {n for n, d in self._deltas.items() if d.state != DETACHED} if count_attached else set()
+        needed = used | set(self._pinned()) | attached
+        if len(needed) > limit:
+            raise DeltaError(
+                f"{action} needs {len(needed)} deltas materialised at once ({len(used)} named, "
+                f"{len(needed) - len(used)} pinned or switched in), more than max_active={limit}. Split the batch so "
+                f"that each route() names at most {limit - len(needed - used)} distinct deltas (the example server "
+                f"does this), or create the group with a larger max_active."
+            )
+
     @_writer("remove() a delta")
-    def remove(self, name: str) -> DeltaBase:
-        """Detach (if attached) and forget the delta ``name``; returns it. A merged delta must be unmerged first."""
+    def remove(self, name: str) -> DeltaBase | None:
+        """Detach (if attached) and forget the delta ``name``; returns it (``None`` for a registered delta that
+        was not materialised). A merged delta must be unmerged first."""
+        if name in self._store and name not in self._deltas:
+            self._store.forget(name)  # registered, not materialised: nothing on the model
+            return None
         delta = self[name]
         if delta.state == MERGED:
             raise DeltaStateError(
@@ -408,29 +552,38 @@ class DeltaGroup:
             )
         if delta.state == ATTACHED:
             delta.detach()
-        del self._deltas[name]
-        self._routers = None
+        self._drop(name)
+        self._store.forget(name)
         return delta
 
     def __getitem__(self, name: str) -> DeltaBase:
         delta = self._deltas.get(name) if isinstance(name, str) else None
         if delta is None:
-            raise DeltaError(f"The group has no delta named {name!r}; it has {self.names}.")
+            if isinstance(name, str) and name in self._store:
+                raise DeltaError(
+                    f"The group's delta {name!r} is registered but not materialised now (max_active="
+                    f"{self.max_active}); switch() or route() loads it."
+                )
+            raise DeltaError(f"The group has no delta named {name!r}; it has {self._names_for_errors()}.")
         return delta
 
+    def _names_for_errors(self) -> str:
+        names = self.names
+        return repr(names) if len(names) <= 20 else f"{len(names)} deltas, e.g. {names[:5]}"
+
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self._deltas
+        return isinstance(name, str) and (name in self._deltas or name in self._store)
 
     def __len__(self) -> int:
-        return len(self._deltas)
+        return len(self.names)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(list(self._deltas))
+        return iter(self.names)
 
     @property
     def names(self) -> list[str]:
-        """The deltas' names, in the order they were added."""
-        return list(self._deltas)
+        """The deltas' names: pinned ones in the order they were added, then registered ones in theirs."""
+        return [*self._pinned(), *self._store.entries]
 
     @property
     def active(self) -> list[str]:
@@ -438,7 +591,9 @@ class DeltaGroup:
         return [n for n, d in self._deltas.items() if d.state != DETACHED]
 
     def __repr__(self) -> str:
-        return f"DeltaGroup({type(self.backbone_model).__name__}, deltas={self.names}, active={self.active})"
+        stored = f", registered={len(self._store)}, max_active={self.max_active}" if len(self._store) else ""
+        return f"DeltaGroup({type(self.backbone_model).__name__}, deltas={self._names_for_errors()}, " \
+               f"active={self.active}{stored})"
 
     # -------------------------------------------------------------- switching
     @_writer("switch()")
@@ -446,7 +601,9 @@ class DeltaGroup:
         """Make ``name`` the only active delta of the group (``None``: the bare backbone).
 
         Detaches the group's other attached deltas and attaches ``name``: existing modules and hook entries are
-        moved, nothing is allocated or copied. Deltas outside the group are left as they are.
+        moved, nothing is allocated or copied. A registered delta that is not materialised is loaded first (a
+        miss), and the least recently used beyond ``max_active`` dropped. Deltas outside the group are left as
+        they are.
 
         Thread-safe: waits for the forwards already running on the backbone and for other threads' ``route()``
         blocks; forwards that start meanwhile wait for the switch. A refused switch changes nothing.
@@ -456,26 +613,35 @@ class DeltaGroup:
 
         Raises:
             DeltaError: ``name`` is not a name of the group (or ``None``).
+            CheckpointError: the registered checkpoint fails its checks on loading (nothing switched).
             DeltaStateError: a group delta is merged, the target cannot be attached (nothing changed), or the call
                 comes from inside a ``route()`` block or a forward of the backbone.
         """
         if name is not None and not isinstance(name, str):
             raise DeltaError(
                 f"switch() needs a delta name (str) or None, got {type(name).__name__} {name!r}; the group has "
-                f"{self.names}."
+                f"{self._names_for_errors()}."
             )
-        target = None if name is None else self[name]
-        merged = [n for n, d in self._deltas.items() if d.state == MERGED and d is not target]
+        if name is not None and name not in self:
+            raise DeltaError(f"The group has no delta named {name!r}; it has {self._names_for_errors()}.")
+        merged = [n for n, d in self._deltas.items() if d.state == MERGED and n != name]
         if merged:
             raise DeltaStateError(
                 f"Cannot switch to {name!r}: group delta(s) {merged} are merged into the weights; unmerge() them first."
             )
+        if name is not None and name not in self._deltas:
+            self._check_fits({name}, "switch()", count_attached=False)
+            self._materialise({name}, keep={name})
+        target = None if name is None else self[name]
+        if name is not None:
+            self._store.used([name])
         # Attach the target first: if it is refused, nothing was touched (not even the order of anything).
         if target is not None and target.state == DETACHED:
             target.attach()
         for delta in self._deltas.values():
             if delta is not target and delta._state == ATTACHED:
                 delta.detach()
+        self._evict_over(keep=set() if name is None else {name})
         return target
 
     def refresh(self) -> None:
@@ -489,25 +655,15 @@ class DeltaGroup:
             for router in self._routers or []:
                 router.sync_params()
                 router._cache = None
-
     # -------------------------------------------------------------- routing
-    def _build_routers(self) -> list[SiteRouter]:
-        groups: dict[tuple[int, Hashable], tuple[nn.Module, str, list[tuple[DeltaBase, DeltaSite]]]] = {}
-        routable: list[str] = []
-        for name, delta in self._deltas.items():
-            if not delta.sites or not all(type(s.module).router is not None for s in delta.sites):
-                continue
-            routable.append(name)
-            for site in delta.sites:
-                key = (id(site.host), _router_key(site.module))
-                groups.setdefault(key, (site.host, site.name, []))[2].append((delta, site.module))
-        routers = []
-        for (_, (router_cls, _)), (host, host_name, entries) in groups.items():
-            router = router_cls(host, host_name, entries)
-            router._local = self._serving.local
-            routers.append(router)
-        self._routable = routable
-        return routers
+    def _ensure_table(self) -> RouterTable:
+        if self._table is None:
+            table = RouterTable(self._serving.local)
+            table.reserve(sum(RouterTable.routable(d) for d in self._deltas.values()))
+            for name, delta in self._deltas.items():
+                table.add(name, delta)
+            self._table = table
+        return self._table
 
     def _check_outside_order(self, active: list[SiteRouter]) -> None:
         """A router applies all its deltas at one place in the host's order; a delta outside the group attached
@@ -539,7 +695,7 @@ class DeltaGroup:
                 )
 
     @staticmethod
-    def _check_names(names: Any, gather_cache_mb: Any) -> None:
+    def _check_names(names: Any, gather_cache_mb: Any, path: Any) -> None:
         if isinstance(names, str) or not isinstance(names, Sequence) or len(names) == 0:
             raise DeltaError(f"route() needs a non-empty list with one delta name (or None) per sample, got {names!r}.")
         for i, n in enumerate(names):
@@ -555,12 +711,14 @@ class DeltaGroup:
                 f"route(): gather_cache_mb must be a number of MiB >= 0 (0 disables keeping gathered factors), "
                 f"got {gather_cache_mb!r}."
             )
+        if not isinstance(path, str) or path not in PATHS:
+            raise DeltaError(f"route(): path must be one of {list(PATHS)}, got {path!r}.")
 
     def _check_route_state(self, names: Sequence[str | None]) -> None:
         """Everything about the group that can refuse a block (checked before anything changes)."""
-        unknown = sorted({n for n in names if n is not None and n not in self._deltas})
+        unknown = sorted({n for n in names if n is not None and n not in self})
         if unknown:
-            raise DeltaError(f"route(): the group has no delta named {unknown}; it has {self.names}.")
+            raise DeltaError(f"route(): the group has no delta named {unknown}; it has {self._names_for_errors()}.")
         if self.backbone_model.training:
             raise DeltaStateError(
                 "Per-sample routing is for inference: the model is in training mode. Call model.eval() first."
@@ -571,10 +729,11 @@ class DeltaGroup:
                 f"Cannot route while group delta(s) {merged} are merged into the weights (they would apply to every "
                 f"sample); unmerge() them first."
             )
-        if self._routers is None:
-            self._routers = self._build_routers()
         used = {n for n in names if n is not None}
-        unroutable = sorted(used - set(self._routable))
+        self._check_fits(used, "route()")
+        table = self._ensure_table()
+        # A registered delta's method is known once it is materialised (checked again after loading).
+        unroutable = sorted(n for n in used if n in self._deltas and n not in table.slot_of)
         if unroutable:
             kinds = sorted({type(self._deltas[n]).__name__ for n in unroutable})
             raise DeltaError(
@@ -582,20 +741,9 @@ class DeltaGroup:
                 f"LoRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them with switch()."
             )
 
-    def _plan_call(self, names: Sequence[str | None], gather_cache_mb: float) -> _RouteCall:
+    def _plan_call(self, names: Sequence[str | None], gather_cache_mb: float, path: str) -> _RouteCall:
         """This block's routers (those some row goes through) with each row's slot."""
-        states: dict[SiteRouter, _RouterCall] = {}
-        by_members: dict[tuple[str, ...], torch.Tensor | None] = {}  # most modules hold the same deltas
-        for router in self._routers or []:
-            members = tuple(d.child_name for d in router.deltas)
-            if members not in by_members:
-                slot_of = {n: k for k, n in enumerate(members)}
-                slots = [slot_of.get(n, router.zero_slot) for n in names]  # type: ignore[arg-type]
-                hit = any(k != router.zero_slot for k in slots)
-                by_members[members] = torch.tensor(slots, dtype=torch.long) if hit else None
-            routed = by_members[members]
-            if routed is not None:
-                states[router] = _RouterCall(routed)
+        states = self._ensure_table().plan(list(names), path)
         return _RouteCall(states, _GatherBudget(gather_cache_mb) if gather_cache_mb > 0 else None)
 
     @staticmethod
@@ -624,7 +772,9 @@ class DeltaGroup:
                     remove_hook(router.source, key, pre=True)
 
     @contextlib.contextmanager
-    def route(self, names: Sequence[str | None], *, gather_cache_mb: float = 256) -> Iterator[DeltaGroup]:
+    def route(
+        self, names: Sequence[str | None], *, gather_cache_mb: float = 256, path: str = "auto",
+    ) -> Iterator[DeltaGroup]:
         """Per-sample routing: inside the block, row ``i`` of each batch runs with delta ``names[i]``.
 
         ``None`` routes a row to the bare backbone. Works in ``forward`` and in ``generate()`` (greedy, beam search,
@@ -632,33 +782,42 @@ class DeltaGroup:
         block is open the group's attached deltas are detached (each row sees only its own delta) and they are
         re-attached when the last block closes. Inference only (eval mode).
 
+        Registered deltas that are not materialised are loaded when the block opens (a write: it waits for other
+        threads' blocks to close), and the least recently used beyond ``max_active`` are dropped; a batch that
+        names more distinct deltas than ``max_active`` leaves room for is refused (split it).
+
         Threads: each thread may hold its own block on the group at the same time; the rows belong to the block,
         so to the thread that opened it (forwards of that thread use them; other threads' forwards do not).
         A forward in a thread without a block, while the group's switched deltas are off for routing, is refused
         with :class:`DeltaStateError` (with nothing switched in, it runs on the backbone unchanged). Nothing stays
         hooked after the last block closes, whatever exception ended it.
 
-        Each modified module gathers every row's factors from its stack before its batched matmuls. From the
-        second forward call with the same rows on (``generate()``'s decoding steps) the gathered factors are kept
-        for the rest of the block, up to ``gather_cache_mb`` in all, which about halves the routing cost of a
-        decoding step; a single forward pass keeps nothing.
+        Each modified module applies its rows' deltas by *gather* (each row's factors copied from a stack of all
+        slots, batched matmuls) or by *segment* (rows grouped by delta, each delta's own factors: no copy, no rank
+        padding); ``path="auto"`` picks per module and call from the batch's composition (see docs/serving.md).
+        On the gather path, from the second forward call with the same rows on (``generate()``'s decoding steps)
+        the gathered factors are kept for the rest of the block, up to ``gather_cache_mb`` in all.
 
         Args:
             names: One delta name (or ``None``) per sample of the batch.
             gather_cache_mb: Memory (MiB) the block may use to keep gathered factors between forward calls;
                 ``0`` gathers at every call. Freed when the block exits.
+            path: ``"auto"``, ``"gather"`` or ``"segment"`` (the segmented path needs autograd off; with
+                gradients on every call gathers).
 
         Raises:
             DeltaError: unknown name, a name that is not a str, a delta of a method without routing support, a
-                batch of the wrong size, a negative ``gather_cache_mb``.
+                batch of the wrong size, a negative ``gather_cache_mb``, an unknown ``path``, more distinct
+                deltas than ``max_active``.
+            CheckpointError: a registered checkpoint fails its checks when loaded.
             DeltaStateError: training mode, a merged group delta, nested ``route()`` in one thread, a block opened
                 inside a forward of the backbone while a writer waits.
         """
         serving = self._serving
         if serving.local.call is not None:
             raise DeltaStateError("DeltaGroup.route() blocks cannot be nested.")
-        self._check_names(names, gather_cache_mb)
-        call = self._open(names, float(gather_cache_mb))
+        self._check_names(names, gather_cache_mb, path)
+        call = self._open(names, float(gather_cache_mb), path)
         _HELD.count += 1
         try:
             yield self
@@ -666,33 +825,39 @@ class DeltaGroup:
             _HELD.count -= 1
             self._close(call)
 
-    def _open(self, names: Sequence[str | None], gather_cache_mb: float) -> _RouteCall:
+    def _open(self, names: Sequence[str | None], gather_cache_mb: float, path: str) -> _RouteCall:
         serving = self._serving
-        me = threading.get_ident()
+        used = {n for n in names if n is not None}
         with serving.cond:
             if serving.writer is not None or (serving.pending and not _HELD.count):
                 serving.check_caller("open a route() block")  # waiting from inside a forward would deadlock
             while serving.writer is not None or (serving.pending and not _HELD.count):
                 serving.cond.wait()
             self._check_route_state(names)
-            call = self._plan_call(names, gather_cache_mb)
-            self._check_outside_order(list(call.states))
             attached = [d for d in self._deltas.values() if d.state == ATTACHED]
-            if serving.blocks or not attached:
+            misses = used - self._deltas.keys()
+            if not misses and (serving.blocks or not attached):
+                call = self._plan_call(names, gather_cache_mb, path)
+                self._check_outside_order(list(call.states))
+                self._store.used(used)
                 self._enter(call)
                 return call
-            serving.writer = me  # the first block takes the switched deltas off: a write
-        try:
-            serving.check_caller("open a route() block")
-            serving._open_gate()
-            serving._wait_for_forwards()
+        # A write: load the misses and/or take the switched deltas off (the first block), then enter while still
+        # the writer, so no other write can drop what this block needs.
+        with serving.exclusive("open a route() block"):
+            self._check_route_state(names)
+            self._materialise(misses, keep=used)
+            self._check_route_state(names)
+            call = self._plan_call(names, gather_cache_mb, path)
+            self._check_outside_order(list(call.states))
+            self._store.used(used - misses)
+            attached = [d for d in self._deltas.values() if d.state == ATTACHED]
             with serving.cond:
                 for delta in attached:
                     delta.detach()
-                serving.reattach, serving.strict = attached, True
+                if attached:
+                    serving.reattach, serving.strict = attached, True
                 self._enter(call)
-        finally:
-            serving.release_writer()
         return call
 
     def _enter(self, call: _RouteCall) -> None:

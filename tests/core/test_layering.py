@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "deltakit.deltas": 3,
     # 4: features built on deltas
     "deltakit.serving": 4,
+    "deltakit.store": 4,
     "deltakit.auto": 4,
     "deltakit.integrations": 4,
     "deltakit.optim": 4,
