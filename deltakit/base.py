@@ -192,6 +192,10 @@ def _keyword_constructor(cls: type[DeltaBase]) -> Any:
         inspect.Parameter("name", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation="str | None")
     )
     lines.append(f"    name: Child-module name of the per-site modules (default {cls.delta_type or 'delta'!r}).")
+    params.append(inspect.Parameter("interactive_modify", inspect.Parameter.KEYWORD_ONLY, default=False,
+                                    annotation="bool | int"))
+    lines.append("    interactive_modify: True (or a port number) to choose modified_modules on a local web page "
+                 "first (deltakit.web.picker; blocks until Submit).")
     signature = inspect.Signature(params, return_annotation="None")
 
     def __init__(self: DeltaBase, *args: Any, **kwargs: Any) -> None:
@@ -200,6 +204,12 @@ def _keyword_constructor(cls: type[DeltaBase]) -> Any:
         values = dict(bound.arguments)
         del values["self"]
         backbone, name = values.pop("backbone_model"), values.pop("name")
+        interactive = values.pop("interactive_modify")
+        if interactive is not False and interactive is not None:  # OpenDelta's flag: pick the modules on a page
+            from .web.picker import pick_for_constructor
+
+            values["modified_modules"] = pick_for_constructor(type(self), backbone, values, interactive)
+            values["exclude_modules"] = None  # the picked patterns match exactly the chosen modules
         DeltaBase.__init__(self, backbone, config_class(**values), name=name)
 
     __init__.__signature__ = signature  # type: ignore[attr-defined]

@@ -11,6 +11,11 @@
   file's bytes against the SHA-256 recorded at save time (exit code 1 when they differ). PEFT adapter directories
   are shown too.
 
+* ``deltakit pick MODEL`` serves the interactive module picker (:mod:`deltakit.web.picker`) and prints the submitted
+  ``modified_modules`` patterns and sites as JSON.
+* ``deltakit report DIR --html out.html [--png out.png] [--model MODEL]`` draws a checkpoint
+  (:mod:`deltakit.web.report`).
+
 Exit codes: 0 success, 1 failure (message on stderr, no traceback unless ``--debug``), 2 usage error, 141 the
 reader of stdout went away (``deltakit inspect DIR | head``: no message, as ``cat`` or ``git`` would end through
 SIGPIPE, 128 + 13). :func:`main` returns the code; like any argparse program it raises ``SystemExit`` for
@@ -35,7 +40,7 @@ class CliError(Exception):
 
 # ------------------------------------------------------------------------------------------------------ parsing
 def build_parser() -> argparse.ArgumentParser:
-    """The ``deltakit`` argument parser (subcommands ``demo``, ``show``, ``inspect``)."""
+    """The ``deltakit`` argument parser (subcommands ``demo``, ``show``, ``inspect``, ``pick``, ``report``)."""
     parser = argparse.ArgumentParser(
         prog="deltakit",
         description="Delta tuning for PyTorch / transformers models.",
@@ -86,7 +91,57 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("directory", metavar="DIR", help="a directory written by save_finetuned (or a PEFT adapter)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    _add_pick(sub, debug)
+    _add_report(sub, debug)
     return parser
+
+
+def _add_pick(sub: Any, debug: argparse.ArgumentParser) -> None:
+    pick = sub.add_parser(
+        "pick",
+        parents=[debug],
+        help="choose the modules a delta modifies on a local web page, with a live exact preview",
+        description="Serve a page (on 127.0.0.1, with a random token in its URL) showing MODEL's folded module tree "
+        "with checkboxes and the exact preview of the delta for the ticked modules. Submit prints the compact "
+        "modified_modules patterns and the site list as JSON on stdout.",
+    )
+    pick.add_argument("model", metavar="MODEL", help="a local transformers model directory (with config.json, built "
+                      "on the meta device) or an architecture name for a tiny random model")
+    pick.add_argument("--layers", type=int, default=2, help="layers of a tiny random model (default 2)")
+    pick.add_argument("--delta", metavar="TYPE", default="lora", choices=_delta_types(),
+                      help="delta type to preview (default lora; changeable on the page)")
+    pick.add_argument("--modified-modules", nargs="+", metavar="PATTERN",
+                      help="modules ticked when the page opens (default: the method's default positions)")
+    pick.add_argument("--exclude-modules", nargs="+", metavar="PATTERN", help="removed from that first selection")
+    pick.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                      help="a hyper-parameter of the delta, e.g. --option lora_r=16")
+    pick.add_argument("--host", default="127.0.0.1", help="interface to serve on (default 127.0.0.1, this machine "
+                      "only; anything else is reachable from other machines and warns)")
+    pick.add_argument("--port", type=int, default=0, help="TCP port (default: a free one)")
+    pick.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                      help="another name the page may be reached under (checked against the Host header)")
+    pick.add_argument("--open", action="store_true", help="open the page in the default browser")
+    pick.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up (exit code 1) when nothing is submitted in this time")
+
+
+def _add_report(sub: Any, debug: argparse.ArgumentParser) -> None:
+    report = sub.add_parser(
+        "report",
+        parents=[debug],
+        help="draw a delta checkpoint: where it sits, parameters per layer, update size per site (HTML / PNG)",
+        description="Write a visual report of the delta checkpoint DIR: its sites on the folded module tree, "
+        "trainable parameters per layer and site kind, and the size of each site's update. With --model the "
+        "checkpoint is loaded onto that backbone and updates are measured as merged weight changes (merge_deltas); "
+        "without it the stored tensors' norms are shown.",
+    )
+    report.add_argument("directory", metavar="DIR", help="a directory written by save_finetuned")
+    report.add_argument("--html", metavar="FILE", help="write the self-contained HTML report here")
+    report.add_argument("--png", metavar="FILE", help="write the figures as a PNG here (needs matplotlib)")
+    report.add_argument("--json", action="store_true", help="print the report data as JSON")
+    report.add_argument("--model", metavar="MODEL", help="the backbone: an architecture name (tiny random model) "
+                        "or a local transformers model directory (its weights are loaded)")
+    report.add_argument("--layers", type=int, default=2, help="layers of a tiny random --model (default 2)")
 
 
 def _architecture_names() -> list[str]:
@@ -151,6 +206,10 @@ def _main(argv: list[str] | None) -> int:
             return demo_main(rest)
         if args.command == "show":
             return _show(args, parser)
+        if args.command == "pick":
+            return _pick(args, parser)
+        if args.command == "report":
+            return _report(args, parser)
         return _inspect(args)
     except BrokenPipeError:
         raise  # not a failure to report: main() ends quietly
@@ -231,25 +290,9 @@ def _parse_options(items: list[str], parser: argparse.ArgumentParser) -> dict[st
 
 def role_map(model: Any) -> dict[str, Any]:
     """``{"source": ..., "roles": {role: [names]}, "ambiguous": {role: why}}`` for ``model``."""
-    from .addressing import find_modules
-    from .errors import ModuleMatchError
-    from .structures import ROLE_NAMES, STRUCTURES, detect_model_type, infer_structure
+    from .web.tree import role_map as _role_map
 
-    model_type = detect_model_type(model)
-    if model_type in STRUCTURES:
-        roles: dict[str, list[str]] = {}
-        for role in ROLE_NAMES:
-            try:
-                roles[role] = [n for n, _ in find_modules(model, [role])]
-            except ModuleMatchError:
-                continue
-        return {"source": f"structure map for model_type {model_type!r}", "roles": roles, "ambiguous": {}}
-    inferred = infer_structure(model)
-    return {
-        "source": f"inferred from the module structure (model_type {model_type!r} is not in the structure map)",
-        "roles": inferred.roles,
-        "ambiguous": inferred.ambiguous,
-    }
+    return _role_map(model)
 
 
 def preview_delta(
@@ -269,32 +312,21 @@ def preview_delta(
     Raises:
         DeltaError: unknown delta type, bad option, or a pattern that matches nothing (as the method would).
     """
-    from . import deltas  # noqa: F401
-    from .registry import DELTA_REGISTRY
     from .errors import DeltaConfigError
+    from .web.preview import plan_preview
 
-    if delta_type not in DELTA_REGISTRY:
-        raise DeltaConfigError(f"Unknown delta type {delta_type!r}; known: {', '.join(sorted(DELTA_REGISTRY))}.")
-    cls = DELTA_REGISTRY[delta_type]
-    values = dict(options or {})
-    values.update(modified_modules=modified_modules, exclude_modules=exclude_modules)
-    config = cls.config_class.from_dict(values)
-    planned = cls.build_detached(model, config)  # matching, planning, checks and site modules: the model is untouched
-    sites = [
-        {
-            "module": site.name,
-            "type": type(site.host).__name__,
-            "parameters": sum(p.numel() for p in site.module.parameters()),
-        }
-        for site in planned.sites
-    ]
-    shared = sum(p.numel() for p in planned.shared.parameters()) if planned.shared is not None else 0
-    return {
-        "type": delta_type,
-        "sites": sites,
-        "shared_parameters": shared,
-        "parameters": shared + sum(site["parameters"] for site in sites),
-    }
+    registry = _registry()
+    if delta_type not in registry:
+        raise DeltaConfigError(f"Unknown delta type {delta_type!r}; known: {', '.join(sorted(registry))}.")
+    # the picker's live preview runs this same planning (build_detached), so the two always agree
+    return plan_preview(registry[delta_type], model, modified_modules, exclude_modules, options)
+
+
+def _registry() -> dict[str, Any]:
+    from . import deltas  # noqa: F401  (registers the methods)
+    from .registry import DELTA_REGISTRY
+
+    return dict(DELTA_REGISTRY)
 
 
 def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -341,6 +373,60 @@ def _show(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         for site in sites:
             table.add_row(site["module"], site["type"], f"{site['parameters']:,}")
         console.print(table)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ pick
+def _pick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .web.picker import Picker, selection_json
+
+    options = _parse_options(args.option, parser)
+    model = load_structure(args.model, args.layers)
+    picker = Picker(model, _registry()[args.delta], options=options, modified_modules=args.modified_modules,
+                    exclude_modules=args.exclude_modules, host=args.host, port=args.port,
+                    allowed_hosts=tuple(args.allow_host))
+    picker.start(open_browser=args.open)
+    try:
+        print(f"deltakit pick: open {picker.url}", file=sys.stderr, flush=True)
+        result = picker.wait(args.timeout)
+    finally:
+        picker.stop()
+    if result is None:
+        raise CliError(f"nothing was submitted within {args.timeout} seconds.")
+    print(selection_json(result))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------ report
+def load_backbone(model: str, layers: int = 2) -> Any:
+    """The backbone a report loads a checkpoint onto: an architecture name's tiny random model, or a local model
+    directory loaded with its weights (``from_pretrained``; the class from ``architectures``, else ``AutoModel``)."""
+    if not os.path.isdir(model):
+        return load_structure(model, layers)
+    import transformers
+
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        raise CliError(f"{model!r} is a directory without config.json: not a transformers model directory.")
+    config = transformers.AutoConfig.from_pretrained(model)
+    names = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), transformers.AutoModel)
+    return cls.from_pretrained(model).eval()
+
+
+def _report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from .web.report import delta_report
+
+    if not (args.html or args.png or args.json):
+        parser.error("report needs --html FILE, --png FILE or --json")  # exits with code 2
+    if not os.path.isdir(args.directory):
+        raise CliError(f"No checkpoint directory at {args.directory!r}.")
+    model = load_backbone(args.model, args.layers) if args.model else None
+    data = delta_report(args.directory, html_path=args.html, png_path=args.png, model=model)
+    if args.json:
+        print(json.dumps({k: v for k, v in data.items() if k != "tree"}, indent=2))
+    for kind, path in (("HTML", args.html), ("PNG", args.png)):
+        if path:
+            print(f"deltakit report: wrote the {kind} report to {path}", file=sys.stderr)
     return 0
 
 

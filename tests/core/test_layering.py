@@ -37,6 +37,12 @@ LAYERS: dict[str, int] = {
     "deltakit.base": 2,
     "deltakit.checkpoint": 2,
     "deltakit.visualization": 2,
+    # the picker's tree, patterns, preview and server: the constructor flag interactive_modify calls it
+    "deltakit.web.tree": 2,
+    "deltakit.web.patterns": 2,
+    "deltakit.web.preview": 2,
+    "deltakit.web.server": 2,
+    "deltakit.web.picker": 2,
     # 3: the methods
     "deltakit.deltas": 3,
     # 4: features built on deltas
@@ -44,6 +50,7 @@ LAYERS: dict[str, int] = {
     "deltakit.store": 4,
     "deltakit.auto": 4,
     "deltakit.integrations": 4,
+    "deltakit.web": 4,  # the package face and the report (loads checkpoints through deltakit.auto)
     "deltakit.optim": 4,
     "deltakit.combine": 4,
     # 5: the command line, the demo and the package's public face
