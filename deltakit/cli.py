@@ -481,6 +481,52 @@ def _read_deltakit_checkpoint(directory: str) -> tuple[dict[str, Any], Any, str,
     return meta, header, digest.hexdigest(), config_file, weights
 
 
+def _inspect_deltakit(directory: str) -> tuple[dict[str, Any], Any, str]:
+    """``(facts, weights header, weights file)`` of a deltakit checkpoint directory."""
+    from .checkpoint import config_from_meta, saved_sites
+
+    meta, header, sha, config_file, weights = _read_deltakit_checkpoint(directory)
+    config_from_meta(meta, config_file)  # hyper-parameters a loader would refuse are refused here too
+    out = {
+        "kind": "deltakit delta checkpoint",
+        "delta_type": meta["delta_type"],
+        "format_version": meta.get("format_version"),
+        "deltakit_version": meta.get("deltakit_version"),
+        "config": meta["config"],
+        "sites": saved_sites(meta, config_file),
+        "backbone_tensors": meta["backbone_tensors"],
+        "fingerprint": meta.get("fingerprint"),
+        "weights_sha256": meta.get("weights_sha256"),
+    }
+    if out["weights_sha256"] is None:
+        out["weights_sha256_ok"] = None
+    else:
+        out["weights_sha256_ok"] = sha == out["weights_sha256"]
+        if not out["weights_sha256_ok"]:
+            out["weights_sha256_error"] = (
+                f"{weights!r} does not match the SHA-256 recorded in {config_file!r} when it was saved: the "
+                f"weights file is corrupt or was modified (or the two files come from different saves)."
+            )
+    if "stacks" in header.metadata:
+        out["note"] = "stacked tensors of a development format; deltakit no longer loads it: save it again"
+    return out, header, weights
+
+
+def _inspect_peft(directory: str) -> tuple[dict[str, Any], str]:
+    """``(facts, weights file)`` of a PEFT adapter directory (shown even when deltakit cannot import it)."""
+    from .config import load_json
+    from .integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, read_peft_config
+
+    raw = load_json(os.path.join(directory, PEFT_CONFIG_NAME))  # regular, bounded, strict: checked first
+    try:
+        config = read_peft_config(directory)
+        note = "loads with deltakit.integrations.peft.from_peft"
+    except Exception as exc:  # noqa: BLE001 - still show what the file holds
+        config, note = raw, f"not importable into deltakit: {exc}"
+    out = {"kind": "PEFT adapter", "note": note, "config": config, "fingerprint": None}
+    return out, os.path.join(directory, PEFT_WEIGHTS_NAME)
+
+
 def inspect_checkpoint(directory: str) -> dict[str, Any]:
     """Everything ``deltakit inspect`` shows, as a dict: kind, config, sites, tensors, totals, fingerprint.
 
@@ -490,56 +536,22 @@ def inspect_checkpoint(directory: str) -> dict[str, Any]:
     ``weights_sha256_ok`` whether the weights file matches it (``None``: nothing to compare; ``False`` comes with
     the reason in ``weights_sha256_error``).
     """
-    from .checkpoint import WEIGHTS_NAME, config_from_meta, saved_sites
-    from .config import CONFIG_NAME, load_json
-    from .integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, read_peft_config
+    from .config import CONFIG_NAME
+    from .integrations.peft import PEFT_CONFIG_NAME
     from .io.transaction import resolve
 
     if not os.path.isdir(directory):
         raise CliError(f"No checkpoint directory at {directory!r}.")
     if os.path.lexists(resolve(directory, CONFIG_NAME)):
-        meta, header, sha, config_file, weights = _read_deltakit_checkpoint(directory)
-        config_from_meta(meta, config_file)  # hyper-parameters a loader would refuse are refused here too
-        out = {
-            "kind": "deltakit delta checkpoint",
-            "delta_type": meta["delta_type"],
-            "format_version": meta.get("format_version"),
-            "deltakit_version": meta.get("deltakit_version"),
-            "config": meta["config"],
-            "sites": saved_sites(meta, config_file),
-            "backbone_tensors": meta["backbone_tensors"],
-            "fingerprint": meta.get("fingerprint"),
-            "weights_sha256": meta.get("weights_sha256"),
-        }
-        if out["weights_sha256"] is None:
-            out["weights_sha256_ok"] = None
-        else:
-            out["weights_sha256_ok"] = sha == out["weights_sha256"]
-            if not out["weights_sha256_ok"]:
-                out["weights_sha256_error"] = (
-                    f"{weights!r} does not match the SHA-256 recorded in {config_file!r} when it was saved: the "
-                    f"weights file is corrupt or was modified (or the two files come from different saves)."
-                )
-        if "stacks" in header.metadata:
-            out["note"] = "stacked tensors of a development format; deltakit no longer loads it: save it again"
+        out, header, weights = _inspect_deltakit(directory)
+        tensors, metadata = _rows(header), header.metadata
     elif os.path.lexists(os.path.join(directory, PEFT_CONFIG_NAME)):
-        raw = load_json(os.path.join(directory, PEFT_CONFIG_NAME))  # regular, bounded, strict: checked first
-        try:
-            config = read_peft_config(directory)
-            note = "loads with deltakit.integrations.peft.from_peft"
-        except Exception as exc:  # noqa: BLE001 - still show what the file holds
-            config, note = raw, f"not importable into deltakit: {exc}"
-        out = {"kind": "PEFT adapter", "note": note, "config": config, "fingerprint": None}
-        weights = os.path.join(directory, PEFT_WEIGHTS_NAME)
-        header = None
+        out, weights = _inspect_peft(directory)
+        tensors, metadata = read_safetensors_header(weights)
     else:
         raise CliError(
             f"{directory!r} holds neither {CONFIG_NAME} (a deltakit checkpoint) nor {PEFT_CONFIG_NAME} (a PEFT adapter)."
         )
-    if header is None:
-        tensors, metadata = read_safetensors_header(weights)
-    else:
-        tensors, metadata = _rows(header), header.metadata
     out["weights_file"] = weights
     out["metadata"] = metadata
     out["stored_tensors"] = len(tensors)

@@ -242,7 +242,7 @@ CASES = [
     # --- delta_config.json: fields of the wrong type or value
     Case("delta_type list", _with_meta(_set("delta_type", ["lora"])), "field 'delta_type' must be a string"),
     Case("delta_type dict", _with_meta(_set("delta_type", {"a": "lora"})), "field 'delta_type' must be a string"),
-    Case("delta_type unknown", _with_meta(_set("delta_type", "dora")), "unknown to this deltakit"),
+    Case("delta_type unknown", _with_meta(_set("delta_type", "no_such_method")), "unknown to this deltakit"),
     Case("format wrong", _with_meta(_set("format", "peft")), "not a deltakit delta config"),
     Case("format_version bool", _with_meta(_set("format_version", True)), "format_version True"),
     Case("format_version future", _with_meta(_set("format_version", 99)), "reads versions 1 to 4"),
