@@ -8,6 +8,7 @@ Sections (each also runnable alone, see its module):
 ``injection``   LoRA injection time on meta-device Llama-7B / 70B shapes (``benchmarks/injection.py``)
 ``serving``     switching and mixed batches (``benchmarks/serving.py``)
 ``checkpoint``  checkpoint bytes on disk (``benchmarks/checkpoint_size.py``)
+``dora``        DoRA training step: frozen, LoRA, deltakit DoRA, PEFT DoRA (``benchmarks/dora.py``)
 
 Everything timed runs interleaved in one process, one torch thread, with medians and paired per-round ratios on
 the CPU clock. Writes ``suite.json``, ``suite.md`` and ``suite_*.png`` plots to ``--output-dir`` (default
@@ -39,7 +40,7 @@ if str(_REPO_ROOT) not in sys.path:
 
 from benchmarks import common, suite_utils  # noqa: E402
 
-SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "checkpoint", "many_deltas")
+SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "checkpoint", "many_deltas", "dora")
 DEFAULT_OUTPUT_DIR = _REPO_ROOT / "benchmarks" / "results"
 BUSY_NOTE = (
     "Measured on a shared 2-core machine while other work ran on it: wall times are inflated and noisy; the CPU "
@@ -96,9 +97,16 @@ def _many_deltas(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     return many_deltas.run(quick, log=log)
 
 
+def _dora(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks import dora
+
+    return dora.run(quick, log=log)
+
+
 RUNNERS: dict[str, Callable[[bool, Callable[[str], None]], dict[str, Any]]] = {
     "train_step": _train_step, "inference": _inference, "injection": _injection, "serving": _serving,
     "checkpoint": _checkpoint, "many_deltas": _many_deltas,
+    "dora": _dora,
 }
 
 
@@ -206,6 +214,10 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
             rows.append([f"checkpoint bytes over raw tensors (LoRA {scenario}, {d['tensors']} tensors)",
                          str(d["overhead_bytes"]), str(p["overhead_bytes"]), f"<= {d['bound_bytes']}",
                          _verdict(d["overhead_bytes"], d["bound_bytes"])])
+    if s.get("dora"):
+        from benchmarks import dora
+
+        rows += dora.summary_rows(s["dora"])
     return rows
 
 
@@ -238,6 +250,11 @@ def section_tables(results: dict[str, Any]) -> list[Table]:
 
         tables.append(("Many deltas: a store, a bounded active set, mixed batches (deltakit vs PEFT)",
                        *many_deltas.table(s["many_deltas"])))
+    if "dora" in s:
+        from benchmarks import dora
+
+        tables.append(("DoRA training step: frozen, LoRA, deltakit DoRA, PEFT DoRA (CPU clock, paired medians)",
+                       *dora.table(s["dora"])))
     return tables
 
 

@@ -32,6 +32,7 @@ from .deltas import (
     SoftPromptConfig,
     SoftPromptModel,
 )
+from .deltas.dora import DoraConfig, DoraModel
 from .deltas.prefix import PTuningV2Config, PTuningV2Model
 from .errors import (
     CheckpointError,
@@ -61,6 +62,8 @@ __all__ = [
     "DeltaError",
     "DeltaGroup",
     "DeltaStateError",
+    "DoraConfig",
+    "DoraModel",
     "LoraConfig",
     "LoraModel",
     "LowRankAdapterConfig",

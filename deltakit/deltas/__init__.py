@@ -3,6 +3,7 @@
 from .adapter import AdapterConfig, AdapterModel
 from .bitfit import BitFitConfig, BitFitModel
 from .compacter import CompacterConfig, CompacterModel
+from .dora import DoraConfig, DoraModel
 from .lora import LoraConfig, LoraModel
 from .low_rank_adapter import LowRankAdapterConfig, LowRankAdapterModel
 from .parallel_adapter import ParallelAdapterConfig, ParallelAdapterModel
@@ -16,6 +17,8 @@ __all__ = [
     "BitFitModel",
     "CompacterConfig",
     "CompacterModel",
+    "DoraConfig",
+    "DoraModel",
     "LoraConfig",
     "LoraModel",
     "LowRankAdapterConfig",

@@ -3,6 +3,10 @@
 ``h = W x + (alpha / r) * B A dropout(x)`` with ``A`` (r x in) Kaiming-uniform and ``B`` (out x r) zero, so a fresh
 LoRA is the identity. Hooks the *output* of ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``nn.Embedding``
 hosts; merging folds ``(alpha / r) * B A`` into the host weight.
+
+rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732) is
+the option ``use_rslora=True``: the scale becomes ``alpha / sqrt(r)``, which keeps the update's size stable as the
+rank grows.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from torch import nn
 
 from ..base import DeltaBase
 from ..config import (
-    MAX_SCALE, DeltaConfig, check_bounded_by, check_finite_number, check_positive_int, check_probability,
+    MAX_SCALE, DeltaConfig, check_bool, check_bounded_by, check_finite_number, check_positive_int, check_probability,
 )
 from ..errors import DeltaStateError, UnsupportedModuleError
 from ..routing import SiteRouter
@@ -28,30 +32,48 @@ from .common import first_input
 
 
 @dataclass
-class LoraConfig(DeltaConfig):
-    """LoRA settings.
+class LowRankConfig(DeltaConfig):
+    """The settings of a low-rank update ``s B A`` (shared by LoRA and DoRA's direction).
 
     Args:
         lora_r: Rank of the update.
         lora_alpha: Scale numerator; the update is multiplied by ``lora_alpha / lora_r``.
         lora_dropout: Dropout probability on the LoRA branch's input (training mode only).
+        use_rslora: rsLoRA: scale the update by ``lora_alpha / sqrt(lora_r)`` instead of ``lora_alpha / lora_r``.
     """
-
-    delta_type: ClassVar[str] = "lora"
 
     lora_r: int = 8
     lora_alpha: float = 16
     lora_dropout: float = 0.0
+    use_rslora: bool = False
+
+    @property
+    def scaling(self) -> float:
+        """The factor the update ``B A x`` is multiplied by: ``lora_alpha / lora_r`` (rsLoRA: ``/ sqrt(lora_r)``)."""
+        return lora_scaling(self.lora_alpha, self.lora_r, self.use_rslora)
 
     def validate(self) -> None:
         # lora_r is bounded again per host at plan time (rank <= min(in, out)), before anything is allocated.
         check_positive_int(self, "lora_r")
         check_probability(self, "lora_dropout")
+        check_bool(self, "use_rslora")
         # 0 makes the delta a no-op, a negative one flips it: both are mistakes; beyond MAX_SCALE a forward overflows.
         check_finite_number(
             self, "lora_alpha", positive=True, high=MAX_SCALE,
             hint="The update is scaled by lora_alpha / lora_r; lora_alpha must be > 0. A common choice is twice lora_r.",
         )
+
+
+@dataclass
+class LoraConfig(LowRankConfig):
+    """LoRA settings (see :class:`LowRankConfig` for the fields)."""
+
+    delta_type: ClassVar[str] = "lora"
+
+
+def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
+    """``alpha / r``, or rsLoRA's ``alpha / sqrt(r)`` (the same float PEFT computes, so imported adapters agree)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 class _AddLowRankInPlace(torch.autograd.Function):
@@ -124,7 +146,7 @@ def _pad_rank(t: torch.Tensor, r: int, dim: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _stack_lora(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def stack_lora(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack ``(A^T (in x r), scaling * B^T (r x out))`` pairs, ranks padded to the largest, plus a zero slot."""
     r = max(a.shape[1] for a, _ in pairs)
     a_t = [_pad_rank(a, r, 1) for a, _ in pairs]
@@ -134,7 +156,7 @@ def _stack_lora(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tor
     return {"A_T": torch.stack(a_t), "B_T": torch.stack(b_t)}
 
 
-def _add_routed(output: torch.Tensor, projected: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+def add_routed(output: torch.Tensor, projected: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """``output + projected @ b_t`` row by row (``projected``: N x T x r, ``b_t``: N x r x out), in place when
     nothing needs the old output for autograd."""
     n = projected.shape[0]
@@ -151,7 +173,7 @@ class LoraRouter(SiteRouter):
     """Per-row LoRA on one Linear / Conv1D host: ``out[j] += x[j] @ A_T[s_j] @ B_T[s_j]`` with batched matmuls."""
 
     def build(self) -> dict[str, torch.Tensor]:
-        return _stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
+        return stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
@@ -159,14 +181,24 @@ class LoraRouter(SiteRouter):
         a_t = self.gather(stack, "A_T", slots)
         b_t = self.gather(stack, "B_T", slots)
         projected = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]).to(a_t.dtype), a_t)
-        return _add_routed(output, projected, b_t)
+        return add_routed(output, projected, b_t)
+
+    def apply_segment(self, site: DeltaSite, x: torch.Tensor, output: torch.Tensor) -> None:
+        """One delta on a run of rows (the segmented path): its own rank, no padding, ``output`` updated in place."""
+        flat = x.reshape(-1, x.shape[-1]).to(site.lora_A.dtype)
+        projected = F.linear(flat, site.lora_A)  # type: ignore[arg-type]
+        out2d = output.view(-1, output.shape[-1])
+        if out2d.dtype == site.lora_B.dtype:
+            out2d.addmm_(projected, site.lora_B.t(), alpha=site.scaling)  # type: ignore[union-attr, arg-type]
+        else:
+            out2d.add_((projected @ site.lora_B.t() * site.scaling).to(out2d.dtype))  # type: ignore[union-attr]
 
 
 class LoraEmbeddingRouter(SiteRouter):
     """Per-row LoRA on one Embedding host: row ``j``'s tokens look up ``A_T[s_j]``, then ``@ B_T[s_j]``."""
 
     def build(self) -> dict[str, torch.Tensor]:
-        return _stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
+        return stack_lora([(s.lora_A.t(), (s.lora_B * s.scaling).t()) for s in self.sites])  # type: ignore[operator]
 
     def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
               kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
@@ -176,7 +208,7 @@ class LoraEmbeddingRouter(SiteRouter):
         scale = embedding_scale(self.host)  # a scaled embedding scales the update too (see LoraEmbeddingSite)
         if scale is not None:
             rows = rows * (scale.to(self.host.weight.dtype).to(rows.dtype) if isinstance(scale, torch.Tensor) else scale)
-        return _add_routed(output, rows, self.gather(stack, "B_T", slots))
+        return add_routed(output, rows, self.gather(stack, "B_T", slots))
 
 
 class SharedInputGroup:
@@ -261,10 +293,11 @@ class LoraSite(DeltaSite):
     router = LoraRouter
 
     def __init__(
-        self, in_features: int, out_features: int, r: int, alpha: float, dropout: float, transposed: bool, **factory: Any
+        self, in_features: int, out_features: int, r: int, scaling: float, dropout: float, transposed: bool,
+        **factory: Any,
     ) -> None:
         super().__init__()
-        self.scaling = alpha / r
+        self.scaling = scaling
         self.transposed = transposed  # Conv1D stores its weight as (in, out)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **factory))
@@ -326,9 +359,9 @@ class LoraEmbeddingSite(DeltaSite):
     composition = Composition.ADDS_INPUT_FUNCTION
     router = LoraEmbeddingRouter
 
-    def __init__(self, host: nn.Embedding, r: int, alpha: float, dropout: float, **factory: Any) -> None:
+    def __init__(self, host: nn.Embedding, r: int, scaling: float, dropout: float, **factory: Any) -> None:
         super().__init__()
-        self.scaling = alpha / r
+        self.scaling = scaling
         self.padding_idx = host.padding_idx
         # Probed once (a scaled embedding keeps being one); the scale's value is read at each call.
         self.host_scaled = embedding_scale(host) is not None
@@ -374,7 +407,8 @@ class LoraModel(DeltaBase):
     config_class = LoraConfig
     default_modified_modules: ClassVar[tuple[str, ...]] = ("attn.q", "attn.v")
     constructor_fields = (
-        "lora_r", "lora_alpha", "lora_dropout", "modified_modules", "exclude_modules", "unfrozen_modules",
+        "lora_r", "lora_alpha", "lora_dropout", "use_rslora", "modified_modules", "exclude_modules",
+        "unfrozen_modules",
     )
 
 
@@ -421,7 +455,7 @@ class LoraModel(DeltaBase):
                 cfg, "lora_r", cfg.lora_r, host.embedding_dim, name,
                 f"Embedding({host.num_embeddings}, {host.embedding_dim})", "embedding_dim",
             )
-            return LoraEmbeddingSite(host, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, **factory)
+            return LoraEmbeddingSite(host, cfg.lora_r, cfg.scaling, cfg.lora_dropout, **factory)
         dims = linear_dims(host)
         if dims is None:
             raise UnsupportedModuleError(
@@ -434,4 +468,4 @@ class LoraModel(DeltaBase):
             cfg, "lora_r", cfg.lora_r, max(dims), name, f"{type(host).__name__} in={dims[0]}, out={dims[1]}",
             "max(in_features, out_features)",
         )
-        return LoraSite(*dims, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, transposed=is_conv1d(host), **factory)
+        return LoraSite(*dims, cfg.lora_r, cfg.scaling, cfg.lora_dropout, transposed=is_conv1d(host), **factory)

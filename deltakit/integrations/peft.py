@@ -1,25 +1,51 @@
-"""PEFT interop: move LoRA deltas between deltakit and HuggingFace PEFT's adapter directories.
+"""PEFT interop: move deltas between deltakit and HuggingFace PEFT's adapter directories.
 
-PEFT's LoRA adapter directory holds ``adapter_config.json`` (a ``peft.LoraConfig``) and
-``adapter_model.safetensors`` with tensors keyed ``base_model.model.<module>.lora_A.weight`` (r x in),
-``...lora_B.weight`` (out x r), and for embeddings ``...lora_embedding_A`` (r x vocab) and ``...lora_embedding_B``
-(dim x r). Both libraries compute ``h = W x + (lora_alpha / r) * B A x`` with the same factor shapes (also for
-transformers' ``Conv1D``, PEFT's ``fan_in_fan_out``), so a conversion is a renaming of tensors: no arithmetic, the
-factors round-trip bit-for-bit.
+A PEFT adapter directory holds ``adapter_config.json`` (the PEFT config, with its ``peft_type``) and
+``adapter_model.safetensors`` with tensors keyed ``base_model.model.<module>.<name>``. For the low-rank methods:
 
-* :func:`export_to_peft` writes a deltakit :class:`~deltakit.LoraModel` as a PEFT adapter directory that
+* LoRA (``peft_type`` ``"LORA"``): ``...lora_A.weight`` (r x in), ``...lora_B.weight`` (out x r), for embeddings
+  ``...lora_embedding_A`` (r x vocab) and ``...lora_embedding_B`` (dim x r). Both libraries compute
+  ``h = W x + s B A x`` with ``s = lora_alpha / r`` (``use_rslora``: ``lora_alpha / sqrt(r)``) and the same factor
+  shapes (also for transformers' ``Conv1D``, PEFT's ``fan_in_fan_out``).
+* DoRA (``"LORA"`` with ``use_dora``): the same factors plus ``...lora_magnitude_vector`` (out), deltakit's
+  ``magnitude``.
+
+A conversion is a renaming of tensors: no arithmetic, the tensors round-trip bit for bit.
+
+* :func:`export_to_peft` writes a deltakit delta as a PEFT adapter directory that
   ``peft.PeftModel.from_pretrained(backbone, path)`` loads onto the same backbone class.
-* :func:`from_peft` loads a PEFT LoRA adapter directory onto a backbone as an attached deltakit ``LoraModel``.
+* :func:`from_peft` loads a PEFT adapter directory onto a backbone as an attached deltakit delta.
 
-Neither needs ``peft`` installed. PEFT options that change the adapter's function in a way deltakit's LoRA does
-not compute (DoRA, rsLoRA, per-module ranks, trained biases, ...) are refused with an error naming the option;
-nothing is changed then.
+Neither needs ``peft`` installed. PEFT options that change the adapter's function in a way deltakit does not
+compute (per-module ranks, trained biases, ...) are refused with an error naming the option; nothing is changed then.
+
+The methods table
+-----------------
+:data:`METHODS` maps a deltakit ``delta_type`` to a :class:`PeftMethod`, the only per-method part of this module::
+
+    "lora": PeftMethod(
+        peft_type="LORA",                  # PEFT's peft_type in adapter_config.json
+        selects=lambda config: ...,        # among the rows of one peft_type, whether this one reads the config
+        check=...,                         # (config, path) -> None: CheckpointError for what it cannot compute
+        load=...,                          # (adapter: PeftAdapter, backbone_model, name) -> the attached delta
+        dump=...,                          # (delta) -> (PEFT config fields, {full PEFT key: tensor})
+    )
+
+``dump`` gives the method's own config fields (``peft_type``, ``target_modules``, ...); :func:`export_to_peft` adds
+``task_type``, ``base_model_name_or_path``, ``revision``, ``inference_mode`` and ``modules_to_save`` (with the
+backbone tensors they need) and writes the files atomically. ``load`` gets the checked config and the tensors
+(:class:`PeftAdapter`) and may use :func:`resolve_module`, :func:`split_backbone_tensors` and
+:func:`apply_backbone_tensors`. A row whose code lives in another module names it with :func:`later`
+(``load=later("deltakit.integrations.peft_ia3", "load")``), so that module can import the helpers here.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,15 +55,69 @@ from torch import nn
 
 from ..checkpoint import _atomic_write
 from ..errors import CheckpointError, DeltaError
-from ..site import DeltaSite
+from ..site import DeltaSite, backbone_modules, backbone_parameters
 from ..structures import find_config, is_conv1d
+
+__all__ = [
+    "KEY_PREFIX", "METHODS", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftAdapter", "PeftMethod",
+    "apply_backbone_tensors", "backbone_tensor_targets", "export_to_peft", "from_peft", "later", "read_peft_config", "resolve_module",
+    "split_backbone_tensors",
+]
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."
 
-_LINEAR_KEYS = ("lora_A.weight", "lora_B.weight")
-_EMBEDDING_KEYS = ("lora_embedding_A", "lora_embedding_B")
+# Modules PEFT adds to modules_to_save on its own for a task type (its PeftModelFor... classes do so when they are
+# built, at training and at loading time).
+_TASK_MODULES_TO_SAVE = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+# ------------------------------------------------------------------------------------------------ the table
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A PEFT adapter directory as read from disk: its checked config and its tensors (keys as in the file)."""
+
+    path: str
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def file(self) -> str:
+        """The weights file (for error messages)."""
+        return os.path.join(self.path, PEFT_WEIGHTS_NAME)
+
+
+@dataclass(frozen=True)
+class PeftMethod:
+    """One row of :data:`METHODS` (see the module docstring)."""
+
+    peft_type: str
+    selects: Callable[[dict[str, Any]], bool]
+    check: Callable[[dict[str, Any], str], None]
+    load: Callable[[PeftAdapter, nn.Module, str | None], Any]
+    dump: Callable[[Any], tuple[dict[str, Any], dict[str, torch.Tensor]]]
+
+
+def later(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported at the first call (a row whose code imports this module)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
+
+
+# ------------------------------------------------------------------------------------------------ low rank: LoRA, DoRA
+_LINEAR = {"lora_A.weight": "lora_A", "lora_B.weight": "lora_B"}  # PEFT key suffix -> site parameter
+_EMBEDDING = {"lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B"}
+_DORA_LINEAR = {**_LINEAR, "lora_magnitude_vector": "magnitude"}
+_LOW_RANK_SUFFIXES = tuple(dict.fromkeys([*_DORA_LINEAR, *_EMBEDDING]))
 
 # PEFT LoraConfig fields that deltakit reads or that do not change a loaded adapter's function.
 _HARMLESS = {
@@ -49,8 +129,6 @@ _HARMLESS = {
 }
 # Options that must be off (None, False, empty), with what they mean, for the error message.
 _MUST_BE_OFF = {
-    "use_dora": "DoRA (weight-decomposed LoRA: a trained magnitude vector rescales the weight)",
-    "use_rslora": "rank-stabilised LoRA (scaling lora_alpha / sqrt(r) instead of lora_alpha / r)",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QALoRA (quantization-aware pooling of the input)",
     "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE expert tensors) instead of modules",
@@ -67,12 +145,213 @@ _MUST_BE_OFF = {
 # init_lora_weights values that rewrite the base model's weights at initialisation: the adapter only works together
 # with that rewritten base, which a plain backbone is not.
 _BASE_REWRITING_INITS = ("pissa", "olora", "loftq", "corda")
-# Modules PEFT adds to modules_to_save on its own for a task type (its PeftModelFor... classes do so when they are
-# built, at training and at loading time).
-_TASK_MODULES_TO_SAVE = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
+
+
+def _uses_dora(config: dict[str, Any]) -> bool:
+    return bool(config.get("use_dora"))
+
+
+def _check_low_rank_config(config: dict[str, Any], path: str) -> None:
+    """Refuse a PEFT ``LORA`` config (LoRA or DoRA) with an option deltakit cannot compute."""
+    where = os.path.join(path, PEFT_CONFIG_NAME)
+    method = "DoRA" if _uses_dora(config) else "LoRA"
+
+    def refuse(option: str, value: Any, meaning: str) -> CheckpointError:
+        return CheckpointError(
+            f"The PEFT adapter {path!r} uses {option}={value!r} ({meaning}), which deltakit's {method} does not "
+            f"compute, so its outputs could not be reproduced. Re-train or merge it with PEFT, or load it with PEFT."
+        )
+
+    for option, meaning in _MUST_BE_OFF.items():
+        value = config.get(option)
+        if value not in (None, False, [], {}, ""):
+            raise refuse(option, value, meaning)
+    for option in ("use_rslora", "use_dora"):
+        if config.get(option) not in (None, True, False):
+            raise CheckpointError(f"{where!r} has an invalid {option}={config[option]!r} (true or false).")
+    if config.get("bias", "none") != "none":
+        raise refuse("bias", config["bias"], "trained bias tensors of the backbone, which PEFT keeps outside the adapter")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise refuse("init_lora_weights", init, "an initialisation that rewrites the base model's weights")
+    if config.get("loftq_config"):
+        raise refuse("loftq_config", config["loftq_config"], "LoftQ, which rewrites the base model's weights")
+    for key, value in config.items():
+        if key not in _HARMLESS and key not in _MUST_BE_OFF and value not in (None, False, [], {}, ""):
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} sets {key}={value!r}, an option this deltakit does not know; it cannot "
+                f"tell whether the adapter computes plain {method}. Load it with PEFT."
+            )
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise CheckpointError(f"{where!r} has an invalid rank r={r!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise CheckpointError(f"{where!r} has an invalid lora_alpha={alpha!r}.")
+    for option, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
+        pattern = config.get(option) or {}
+        if not isinstance(pattern, dict):
+            raise CheckpointError(f"{where!r} has an invalid {option}={pattern!r}.")
+        different = {k: v for k, v in pattern.items() if v != default}
+        if different:
+            raise refuse(
+                option, different, f"per-module ranks or scales; a deltakit {method} has one rank and one lora_alpha. "
+                f"Split it into several deltas by module"
+            )
+
+
+def _dump_low_rank(delta: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """PEFT config fields and tensors of a deltakit LoRA or DoRA delta."""
+    from ..deltas.dora import DoraSite
+    from ..deltas.lora import LoraEmbeddingSite, LoraSite
+
+    cfg = delta.config
+    dora = delta.delta_type == "dora"
+    tensors: dict[str, torch.Tensor] = {}
+    conv1d = linear = 0
+    for site in delta.sites:
+        module = site.module
+        if isinstance(module, LoraEmbeddingSite):
+            keys = _EMBEDDING
+        elif isinstance(module, (LoraSite, DoraSite)):
+            keys = _DORA_LINEAR if dora else _LINEAR
+            conv1d += int(module.transposed)
+            linear += int(not module.transposed)
+        else:  # pragma: no cover - LoraModel and DoraModel build only these
+            raise DeltaError(f"Site {site.name!r} holds a {type(module).__name__}, which PEFT cannot express.")
+        for suffix, attr in keys.items():
+            tensors[f"{KEY_PREFIX}{site.name}.{suffix}"] = getattr(module, attr)
+    fields = {
+        "peft_type": "LORA",
+        "r": cfg.lora_r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        # Full module names: PEFT matches a list entry against the whole name or a dotted suffix of it.
+        "target_modules": delta.modified_modules,
+        "exclude_modules": None,
+        # PEFT corrects this per layer (with a warning) when Linear and Conv1D hosts are mixed.
+        "fan_in_fan_out": conv1d > 0 and linear == 0,
+        "bias": "none",
+        "use_rslora": cfg.use_rslora,
+        "use_dora": dora,
+        "lora_bias": False,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    return fields, tensors
+
+
+def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> Any:
+    """A PEFT ``LORA`` adapter (LoRA, or DoRA with ``use_dora``) as an attached deltakit ``LoraModel`` /
+    ``DoraModel``."""
+    from ..deltas.dora import DoraConfig, DoraModel
+    from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel
+
+    path, config, file = adapter.path, adapter.config, adapter.file
+    dora = _uses_dora(config)
+    kinds = [_DORA_LINEAR] if dora else [_LINEAR, _EMBEDDING]
+    method = "DoRA" if dora else "LoRA"
+    # Sort the tensors into factors per site and everything else (modules_to_save, base_layer copies).
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, tensor in adapter.tensors.items():
+        if not key.startswith(KEY_PREFIX):
+            raise CheckpointError(f"{file!r} holds {key!r}, which does not start with {KEY_PREFIX!r}: not a PEFT LoRA file.")
+        rest = key[len(KEY_PREFIX) :]
+        for suffix in _LOW_RANK_SUFFIXES:
+            if rest.endswith("." + suffix):
+                factors.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensor
+                break
+        else:
+            extras[rest] = tensor
+    if not factors:
+        raise CheckpointError(f"{file!r} holds no LoRA factors (lora_A / lora_B tensors).")
+    r = config["r"]
+    for site, parts in factors.items():
+        if dora and set(parts) & set(_EMBEDDING):
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} holds a DoRA for the embedding {site!r}: DoRA on embeddings is not "
+                f"implemented in deltakit. Leave the embedding out of target_modules, or load the adapter with PEFT."
+            )
+        kind = next((k for k in kinds if set(k) & set(parts) - {"lora_magnitude_vector"}), None)
+        if kind is None or set(parts) != set(kind):
+            expected = f" (a {method} site needs {sorted(kinds[0])})" if dora or "lora_magnitude_vector" in parts else ""
+            raise CheckpointError(
+                f"{file!r} holds an incomplete or mixed {method} set for {site!r}: {sorted(parts)}{expected}; the file "
+                f"is corrupt, or use_dora in {PEFT_CONFIG_NAME} does not match it."
+            )
+        a, b = parts[next(iter(kind))], parts[list(kind)[1]]
+        if kind is not _EMBEDDING and (a.dim() > 2 or b.dim() > 2):
+            # PEFT stores LoRA of an nn.ConvNd as conv kernels: lora_A (r, in, *kernel), lora_B (out, r, 1, ...).
+            found = [n for n, m in backbone_model.named_modules() if n == site or n.endswith("." + site)]
+            host = type(backbone_model.get_submodule(found[0])).__name__ if len(found) == 1 else "convolution"
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} holds a {method} for {site!r}, a {host} (factors shaped {tuple(a.shape)} "
+                f"and {tuple(b.shape)}, convolution kernels): {method} on Conv1d/Conv2d/Conv3d is not supported by "
+                f"deltakit. Leave the convolution out of target_modules, or load the adapter with PEFT."
+            )
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise CheckpointError(
+                f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
+                f"r={r} as adapter_config.json says (per-module ranks need rank_pattern, which deltakit refuses)."
+            )
+    base_layer = split_backbone_tensors(adapter, set(factors), extras)
+
+    # Resolve and build everything (validated) before touching the model.
+    modules = backbone_modules(backbone_model)
+    names = list(modules)
+    resolved = {site: resolve_module(site, names, path) for site in factors}
+    order = {n: i for i, n in enumerate(names)}
+    sites = sorted(resolved, key=lambda s: order[resolved[s]])
+    config_class, delta_class = (DoraConfig, DoraModel) if dora else (LoraConfig, LoraModel)
+    delta_config = config_class(
+        lora_r=r,
+        lora_alpha=config["lora_alpha"],
+        lora_dropout=float(config.get("lora_dropout") or 0.0),
+        use_rslora=bool(config.get("use_rslora")),
+        modified_modules=[resolved[s] for s in sites],
+    )
+    delta = delta_class.build_detached(
+        backbone_model, delta_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name
+    )
+    for site_name, site in zip(sites, delta.sites):
+        embedding = isinstance(site.module, LoraEmbeddingSite)
+        keys = _EMBEDDING if embedding else kinds[0]
+        if next(iter(keys)) not in factors[site_name]:
+            raise CheckpointError(
+                f"{file!r} stores {site_name!r} as a {'linear' if embedding else 'embedding'} LoRA, but "
+                f"{site.name!r} here is a {type(site.host).__name__}."
+            )
+        for key, attr in keys.items():
+            own = getattr(site.module, attr)
+            if tuple(factors[site_name][key].shape) != tuple(own.shape):
+                raise CheckpointError(
+                    f"Shape mismatch for {site_name}.{key}: the adapter {path!r} has "
+                    f"{tuple(factors[site_name][key].shape)}, {site.name!r} of this backbone needs {tuple(own.shape)}. "
+                    f"The adapter was trained on a backbone of another size."
+                )
+        if not embedding and site.module.transposed != is_conv1d(site.host):  # pragma: no cover - built from host
+            raise CheckpointError(f"Internal error: layout of {site.name!r}.")
+    backbone_tensors = backbone_tensor_targets(adapter, backbone_model, extras, base_layer, resolved)
+
+    # Every check passed: now change things.
+    with torch.no_grad():
+        for site_name, site in zip(sites, delta.sites):
+            keys = _EMBEDDING if isinstance(site.module, LoraEmbeddingSite) else kinds[0]
+            for key, attr in keys.items():
+                own = getattr(site.module, attr)
+                own.copy_(factors[site_name][key].to(own.dtype))
+    delta.attach()
+    apply_backbone_tensors(delta, backbone_tensors)
+    return delta
+
+
+#: deltakit delta_type -> how it converts to and from PEFT (see the module docstring).
+METHODS: dict[str, PeftMethod] = {
+    "lora": PeftMethod("LORA", lambda c: not _uses_dora(c), _check_low_rank_config, _load_low_rank, _dump_low_rank),
+    "dora": PeftMethod("LORA", _uses_dora, _check_low_rank_config, _load_low_rank, _dump_low_rank),
 }
 
 
@@ -85,7 +364,7 @@ def export_to_peft(
     base_model_name_or_path: str | os.PathLike[str] | None = None,
     overwrite: bool = True,
 ) -> str:
-    """Write a deltakit LoRA delta as a PEFT LoRA adapter directory.
+    """Write a deltakit delta (LoRA, DoRA; see :data:`METHODS`) as a PEFT adapter directory.
 
     The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; load it with
     ``peft.PeftModel.from_pretrained(backbone, path)`` where ``backbone`` is a model of the same class as the
@@ -94,12 +373,13 @@ def export_to_peft(
     all of whose parameters are trainable (RoBERTa's ``classifier``, not its ``dense`` and ``out_proj``).
 
     Args:
-        delta: A :class:`~deltakit.LoraModel` (any state: attached, detached or merged; the factors are exported).
+        delta: A delta whose method :data:`METHODS` lists (any state: attached, detached or merged; its own
+            parameters are exported).
         path: Target directory (created if needed).
         task_type: PEFT's ``task_type`` (e.g. ``"CAUSAL_LM"``, ``"SEQ_CLS"``); ``None`` loads as a plain
             ``PeftModel``. PEFT adds ``classifier``/``score`` to ``modules_to_save`` for ``"SEQ_CLS"`` and
             ``"TOKEN_CLS"`` (``qa_outputs`` for ``"QUESTION_ANS"``) and loads those modules whole from the file:
-            they must hold no LoRA site, and their frozen tensors are written along at their current values.
+            they must hold no delta site, and their frozen tensors are written along at their current values.
         base_model_name_or_path: Recorded in the config (default: the backbone config's ``_name_or_path``).
         overwrite: Replace an existing adapter in ``path``.
 
@@ -107,17 +387,19 @@ def export_to_peft(
         The directory path.
 
     Raises:
-        DeltaError: ``delta`` is not a LoRA delta, or holds something PEFT cannot express (part of a module's own
-            parameters trainable, trainable modules around LoRA sites, a ``task_type`` head with LoRA sites
-            inside); nothing is written.
+        DeltaError: ``delta`` is of a method PEFT interop does not cover, or holds something PEFT cannot express
+            (part of a module's own parameters trainable, trainable modules around delta sites, a ``task_type``
+            head with delta sites inside); nothing is written.
         CheckpointError: ``path`` is not a usable directory.
     """
-    from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel, LoraSite
+    from ..base import DeltaBase
 
-    if not isinstance(delta, LoraModel) or not isinstance(delta.config, LoraConfig):
+    method = METHODS.get(getattr(delta, "delta_type", None)) if isinstance(delta, DeltaBase) else None
+    if method is None:
         raise DeltaError(
-            f"export_to_peft converts LoRA deltas only, got {type(delta).__name__}: PEFT has no adapter format for "
-            f"deltakit's {getattr(delta, 'delta_type', '?')!r} deltas. Save it with save_finetuned() instead."
+            f"export_to_peft converts {', '.join(sorted(METHODS))} deltas only, got {type(delta).__name__}: PEFT "
+            f"interop has no adapter format for deltakit's {getattr(delta, 'delta_type', '?')!r} deltas. Save it with "
+            f"save_finetuned() instead."
         )
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
@@ -125,22 +407,7 @@ def export_to_peft(
     if not overwrite and any(os.path.exists(os.path.join(path, n)) for n in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)):
         raise CheckpointError(f"{path!r} already holds a PEFT adapter; pass overwrite=True to replace it.")
 
-    cfg: LoraConfig = delta.config
-    tensors: dict[str, torch.Tensor] = {}
-    conv1d = linear = 0
-    for site in delta.sites:
-        module = site.module
-        if isinstance(module, LoraEmbeddingSite):
-            names = _EMBEDDING_KEYS
-        elif isinstance(module, LoraSite):
-            names = _LINEAR_KEYS
-            conv1d += int(module.transposed)
-            linear += int(not module.transposed)
-        else:  # pragma: no cover - LoraModel builds only these two
-            raise DeltaError(f"Site {site.name!r} holds a {type(module).__name__}, which PEFT cannot express.")
-        tensors[f"{KEY_PREFIX}{site.name}.{names[0]}"] = module.lora_A
-        tensors[f"{KEY_PREFIX}{site.name}.{names[1]}"] = module.lora_B
-
+    fields, tensors = method.dump(delta)
     modules_to_save, frozen_needed = _modules_to_save(delta, task_type)
     params = dict(delta.backbone_model.named_parameters())
     for name in [*delta.unfrozen_parameter_names, *frozen_needed]:
@@ -163,29 +430,13 @@ def export_to_peft(
             f"{type(base_model_name_or_path).__name__}: {base_model_name_or_path!r:.80}."
         )
     peft_config = {
-        "peft_type": "LORA",
+        "peft_type": fields.pop("peft_type"),
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
         "revision": None,
         "inference_mode": True,
-        "r": cfg.lora_r,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        # Full module names: PEFT matches a list entry against the whole name or a dotted suffix of it.
-        "target_modules": delta.modified_modules,
-        "exclude_modules": None,
-        # PEFT corrects this per layer (with a warning) when Linear and Conv1D hosts are mixed.
-        "fan_in_fan_out": conv1d > 0 and linear == 0,
-        "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_bias": False,
+        **fields,
         "modules_to_save": modules_to_save or None,
-        "init_lora_weights": True,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
     }
     text = json.dumps(peft_config, indent=2) + "\n"
     os.makedirs(path, exist_ok=True)
@@ -197,6 +448,7 @@ def export_to_peft(
 
     _atomic_write(path, PEFT_CONFIG_NAME, write_config)
     return path
+
 
 
 def _peft_wraps(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
@@ -304,12 +556,27 @@ def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list
 
 
 # ------------------------------------------------------------------------------------------------------ import
+def _select(config: dict[str, Any], where: str) -> PeftMethod:
+    """The :data:`METHODS` row that reads this PEFT config."""
+    peft_type = config.get("peft_type")
+    rows = [m for m in METHODS.values() if m.peft_type == peft_type]
+    if not rows:
+        known = sorted({m.peft_type for m in METHODS.values()})
+        raise CheckpointError(
+            f"{where!r} holds a PEFT {peft_type!r} adapter; deltakit imports PEFT adapters of type {known} only."
+        )
+    chosen = [m for m in rows if m.selects(config)]
+    if len(chosen) != 1:  # pragma: no cover - the rows of one peft_type partition its configs
+        raise CheckpointError(f"{where!r}: {len(chosen)} deltakit methods claim this PEFT {peft_type!r} config.")
+    return chosen[0]
+
+
 def read_peft_config(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read and check ``adapter_config.json`` of a PEFT LoRA adapter directory.
+    """Read and check ``adapter_config.json`` of a PEFT adapter directory (of a type :data:`METHODS` lists).
 
     Raises:
-        CheckpointError: missing or malformed file, not a LoRA adapter, or an option deltakit cannot reproduce
-            (the message names the option and why).
+        CheckpointError: missing or malformed file, an adapter type deltakit does not import, or an option deltakit
+            cannot reproduce (the message names the option and why).
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -327,58 +594,20 @@ def read_peft_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{where!r} is not valid JSON ({exc}).") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{where!r} must hold a JSON object, got {type(config).__name__}.")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise CheckpointError(
-            f"{where!r} holds a PEFT {peft_type!r} adapter; deltakit imports LoRA adapters (peft_type 'LORA') only."
-        )
-
-    def refuse(option: str, value: Any, meaning: str) -> CheckpointError:
-        return CheckpointError(
-            f"The PEFT adapter {path!r} uses {option}={value!r} ({meaning}), which deltakit's LoRA does not "
-            f"compute, so its outputs could not be reproduced. Re-train or merge it with PEFT, or load it with PEFT."
-        )
-
-    for option, meaning in _MUST_BE_OFF.items():
-        value = config.get(option)
-        if value not in (None, False, [], {}, ""):
-            raise refuse(option, value, meaning)
-    if config.get("bias", "none") != "none":
-        raise refuse("bias", config["bias"], "trained bias tensors of the backbone, which PEFT keeps outside the adapter")
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise refuse("init_lora_weights", init, "an initialisation that rewrites the base model's weights")
-    if config.get("loftq_config"):
-        raise refuse("loftq_config", config["loftq_config"], "LoftQ, which rewrites the base model's weights")
-    for key, value in config.items():
-        if key not in _HARMLESS and key not in _MUST_BE_OFF and value not in (None, False, [], {}, ""):
-            raise CheckpointError(
-                f"The PEFT adapter {path!r} sets {key}={value!r}, an option this deltakit does not know; it cannot "
-                f"tell whether the adapter computes plain LoRA. Load it with PEFT."
-            )
-    r, alpha = config.get("r"), config.get("lora_alpha")
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise CheckpointError(f"{where!r} has an invalid rank r={r!r}.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{where!r} has an invalid lora_alpha={alpha!r}.")
+    _select(config, where).check(config, path)
     saved = config.get("modules_to_save")
     if saved is not None and (not isinstance(saved, list) or not all(isinstance(p, str) and p for p in saved)):
         raise CheckpointError(f"{where!r} has an invalid modules_to_save={saved!r} (a list of module names or null).")
-    for option, default in (("rank_pattern", r), ("alpha_pattern", alpha)):
-        pattern = config.get(option) or {}
-        if not isinstance(pattern, dict):
-            raise CheckpointError(f"{where!r} has an invalid {option}={pattern!r}.")
-        different = {k: v for k, v in pattern.items() if v != default}
-        if different:
-            raise refuse(
-                option, different, "per-module ranks or scales; a deltakit LoRA has one rank and one lora_alpha. Split "
-                "it into several LoraModel deltas by module"
-            )
     return config
 
 
-def _resolve(saved: str, names: list[str], path: str) -> str:
-    """The backbone module named ``saved`` (or, for a wrapped backbone, the one module ending with it)."""
+def resolve_module(saved: str, names: list[str], path: str) -> str:
+    """The backbone module (or parameter) named ``saved`` in an adapter, or, for a wrapped backbone, the one whose
+    name ends with ``"." + saved``.
+
+    Raises:
+        CheckpointError: no such name, or several end with it.
+    """
     if saved in names:
         return saved
     found = [n for n in names if n.endswith("." + saved)]
@@ -392,35 +621,109 @@ def _resolve(saved: str, names: list[str], path: str) -> str:
     )
 
 
-def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: str | None = None) -> Any:
-    """Load a PEFT LoRA adapter directory onto ``backbone_model`` as an attached deltakit ``LoraModel``.
+def split_backbone_tensors(adapter: PeftAdapter, sites: set[str], extras: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Check the adapter's tensors that are not the method's own (``extras``, keys without :data:`KEY_PREFIX`).
 
-    The LoRA sites are the modules the adapter holds tensors for (so ``target_modules``, ``layers_to_transform``
-    etc. are honoured as saved). Tensors of PEFT's ``modules_to_save``, and the copies of a site's own weight that
-    PEFT saves for embeddings (``<site>.base_layer.weight``) when they differ from the backbone's, are copied into
-    the backbone and recorded as the delta's unfrozen backbone tensors (so
-    :meth:`~deltakit.DeltaBase.save_finetuned` keeps them); unlike PEFT's wrapper copies, detaching the delta does
-    not restore them.
+    PEFT saves the whole subtree of every module it wrapped for ``modules_to_save`` (plus the task type's own
+    entries), so a tensor belongs to it when any module enclosing it is one PEFT wraps; and it saves copies of a
+    site's own weights as ``<site>.base_layer.<name>`` (embeddings, ``save_embedding_layers``).
+
+    Returns:
+        ``{key: site}`` for the ``base_layer`` copies (``sites``: the adapter's site names as saved).
+
+    Raises:
+        CheckpointError: a tensor that is neither.
+    """
+    config = adapter.config
+    patterns = config.get("modules_to_save") or []
+    task_patterns = [p for p in _TASK_MODULES_TO_SAVE.get(config.get("task_type") or "", ()) if p not in patterns]
+    base_layer: dict[str, str] = {}
+    for key in extras:
+        site_name, marker, _ = key.partition(".base_layer.")
+        if marker and site_name in sites:
+            base_layer[key] = site_name
+            continue
+        parts = key.split(".")
+        enclosing = [".".join(parts[:i]) for i in range(1, len(parts))]
+        if not any(_peft_wraps(module, patterns + task_patterns) for module in enclosing):
+            also = f" (and {task_patterns} for task_type={config.get('task_type')!r})" if task_patterns else ""
+            raise CheckpointError(
+                f"{adapter.file!r} holds {key!r}, which is neither a delta tensor nor part of modules_to_save="
+                f"{patterns}{also}: no module enclosing it ends with one of those names, so deltakit cannot tell what "
+                f"it is."
+            )
+    return base_layer
+
+
+def backbone_tensor_targets(
+    adapter: PeftAdapter, backbone_model: nn.Module, extras: dict[str, torch.Tensor], base_layer: dict[str, str],
+    resolved: dict[str, str],
+) -> dict[str, torch.Tensor]:
+    """``{backbone parameter name: tensor}`` for the checked ``extras`` (see :func:`split_backbone_tensors`;
+    ``resolved`` maps the adapter's site names to the backbone's), shapes checked; an unchanged ``base_layer`` copy
+    of a site's weight is dropped.
+
+    Raises:
+        CheckpointError: a target that does not exist, or a shape that does not fit.
+    """
+    params = dict(backbone_model.named_parameters())
+    param_names = list(backbone_parameters(backbone_model))
+    targets: dict[str, torch.Tensor] = {}
+    for key, tensor in extras.items():
+        if key in base_layer:
+            site_name = base_layer[key]
+            target = resolved[site_name] + "." + key[len(site_name) + len(".base_layer.") :]
+            if target not in params:
+                raise CheckpointError(f"{adapter.file!r} holds {key!r}, but {target!r} does not exist in this backbone.")
+        else:
+            target = resolve_module(key, param_names, adapter.path)
+        if tuple(params[target].shape) != tuple(tensor.shape):
+            raise CheckpointError(
+                f"Shape mismatch for the modules_to_save tensor {key!r}: adapter {tuple(tensor.shape)}, backbone "
+                f"{tuple(params[target].shape)} (e.g. another num_labels for a classifier head)."
+            )
+        if key in base_layer and torch.equal(params[target].detach().cpu(), tensor.to(params[target].dtype)):
+            continue  # PEFT saved an unchanged copy of the host's weight (it does so for embeddings): nothing to do
+        targets[target] = tensor
+    return targets
+
+
+def apply_backbone_tensors(delta: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Write checked backbone tensors (:func:`backbone_tensor_targets`) into the backbone of the attached ``delta``
+    and record them as its unfrozen backbone tensors (so ``save_finetuned`` keeps them and ``detach()`` puts the
+    backbone's own values back)."""
+    delta.write_backbone_tensors(tensors)
+    delta.unfrozen_parameter_names = [n for n, _ in delta.backbone_model.named_parameters() if n in tensors]
+
+
+def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: str | None = None) -> Any:
+    """Load a PEFT adapter directory onto ``backbone_model`` as an attached deltakit delta.
+
+    LoRA adapters become a ``LoraModel``, DoRA ones (``use_dora``) a ``DoraModel``; ``use_rslora`` carries over.
+    The sites are the modules the adapter holds tensors for (so ``target_modules``, ``layers_to_transform`` etc.
+    are honoured as saved). Tensors of PEFT's ``modules_to_save``, and the copies of a site's own weight that PEFT
+    saves for embeddings (``<site>.base_layer.weight``) when they differ from the backbone's, are copied into the
+    backbone and recorded as the delta's unfrozen backbone tensors (so :meth:`~deltakit.DeltaBase.save_finetuned`
+    keeps them); unlike PEFT's wrapper copies, detaching the delta does not restore them.
 
     Args:
         path: The adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
         backbone_model: The model the adapter was trained on (same class; the weights are not checked).
-        name: Child-module name of the per-site modules (default ``"lora"``).
+        name: Child-module name of the per-site modules (default: the delta type, ``"lora"`` / ``"dora"``).
 
     Returns:
-        The attached :class:`~deltakit.LoraModel`, with ``lora_r``/``lora_alpha``/``lora_dropout`` from the adapter
-        and ``modified_modules`` set to the full names of its sites.
+        The attached delta, with its hyper-parameters from the adapter and ``modified_modules`` set to the full
+        names of its sites.
 
     Raises:
-        CheckpointError: the directory is not a plain-LoRA PEFT adapter, its tensors are inconsistent, or they do
-            not fit the backbone; everything is checked before the model is touched.
+        CheckpointError: the directory is not an adapter deltakit can import, its tensors are inconsistent, or they
+            do not fit the backbone; everything is checked before the model is touched.
     """
-    from ..deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel
-
     path = os.fspath(path)
     if not isinstance(backbone_model, nn.Module):
         raise DeltaError(f"backbone_model must be an nn.Module, got {type(backbone_model).__name__}.")
     config = read_peft_config(path)
+    method = _select(config, os.path.join(path, PEFT_CONFIG_NAME))
     file = os.path.join(path, PEFT_WEIGHTS_NAME)
     if not os.path.isfile(file):
         extra = " (pickled adapter_model.bin files are not read: convert it to safetensors)" if os.path.isfile(
@@ -431,123 +734,4 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
         tensors = load_file(file, device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{file!r} is corrupt or truncated and cannot be read ({exc}).") from None
-
-    # Sort the tensors into LoRA factors per site and modules_to_save tensors.
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    extras: dict[str, torch.Tensor] = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(KEY_PREFIX):
-            raise CheckpointError(f"{file!r} holds {key!r}, which does not start with {KEY_PREFIX!r}: not a PEFT LoRA file.")
-        rest = key[len(KEY_PREFIX) :]
-        for suffix in (*_LINEAR_KEYS, *_EMBEDDING_KEYS):
-            if rest.endswith("." + suffix):
-                factors.setdefault(rest[: -len(suffix) - 1], {})[suffix] = tensor
-                break
-        else:
-            extras[rest] = tensor
-    if not factors:
-        raise CheckpointError(f"{file!r} holds no LoRA factors (lora_A / lora_B tensors).")
-    r = config["r"]
-    for site, parts in factors.items():
-        kinds = [k for k in (_LINEAR_KEYS, _EMBEDDING_KEYS) if set(k) & set(parts)]
-        if len(kinds) != 1 or set(parts) != set(kinds[0]):
-            raise CheckpointError(
-                f"{file!r} holds an incomplete or mixed LoRA pair for {site!r}: {sorted(parts)}; the file is corrupt."
-            )
-        a, b = (parts[k] for k in kinds[0])
-        if kinds[0] == _LINEAR_KEYS and (a.dim() > 2 or b.dim() > 2):
-            # PEFT stores LoRA of an nn.ConvNd as conv kernels: lora_A (r, in, *kernel), lora_B (out, r, 1, ...).
-            found = [n for n, m in backbone_model.named_modules() if n == site or n.endswith("." + site)]
-            host = type(backbone_model.get_submodule(found[0])).__name__ if len(found) == 1 else "convolution"
-            raise CheckpointError(
-                f"The PEFT adapter {path!r} holds a LoRA for {site!r}, a {host} (factors shaped {tuple(a.shape)} and "
-                f"{tuple(b.shape)}, convolution kernels): LoRA on Conv1d/Conv2d/Conv3d is not supported by "
-                f"deltakit. Leave the convolution out of target_modules, or load the adapter with PEFT."
-            )
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise CheckpointError(
-                f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
-                f"r={r} as adapter_config.json says (per-module ranks need rank_pattern, which deltakit refuses)."
-            )
-    # PEFT saves the whole subtree of every module it wrapped for modules_to_save (plus the task type's own
-    # entries), so a tensor belongs to it when any module enclosing it is one PEFT wraps.
-    patterns = config.get("modules_to_save") or []
-    task_patterns = [p for p in _TASK_MODULES_TO_SAVE.get(config.get("task_type") or "", ()) if p not in patterns]
-    base_layer: dict[str, str] = {}  # PEFT's copies of a site's own weights (save_embedding_layers): key -> site
-    for key in extras:
-        site_name, marker, _ = key.partition(".base_layer.")
-        if marker and site_name in factors:
-            base_layer[key] = site_name
-            continue
-        parts = key.split(".")
-        enclosing = [".".join(parts[:i]) for i in range(1, len(parts))]
-        if not any(_peft_wraps(module, patterns + task_patterns) for module in enclosing):
-            also = f" (and {task_patterns} for task_type={config.get('task_type')!r})" if task_patterns else ""
-            raise CheckpointError(
-                f"{file!r} holds {key!r}, which is neither a LoRA factor nor part of modules_to_save={patterns}{also}: "
-                f"no module enclosing it ends with one of those names, so deltakit cannot tell what it is."
-            )
-
-    # Resolve and build everything (validated) before touching the model.
-    modules = dict(backbone_model.named_modules())
-    inside_deltas = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
-    names = [n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in inside_deltas)]
-    resolved = {site: _resolve(site, names, path) for site in factors}
-    order = {n: i for i, n in enumerate(names)}
-    sites = sorted(resolved, key=lambda s: order[resolved[s]])
-    lora_config = LoraConfig(
-        lora_r=r,
-        lora_alpha=config["lora_alpha"],
-        lora_dropout=float(config.get("lora_dropout") or 0.0),
-        modified_modules=[resolved[s] for s in sites],
-    )
-    delta = LoraModel.build_detached(
-        backbone_model, lora_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name
-    )
-    for site_name, site in zip(sites, delta.sites):
-        embedding = isinstance(site.module, LoraEmbeddingSite)
-        keys = _EMBEDDING_KEYS if embedding else _LINEAR_KEYS
-        if keys[0] not in factors[site_name]:
-            raise CheckpointError(
-                f"{file!r} stores {site_name!r} as a {'linear' if embedding else 'embedding'} LoRA, but "
-                f"{site.name!r} here is a {type(site.host).__name__}."
-            )
-        for key, own in zip(keys, (site.module.lora_A, site.module.lora_B)):
-            if tuple(factors[site_name][key].shape) != tuple(own.shape):
-                raise CheckpointError(
-                    f"Shape mismatch for {site_name}.{key}: the adapter {path!r} has "
-                    f"{tuple(factors[site_name][key].shape)}, {site.name!r} of this backbone needs {tuple(own.shape)}. "
-                    f"The adapter was trained on a backbone of another size."
-                )
-        if not embedding and site.module.transposed != is_conv1d(site.host):  # pragma: no cover - built from host
-            raise CheckpointError(f"Internal error: layout of {site.name!r}.")
-    params = dict(backbone_model.named_parameters())
-    param_names = [n for n in params if not any(n.startswith(s + ".") for s in inside_deltas)]
-    backbone_tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in extras.items():
-        if key in base_layer:
-            site_name = base_layer[key]
-            target = resolved[site_name] + "." + key[len(site_name) + len(".base_layer.") :]
-            if target not in params:
-                raise CheckpointError(f"{file!r} holds {key!r}, but {target!r} does not exist in this backbone.")
-        else:
-            target = _resolve(key, param_names, path)
-        if tuple(params[target].shape) != tuple(tensor.shape):
-            raise CheckpointError(
-                f"Shape mismatch for the modules_to_save tensor {key!r}: adapter {tuple(tensor.shape)}, backbone "
-                f"{tuple(params[target].shape)} (e.g. another num_labels for a classifier head)."
-            )
-        if key in base_layer and torch.equal(params[target].detach().cpu(), tensor.to(params[target].dtype)):
-            continue  # PEFT saved an unchanged copy of the host's weight (it does so for embeddings): nothing to do
-        backbone_tensors[target] = tensor
-
-    # Every check passed: now change things.
-    with torch.no_grad():
-        for site_name, site in zip(sites, delta.sites):
-            keys = _EMBEDDING_KEYS if isinstance(site.module, LoraEmbeddingSite) else _LINEAR_KEYS
-            site.module.lora_A.copy_(factors[site_name][keys[0]].to(site.module.lora_A.dtype))
-            site.module.lora_B.copy_(factors[site_name][keys[1]].to(site.module.lora_B.dtype))
-    delta.attach()
-    delta.write_backbone_tensors(backbone_tensors)  # detach() puts the backbone's own values back
-    delta.unfrozen_parameter_names = [n for n in params if n in backbone_tensors]  # in model order
-    return delta
+    return method.load(PeftAdapter(path, config, tensors), backbone_model, name)

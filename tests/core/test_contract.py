@@ -21,6 +21,11 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
     "lora": {
         "lora-default": {"lora_r": 4, "lora_alpha": 8},
         "lora-embed-ff": {"modified_modules": ["embed", "ff.w1", "ff.w2"], "lora_r": 2},
+        "lora-rslora": {"lora_r": 4, "lora_alpha": 8, "use_rslora": True},
+    },
+    "dora": {
+        "dora-default": {"lora_r": 4, "lora_alpha": 8},
+        "dora-ff-rslora": {"modified_modules": ["ff.w1", "ff.w2"], "lora_r": 2, "use_rslora": True},
     },
     "bitfit": {"bitfit-default": {}},
     "adapter": {
@@ -66,7 +71,7 @@ VARIANTS: dict[str, Callable[[nn.Module], DeltaBase]] = {
     if delta_type in DELTA_REGISTRY and _shipped(delta_type)
     for name, kwargs in variants.items()
 }
-MERGEABLE = ("lora", "bitfit")
+MERGEABLE = ("lora", "bitfit", "dora")
 # The prompt family changes the output from the start: a prefix adds keys every query attends to, a soft prompt adds
 # input positions (decoder-only logits even gain positions). Everything else in the contract applies to them.
 NOT_IDENTITY = ("prefix", "soft-prompt")

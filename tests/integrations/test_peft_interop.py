@@ -1,5 +1,6 @@
-"""PEFT interop in both directions: deltakit LoRA -> PEFT adapter directory -> peft.PeftModel, and PEFT adapter ->
-deltakit LoraModel, with bit-identical outputs; options without an equivalent are refused and change nothing."""
+"""PEFT interop in both directions: deltakit LoRA / DoRA (rsLoRA too) -> PEFT adapter directory -> peft.PeftModel,
+and PEFT adapter -> deltakit delta, with bit-identical tensors and outputs equal to rounding; options without an
+equivalent are refused and change nothing."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, LoraModel
+from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, DoraModel, LoraModel
 from deltakit.integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_to_peft, from_peft
 from deltakit.structures import tiny_model
 
@@ -214,8 +215,6 @@ def test_a_trained_classifier_head_travels_as_modules_to_save(tmp_path) -> None:
 
 
 REFUSED = {
-    "use_dora": {"use_dora": True},
-    "use_rslora": {"use_rslora": True},
     "bias": {"bias": "all"},
     "rank_pattern": {"rank_pattern": {"query": 2}},
 }
@@ -300,7 +299,7 @@ def _wider_bert() -> nn.Module:
 
 def test_export_refuses_what_peft_cannot_hold_and_writes_nothing(tmp_path) -> None:
     model = tiny_classifier()
-    with pytest.raises(DeltaError, match="LoRA deltas only"):
+    with pytest.raises(DeltaError, match="deltas only"):
         export_to_peft(BitFitModel(model), tmp_path / "bitfit")
     assert not (tmp_path / "bitfit").exists()
     delta = LoraModel(tiny_classifier(), lora_r=2)
@@ -398,7 +397,7 @@ def test_modules_to_save_outside_the_adapter_patterns_are_still_refused(tmp_path
     _edit_config(tmp_path / "peft", modules_to_save=["out_proj"], task_type=None)  # "classifier" no longer named
     model = roberta_classifier()
     state = snapshot(model)
-    with pytest.raises(CheckpointError, match="'classifier.dense.*neither a LoRA factor nor part of modules_to_save"):
+    with pytest.raises(CheckpointError, match="'classifier.dense.*neither a delta tensor nor part of modules_to_save"):
         from_peft(tmp_path / "peft", model)
     assert_state_equal(model, state)
     assert all(h == (0, 0) for h in hook_counts(model).values())
@@ -516,3 +515,136 @@ def test_export_records_a_path_given_as_a_path_object(tmp_path) -> None:
     with pytest.raises(DeltaError, match="must be a hub id or a path"):
         export_to_peft(delta, tmp_path / "bad", base_model_name_or_path=42)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------- rsLoRA and DoRA
+# DoRA positions (no embeddings: deltakit refuses DoRA on them) for deltakit (role names) and PEFT (suffixes).
+DORA_ROLES = {"bert": ["attn.q", "attn.v"], "gpt2": ["attn.q", "ff.w1"], "llama": ["attn.q", "attn.v", "ff.gate", "ff.w2"]}
+DORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "gate_proj", "down_proj"]}
+
+
+@pytest.mark.parametrize("arch", TESTED)
+def test_rslora_adapter_imports_with_its_scale_and_exports_back(arch: str, tmp_path) -> None:
+    _, theirs = peft_adapter(arch, str(tmp_path / "peft"), use_rslora=True)
+    model = tiny_model(arch)
+    delta = from_peft(tmp_path / "peft", model)
+    assert isinstance(delta, LoraModel) and delta.config.use_rslora is True
+    assert all(s.module.scaling == 8 / 2 for s in delta.sites)  # lora_alpha / sqrt(r) = 8 / sqrt(4)
+    ours = hidden(model)
+    same_as_peft(ours, theirs)
+    # the plain-LoRA scale (8 / 4) would be another function: the flag matters
+    assert not torch.allclose(ours, hidden(from_peft_without_rslora(tmp_path)))
+    export_to_peft(delta, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / PEFT_CONFIG_NAME).read_text())["use_rslora"] is True
+    reloaded = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "again").eval()
+    same_as_peft(hidden(reloaded), theirs)
+    # and through a deltakit checkpoint: the flag is in delta_config.json
+    delta.save_finetuned(tmp_path / "deltakit")
+    fresh = tiny_model(arch)
+    assert AutoDeltaModel.from_finetuned(tmp_path / "deltakit", fresh).config.use_rslora is True
+    assert torch.equal(hidden(fresh), ours)
+
+
+def from_peft_without_rslora(tmp_path) -> nn.Module:
+    """The same adapter read as if use_rslora were off (what a loader that drops the flag serves)."""
+    import shutil
+
+    shutil.copytree(tmp_path / "peft", tmp_path / "plain")
+    _edit_config(tmp_path / "plain", use_rslora=False)
+    arch = json.loads((tmp_path / "plain" / PEFT_CONFIG_NAME).read_text())["auto_mapping"]["base_model_class"]
+    model = tiny_model({"BertModel": "bert", "GPT2Model": "gpt2", "LlamaModel": "llama"}[arch])
+    from_peft(tmp_path / "plain", model)
+    return model
+
+
+def peft_dora_adapter(arch: str, path, **options: object) -> tuple[nn.Module, torch.Tensor]:
+    """A PEFT DoRA adapter with random factors and magnitudes; PEFT's model and output."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=DORA_TARGETS[arch], use_dora=True, **options)
+    model = peft.get_peft_model(tiny_model(arch), config)
+    perturb_dora(model, seed=3)
+    model.save_pretrained(path)
+    model.eval()
+    return model, hidden(model)
+
+
+def perturb_dora(model: nn.Module, seed: int) -> None:
+    """Random LoRA factors; magnitudes moved by up to 20% from the row norms PEFT starts them at."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.2 * (torch.rand(param.shape, generator=g) * 2 - 1))
+            elif "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("arch", TESTED)
+def test_peft_dora_adapter_imports_and_exports_back(arch: str, rslora: bool, tmp_path) -> None:
+    _, theirs = peft_dora_adapter(arch, tmp_path / "peft", use_rslora=rslora)
+    model = tiny_model(arch)
+    delta = from_peft(tmp_path / "peft", model)
+    assert isinstance(delta, DoraModel) and delta.state == "attached" and delta.config.use_rslora is rslora
+    ours = hidden(model)
+    same_as_peft(ours, theirs)
+    assert not torch.allclose(ours, hidden(tiny_model(arch)))
+    export_to_peft(delta, tmp_path / "again")
+    original = load_file(tmp_path / "peft" / PEFT_WEIGHTS_NAME)
+    again = load_file(tmp_path / "again" / PEFT_WEIGHTS_NAME)
+    assert sorted(again) == sorted(original) and any(k.endswith(".lora_magnitude_vector") for k in again)
+    assert all(torch.equal(original[k], again[k]) for k in again)  # a renaming: bit for bit
+    config = json.loads((tmp_path / "again" / PEFT_CONFIG_NAME).read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is rslora
+    reloaded = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "again").eval()
+    same_as_peft(hidden(reloaded), theirs)
+    delta.detach()
+    assert torch.equal(hidden(model), hidden(tiny_model(arch)))
+
+
+@pytest.mark.parametrize("arch", TESTED)
+def test_deltakit_dora_exports_to_peft_with_the_same_outputs(arch: str, tmp_path) -> None:
+    model = tiny_model(arch)
+    delta = DoraModel(model, modified_modules=DORA_ROLES[arch], lora_r=4, lora_alpha=8)
+    perturb(delta, scale=0.3)
+    ours = hidden(model)
+    export_to_peft(delta, tmp_path / "adapter")
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), tmp_path / "adapter").eval()
+    same_as_peft(hidden(theirs), ours)
+    for site in delta.sites:  # PEFT holds our magnitudes, bit for bit
+        layer = theirs.base_model.model.get_submodule(site.name)
+        assert torch.equal(layer.lora_magnitude_vector["default"].weight, site.module.magnitude)
+
+
+def test_peft_dora_on_an_embedding_is_refused_and_changes_nothing(tmp_path) -> None:
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "word_embeddings"], use_dora=True)
+    peft.get_peft_model(tiny_model("bert"), config).save_pretrained(tmp_path / "peft")
+    model = tiny_model("bert")
+    state, hooks = snapshot(model), hook_counts(model)
+    with pytest.raises(CheckpointError, match="DoRA on embeddings is not implemented"):
+        from_peft(tmp_path / "peft", model)
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+
+
+@pytest.mark.parametrize("use_dora", [True, False])
+def test_a_file_that_does_not_match_use_dora_is_refused(use_dora: bool, tmp_path) -> None:
+    # DoRA tensors with use_dora off (or plain LoRA tensors with it on) would be read as another function
+    if use_dora:
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=DORA_TARGETS["bert"])
+        peft.get_peft_model(tiny_model("bert"), config).save_pretrained(tmp_path / "peft")
+    else:
+        peft_dora_adapter("bert", tmp_path / "peft")
+    _edit_config(tmp_path / "peft", use_dora=use_dora)
+    model = tiny_model("bert")
+    state = snapshot(model)
+    with pytest.raises(CheckpointError, match="use_dora"):
+        from_peft(tmp_path / "peft", model)
+    assert_state_equal(model, state)
+
+
+@pytest.mark.parametrize("option", ["use_rslora", "use_dora"])
+def test_a_non_boolean_flag_is_refused(option: str, tmp_path) -> None:
+    peft_adapter("bert", str(tmp_path / "peft"))
+    _edit_config(tmp_path / "peft", **{option: "yes"})
+    with pytest.raises(CheckpointError, match=option):
+        from_peft(tmp_path / "peft", tiny_model("bert"))
