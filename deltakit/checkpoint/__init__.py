@@ -35,7 +35,6 @@ are the public API; import them from ``deltakit.checkpoint``.
 
 from __future__ import annotations
 
-from ..io.files import atomic_write as _atomic_write  # noqa: F401 - used by integrations.peft
 from .fingerprint import backbone_fingerprint
 from .layout import (
     CONFIG_NAME,

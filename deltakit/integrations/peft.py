@@ -53,8 +53,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import _atomic_write
 from ..errors import CheckpointError, DeltaError
+from ..io.files import atomic_write
 from ..site import DeltaSite, backbone_modules, backbone_parameters
 from ..structures import find_config, is_conv1d
 
@@ -440,13 +440,13 @@ def export_to_peft(
     }
     text = json.dumps(peft_config, indent=2) + "\n"
     os.makedirs(path, exist_ok=True)
-    _atomic_write(path, PEFT_WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
+    atomic_write(path, PEFT_WEIGHTS_NAME, lambda tmp: save_file(payload, tmp, metadata={"format": "pt"}))
 
     def write_config(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _atomic_write(path, PEFT_CONFIG_NAME, write_config)
+    atomic_write(path, PEFT_CONFIG_NAME, write_config)
     return path
 
 
