@@ -55,7 +55,7 @@ from torch import nn
 
 from ..errors import CheckpointError, DeltaError
 from ..io.files import atomic_write
-from ..site import DeltaSite, backbone_modules, backbone_parameters
+from ..site import backbone_modules, backbone_parameters
 from ..structures import find_config, is_conv1d
 
 __all__ = [
@@ -480,8 +480,7 @@ def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list
     unfrozen = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in sites]
     backbone = delta.backbone_model
     modules = dict(backbone.named_modules())
-    inside_deltas = [n for n, m in modules.items() if isinstance(m, DeltaSite)]
-    names = [n for n in modules if n and not any(n == s or n.startswith(s + ".") for s in inside_deltas)]
+    names = list(backbone_modules(backbone))
     task_patterns = _TASK_MODULES_TO_SAVE.get(task_type or "", ())
     forced = [n for n in names if _peft_wraps(n, task_patterns)]
 

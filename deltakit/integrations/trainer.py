@@ -52,7 +52,7 @@ from ..checkpoint import WEIGHTS_NAME
 from ..config import CONFIG_NAME
 from ..errors import CheckpointError, DeltaError
 from ..optim import check_loraplus_arguments, create_loraplus_optimizer
-from ..site import DeltaSite
+from ..site import delta_site_names, is_inside
 from .distributed import load_delta_state_dict, read_delta_checkpoint
 
 __all__ = ["DeltaTrainer"]
@@ -189,13 +189,13 @@ class DeltaTrainer(Trainer):
         for delta in self.deltas:
             for n, p in delta.backbone_model.named_parameters():
                 backbone_names.setdefault(id(p), n)
-        site_prefixes = [n + "." for n, m in self.model.named_modules() if isinstance(m, DeltaSite)]
+        sites = delta_site_names(self.model)
         inside: list[str] = []
         outside: list[str] = []
         other_deltas: list[str] = []
         for name, param in unsaved:
             owner = backbone_names[id(param)].rpartition(".")[0] if id(param) in backbone_names else None
-            if any(name.startswith(prefix) for prefix in site_prefixes):
+            if is_inside(name.rpartition(".")[0], sites):
                 other_deltas.append(name)
             elif not owner:  # outside every delta's backbone, or a parameter of the backbone's root module
                 outside.append(name)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..addressing import find_modules
 from ..errors import ModuleMatchError
-from ..site import DeltaSite, SharedParameters
+from ..site import DeltaSite, SharedParameters, is_inside
 from ..structures import ROLE_NAMES, STRUCTURES, detect_model_type, infer_structure
 
 #: Module types that belong to deltas, never to the backbone: neither drawn nor selectable.
@@ -135,8 +135,8 @@ def selectable_names(model: nn.Module) -> list[str]:
     """The module names ``modified_modules`` patterns are matched against, in model order: every named module
     except the root and the modules of deltas (what :func:`deltakit.find_modules` considers)."""
     modules = [(n, m) for n, m in model.named_modules() if n]
-    skipped = [n for n, m in modules if isinstance(m, DELTA_TYPES)]
-    return [n for n, _ in modules if not any(n == s or n.startswith(s + ".") for s in skipped)]
+    skipped = {n for n, m in modules if isinstance(m, DELTA_TYPES)}
+    return [n for n, _ in modules if not is_inside(n, skipped)]
 
 
 def role_map(model: nn.Module) -> dict[str, Any]:
