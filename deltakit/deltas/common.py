@@ -55,6 +55,12 @@ def _feature_width(name: str, host: nn.Module, backbone: nn.Module, method: str,
             f"a convolution's {'input' if side == 0 else 'output'} is channels-first (N, C, ...), so its last "
             f"dimension is a spatial one, not the {host.in_channels if side == 0 else host.out_channels} channels.",
         )
+    if isinstance(host, nn.GroupNorm):
+        raise _refuse_unsized(
+            name, host, method,
+            f"a GroupNorm's input and output are channels-first (N, C, ...), so their last dimension is a spatial "
+            f"one, not the {host.num_channels} channels.",
+        )
     if isinstance(host, nn.Embedding):
         if side == 0:
             raise _refuse_unsized(name, host, method, "its input is token ids, not features.")

@@ -1,8 +1,14 @@
 """LoRA: Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models" (arXiv:2106.09685).
 
 ``h = W x + (alpha / r) * B A dropout(x)`` with ``A`` (r x in) Kaiming-uniform and ``B`` (out x r) zero, so a fresh
-LoRA is the identity. Hooks the *output* of ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and ``nn.Embedding``
-hosts; merging folds ``(alpha / r) * B A`` into the host weight.
+LoRA is the identity. Hooks the *output* of ``nn.Linear``, transformers' ``Conv1D`` (GPT-2), ``nn.Embedding`` and
+``nn.Conv1d/2d/3d`` hosts; merging folds ``(alpha / r) * B A`` into the host weight.
+
+On a convolution ``A`` is a convolution with the host's kernel, stride, padding (and padding mode) and dilation
+producing ``r`` channels, and ``B`` a 1x1 convolution back to the host's channels (PEFT's layout: ``lora_A``
+``(r, in, *kernel)``, ``lora_B`` ``(out, r / groups, 1, ...)``). A grouped host (``groups > 1``) gets a grouped
+``B`` and a full ``A``, as in PEFT: that update reads every input channel, so it cannot be folded into the grouped
+weight and merging it is refused.
 
 rsLoRA (Kalajdzievski 2023, "A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", arXiv:2312.03732) is
 the option ``use_rslora=True``: the scale becomes ``alpha / sqrt(r)``, which keeps the update's size stable as the
@@ -24,10 +30,10 @@ from ..base import DeltaBase
 from ..config import (
     MAX_SCALE, DeltaConfig, check_bool, check_bounded_by, check_finite_number, check_positive_int, check_probability,
 )
-from ..errors import DeltaStateError, UnsupportedModuleError
+from ..errors import DeltaError, DeltaStateError, UnsupportedModuleError
 from ..routing import SiteRouter
 from ..site import Composition, DeltaSite, factory_kwargs
-from ..structures import is_conv1d, linear_dims
+from ..structures import ConvGeometry, conv_geometry, is_conv1d, is_convolution, linear_dims
 from .common import first_input
 
 
@@ -320,6 +326,119 @@ class LoraSite(DeltaSite):
         return {"weight": delta.T if self.transposed else delta}
 
 
+# ------------------------------------------------------------------------------------------------ convolutions
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PLAIN_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def conv_like_host(x: torch.Tensor, weight: torch.Tensor, geometry: ConvGeometry, groups: int = 1) -> torch.Tensor:
+    """``weight`` applied to ``x`` as the host applies its own: same stride, padding (mode) and dilation."""
+    conv = _CONV_FUNCTIONS[geometry.dims]
+    if geometry.pre_pad is not None:  # reflect / replicate / circular: pad first, as nn.ConvNd does
+        x = F.pad(x, geometry.pre_pad, mode=geometry.padding_mode)
+        return conv(x, weight, None, geometry.stride, 0, geometry.dilation, groups)
+    return conv(x, weight, None, geometry.stride, geometry.padding, geometry.dilation, groups)
+
+
+def _dense_up(site: LoraConvSite) -> torch.Tensor:
+    """``scaling * B`` as a dense ``out x r`` matrix (a grouped ``B`` becomes block diagonal)."""
+    b = site.lora_B.flatten(1) * site.scaling
+    groups = site.geometry.groups
+    if groups == 1:
+        return b
+    rows = b.shape[0] // groups
+    return torch.block_diag(*(b[g * rows : (g + 1) * rows] for g in range(groups)))
+
+
+class LoraConvRouter(SiteRouter):
+    """Per-row LoRA on one convolution: row ``j`` runs ``A[s_j]`` and then ``B[s_j]``.
+
+    ``A``: the rows' kernels gathered and stacked along the output channels, applied in one grouped convolution
+    over the batch folded into the channels (``groups = N``), so each row meets only its own kernels. ``B``: a
+    1x1 convolution is a matmul over channels, so one ``bmm`` of the rows' ``out x r`` matrices (grouped ``B``
+    made block diagonal) with the flattened positions.
+    """
+
+    def build(self) -> dict[str, torch.Tensor]:
+        r = max(s.lora_A.shape[0] for s in self.sites)  # type: ignore[union-attr]
+        a = [_pad_rank(s.lora_A, r, 0) for s in self.sites]  # type: ignore[arg-type]
+        b = [_pad_rank(_dense_up(s), r, 1) for s in self.sites]  # type: ignore[arg-type]
+        return {"A": torch.stack([*a, torch.zeros_like(a[0])]), "B": torch.stack([*b, torch.zeros_like(b[0])])}
+
+    def apply(self, stack: dict[str, torch.Tensor], slots: torch.Tensor, args: tuple[Any, ...],
+              kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        x = first_input(args, kwargs)
+        geometry: ConvGeometry = self.sites[0].geometry  # type: ignore[assignment]
+        if x.dim() != geometry.dims + 2:
+            raise DeltaError(
+                f"DeltaGroup.route() cannot route the convolution {self.host_name!r}: it received an unbatched input "
+                f"of shape {tuple(x.shape)}, and routing needs the batch on dim 0 ({geometry.dims + 2}-d input). "
+                f"Add a batch dimension (x.unsqueeze(0))."
+            )
+        a = self.gather(stack, "A", slots)  # N x r x C x kernel
+        b = self.gather(stack, "B", slots)  # N x out x r
+        n, r = a.shape[0], a.shape[1]
+        folded = x.to(a.dtype).reshape(1, n * x.shape[1], *x.shape[2:])
+        projected = conv_like_host(folded, a.reshape(n * r, *a.shape[2:]), geometry, groups=n)
+        update = torch.bmm(b, projected.reshape(n, r, -1)).view(output.shape)
+        tracked = torch.is_grad_enabled() and (update.requires_grad or output.requires_grad)
+        if update.dtype == output.dtype and not tracked:
+            return output.add_(update)
+        return output + update.to(output.dtype)
+
+
+class LoraConvSite(DeltaSite):
+    """LoRA of an ``nn.Conv1d/2d/3d``: ``out + s B(A(x))`` with ``A`` a convolution like the host's producing ``r``
+    channels and ``B`` a 1x1 convolution (grouped like the host); mergeable unless the host is grouped."""
+
+    composition = Composition.ADDS_INPUT_FUNCTION
+    router = LoraConvRouter
+
+    def __init__(self, geometry: ConvGeometry, r: int, scaling: float, dropout: float, **factory: Any) -> None:
+        super().__init__()
+        self.geometry = geometry  # a frozen dataclass: not a submodule, not saved (rebuilt from the host)
+        self.scaling = scaling
+        ones = (1,) * geometry.dims
+        self.lora_A = nn.Parameter(torch.empty(r, geometry.in_channels, *geometry.kernel_size, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(geometry.out_channels, r // geometry.groups, *ones, **factory))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # fan-in: in_channels * prod(kernel), as PEFT's
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """``B(A(x))`` without the scale, in the factors' dtype."""
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        projected = conv_like_host(x, self.lora_A, self.geometry)
+        return _CONV_FUNCTIONS[self.geometry.dims](projected, self.lora_B, None, 1, 0, 1, self.geometry.groups)
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: torch.Tensor) -> torch.Tensor:
+        update = self.update(first_input(args, kwargs))
+        in_place = type(host) in _PLAIN_CONVS or not (torch.is_grad_enabled() and output.requires_grad)
+        if update.dtype != output.dtype or not in_place or torch.compiler.is_compiling():
+            return output + (update * self.scaling).to(output.dtype)
+        # The host's output is fresh and a convolution's backward does not read it (a subclass's forward might
+        # end in an op whose backward does, hence the type check): accumulate in place, no second output-sized
+        # tensor (feature maps are the large tensors of a vision model).
+        return output.add_(update, alpha=self.scaling)
+
+    def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        geometry = self.geometry
+        if geometry.groups > 1:
+            raise DeltaStateError(
+                f"Cannot merge a LoRA into the grouped convolution {geometry.describe()}: its A reads all "
+                f"{geometry.in_channels} input channels while each group of the host's weight reads only "
+                f"{geometry.in_channels // geometry.groups}, so no weight of the host's shape computes the update "
+                f"(PEFT refuses this merge too). Keep this delta attached, or leave grouped convolutions out of "
+                f"modified_modules."
+            )
+        a, b = self.lora_A.detach(), self.lora_B.detach()
+        # B is 1x1: B(A(x)) is one convolution with kernel B @ A (over the rank), same stride / padding / dilation.
+        delta = (b.flatten(1) @ a.flatten(1)).view(host.weight.shape) * self.scaling
+        return {"weight": delta}
+
+
 def embedding_scale(host: nn.Module) -> float | torch.Tensor | None:
     """The factor a *scaled* word embedding multiplies its lookup by inside its forward, or ``None``.
 
@@ -394,7 +513,7 @@ class LoraEmbeddingSite(DeltaSite):
 
 
 class LoraModel(DeltaBase):
-    """Low-rank adaptation of Linear, Conv1D and Embedding modules.
+    """Low-rank adaptation of Linear, Conv1D, Embedding and convolution (``nn.Conv1d/2d/3d``) modules.
 
     Example:
         >>> delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
@@ -456,11 +575,13 @@ class LoraModel(DeltaBase):
                 f"Embedding({host.num_embeddings}, {host.embedding_dim})", "embedding_dim",
             )
             return LoraEmbeddingSite(host, cfg.lora_r, cfg.scaling, cfg.lora_dropout, **factory)
+        if is_convolution(host):
+            return self._build_conv_site(name, host)
         dims = linear_dims(host)
         if dims is None:
             raise UnsupportedModuleError(
                 f"LoRA cannot modify {name!r} of type {type(host).__name__}: it supports nn.Linear, transformers "
-                f"Conv1D and nn.Embedding. Point modified_modules at the linear layers inside it."
+                f"Conv1D, nn.Embedding and nn.Conv1d/2d/3d. Point modified_modules at the linear layers inside it."
             )
         # B A has rank <= min(in, out) whatever r is. A rank up to the wider side is accepted (PEFT recipes put r=8 on
         # a 2-label head); beyond it r only costs memory, and 2**40 would ask for terabytes.
@@ -469,3 +590,29 @@ class LoraModel(DeltaBase):
             "max(in_features, out_features)",
         )
         return LoraSite(*dims, cfg.lora_r, cfg.scaling, cfg.lora_dropout, transposed=is_conv1d(host), **factory)
+
+    def _build_conv_site(self, name: str, host: nn.Module) -> DeltaSite:
+        """The site of an ``nn.Conv1d/2d/3d`` host, after checking the host and the rank against it."""
+        cfg: LoraConfig = self.config  # type: ignore[assignment]
+        geometry = conv_geometry(host)
+        if geometry is None:
+            kind = type(host).__name__
+            why = (
+                "it has not run yet, so its in_channels are unknown. Run one forward pass before creating the delta"
+                if isinstance(getattr(host, "weight", None), nn.parameter.UninitializedParameter)
+                else "transposed convolutions are not supported (a LoRA of one would need its own layout, and PEFT "
+                "has none). Point modified_modules at nn.Conv1d/2d/3d or Linear layers"
+            )
+            raise UnsupportedModuleError(f"LoRA cannot modify {name!r} ({kind}): {why}.")
+        if cfg.lora_r % geometry.groups:
+            raise UnsupportedModuleError(
+                f"LoRA cannot modify {name!r} ({geometry.describe()}) with lora_r={cfg.lora_r}: on a grouped "
+                f"convolution B is grouped like the host, so the rank must be a multiple of groups={geometry.groups} "
+                f"(as in PEFT). Choose lora_r as a multiple of {geometry.groups}, or leave {name!r} out."
+            )
+        # B A (r x in*kernel, out x r) has rank <= min(in * kernel, out); as for Linear, up to the wider side.
+        check_bounded_by(
+            cfg, "lora_r", cfg.lora_r, max(geometry.fan_in, geometry.out_channels), name, geometry.describe(),
+            "max(in_channels * prod(kernel_size), out_channels)",
+        )
+        return LoraConvSite(geometry, cfg.lora_r, cfg.scaling, cfg.lora_dropout, **factory_kwargs(host))

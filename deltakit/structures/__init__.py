@@ -42,7 +42,15 @@ config), ``hosts`` (what kind of host a module is), ``inference`` (roles of unma
 
 from __future__ import annotations
 
-from .hosts import is_conv1d, linear_dims, norm_shape
+from .hosts import (
+    ConvGeometry,
+    channels_first_width,
+    conv_geometry,
+    is_conv1d,
+    is_convolution,
+    linear_dims,
+    norm_shape,
+)
 from .inference import InferredStructure, RoleAbsentError, infer_structure, log_inferred
 from .model_config import detect_model_type, find_config
 from .roles import ROLE_NAMES, STRUCTURES, is_role_name, role_patterns
@@ -53,12 +61,16 @@ __all__ = [
     "ROLE_NAMES",
     "STRUCTURES",
     "TINY_ARCHITECTURES",
+    "ConvGeometry",
     "InferredStructure",
     "RoleAbsentError",
+    "channels_first_width",
+    "conv_geometry",
     "detect_model_type",
     "find_config",
     "infer_structure",
     "is_conv1d",
+    "is_convolution",
     "is_role_name",
     "linear_dims",
     "log_inferred",

@@ -64,7 +64,10 @@ def _site_measure(site: Any) -> tuple[str, float | None, float | None]:
     merge = type(site.module).merge_deltas
     with torch.no_grad():
         if merge is not None:
-            deltas = site.module.merge_deltas(site.host)
+            try:
+                deltas = site.module.merge_deltas(site.host)
+            except DeltaError:  # this host cannot take it (e.g. BitFit on a bias-less Linear, grouped conv LoRA)
+                return MEASURE_PARAMS, _norm(site.module.parameters()), None
             norm = _norm(deltas.values())
             weights = [getattr(site.host, p) for p in deltas]
             base = _norm(weights)

@@ -491,19 +491,6 @@ def test_export_refuses_lora_inside_a_head_peft_wraps_for_the_task(tmp_path) -> 
     same_as_peft(hidden(theirs), hidden(delta.backbone_model))
 
 
-def test_from_peft_refuses_lora_on_a_convolution_by_name(tmp_path) -> None:
-    # PEFT stores a Conv2d's LoRA as conv kernels; this used to be reported as a rank mismatch.
-    theirs = peft.get_peft_model(tiny_model("vit"), peft.LoraConfig(r=4, target_modules=["projection", "query"]))
-    theirs.save_pretrained(str(tmp_path))
-    model = tiny_model("vit")
-    state, hooks = snapshot(model), hook_counts(model)
-    refusal = r"patch_embeddings\.projection', a Conv2d.*LoRA on Conv1d/Conv2d/Conv3d is not supported"
-    with pytest.raises(CheckpointError, match=refusal):
-        from_peft(tmp_path, model)
-    assert_state_equal(model, state)
-    assert hook_counts(model) == hooks
-
-
 def test_export_records_a_path_given_as_a_path_object(tmp_path) -> None:
     from pathlib import Path
 

@@ -119,3 +119,16 @@ def test_cli_pick_gives_up_after_its_timeout(capsys: pytest.CaptureFixture[str])
     assert main(["pick", "llama", "--layers", "1", "--timeout", "0.2"]) == 1
     err = capsys.readouterr().err
     assert "http://127.0.0.1:" in err and "nothing was submitted" in err
+
+
+def test_a_site_whose_host_refuses_merging_reports_its_parameter_norm() -> None:
+    # BitFit on Llama's bias-less q_proj cannot merge (no bias to fold into): the report used to crash on it.
+    from deltakit import BitFitModel
+
+    model = tiny_llama()
+    delta = BitFitModel(model, modified_modules=["q_proj"])
+    perturb(delta)
+    data = report_data(delta)
+    assert {s["measure"] for s in data["sites"]} == {MEASURE_PARAMS}
+    expected = torch.linalg.vector_norm(delta.sites[0].module.bias).item()
+    assert math.isclose(data["sites"][0]["update_norm"], expected, rel_tol=1e-6)
