@@ -33,7 +33,9 @@ from .deltas import (
     SoftPromptModel,
 )
 from .deltas.dora import DoraConfig, DoraModel
+from .deltas.ia3 import IA3Config, IA3Model
 from .deltas.prefix import PTuningV2Config, PTuningV2Model
+from .deltas.vera import VeraConfig, VeraModel
 from .errors import (
     CheckpointError,
     DeltaConfigError,
@@ -64,6 +66,8 @@ __all__ = [
     "DeltaStateError",
     "DoraConfig",
     "DoraModel",
+    "IA3Config",
+    "IA3Model",
     "LoraConfig",
     "LoraModel",
     "LowRankAdapterConfig",
@@ -78,6 +82,8 @@ __all__ = [
     "SoftPromptConfig",
     "SoftPromptModel",
     "UnsupportedModuleError",
+    "VeraConfig",
+    "VeraModel",
     "Visualization",
     "__version__",
     "combine_loras",

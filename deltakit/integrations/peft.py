@@ -6,7 +6,10 @@ A PEFT adapter directory holds ``adapter_config.json`` (the PEFT config, with it
 * LoRA (``peft_type`` ``"LORA"``): ``...lora_A.weight`` (r x in), ``...lora_B.weight`` (out x r), for embeddings
   ``...lora_embedding_A`` (r x vocab) and ``...lora_embedding_B`` (dim x r). Both libraries compute
   ``h = W x + s B A x`` with ``s = lora_alpha / r`` (``use_rslora``: ``lora_alpha / sqrt(r)``) and the same factor
-  shapes (also for transformers' ``Conv1D``, PEFT's ``fan_in_fan_out``).
+  shapes (also for transformers' ``Conv1D``, PEFT's ``fan_in_fan_out``). On ``nn.Conv1d/2d/3d`` the same keys hold
+  convolution kernels, ``lora_A`` (r, in, *kernel) and ``lora_B`` (out, r / groups, 1, ...), as deltakit's
+  ``LoraConvSite`` stores them. PEFT's ``lora_A`` pads with zeros and is not dilated whatever the host does, so a
+  conv LoRA on a host with another ``padding_mode`` or a dilated kernel converts in neither direction.
 * DoRA (``"LORA"`` with ``use_dora``): the same factors plus ``...lora_magnitude_vector`` (out), deltakit's
   ``magnitude``.
 
@@ -56,12 +59,12 @@ from torch import nn
 from ..errors import CheckpointError, DeltaError
 from ..io.files import atomic_write
 from ..site import backbone_modules, backbone_parameters
-from ..structures import find_config, is_conv1d
+from ..structures import ConvGeometry, find_config, is_conv1d
 
 __all__ = [
     "KEY_PREFIX", "METHODS", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftAdapter", "PeftMethod",
-    "apply_backbone_tensors", "backbone_tensor_targets", "export_to_peft", "from_peft", "later", "read_peft_config", "resolve_module",
-    "split_backbone_tensors",
+    "apply_backbone_tensors", "backbone_tensor_targets", "export_to_peft", "from_peft", "later", "peft_conv_difference",
+    "read_peft_config", "resolve_module", "split_backbone_tensors",
 ]
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -151,6 +154,20 @@ def _uses_dora(config: dict[str, Any]) -> bool:
     return bool(config.get("use_dora"))
 
 
+def peft_conv_difference(geometry: ConvGeometry) -> str | None:
+    """Why PEFT's conv LoRA would compute something else than deltakit's on this host, or ``None``.
+
+    PEFT builds ``lora_A`` from the host's kernel size, stride and padding only: it pads with zeros and is not
+    dilated. deltakit's follows the host in both (which is what merging computes), so the two agree only where those
+    settings make no difference.
+    """
+    if geometry.pre_pad is not None:
+        return f"padding_mode={geometry.padding_mode!r} (PEFT's lora_A pads with zeros)"
+    if any(d != 1 for d in geometry.dilation) and any(k != 1 for k in geometry.kernel_size):
+        return f"dilation={geometry.dilation} (PEFT's lora_A is not dilated)"
+    return None
+
+
 def _check_low_rank_config(config: dict[str, Any], path: str) -> None:
     """Refuse a PEFT ``LORA`` config (LoRA or DoRA) with an option deltakit cannot compute."""
     where = os.path.join(path, PEFT_CONFIG_NAME)
@@ -202,7 +219,7 @@ def _check_low_rank_config(config: dict[str, Any], path: str) -> None:
 def _dump_low_rank(delta: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """PEFT config fields and tensors of a deltakit LoRA or DoRA delta."""
     from ..deltas.dora import DoraSite
-    from ..deltas.lora import LoraEmbeddingSite, LoraSite
+    from ..deltas.lora import LoraConvSite, LoraEmbeddingSite, LoraSite
 
     cfg = delta.config
     dora = delta.delta_type == "dora"
@@ -212,6 +229,15 @@ def _dump_low_rank(delta: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]
         module = site.module
         if isinstance(module, LoraEmbeddingSite):
             keys = _EMBEDDING
+        elif isinstance(module, LoraConvSite):
+            difference = peft_conv_difference(module.geometry)
+            if difference is not None:
+                raise DeltaError(
+                    f"Cannot export the LoRA of {site.name!r} to PEFT: the convolution has {difference}, so PEFT would "
+                    f"compute another function from the same factors. Keep it as a deltakit checkpoint "
+                    f"(save_finetuned), or leave that convolution out of the delta."
+                )
+            keys = _LINEAR
         elif isinstance(module, (LoraSite, DoraSite)):
             keys = _DORA_LINEAR if dora else _LINEAR
             conv1d += int(module.transposed)
@@ -283,16 +309,24 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
                 f"is corrupt, or use_dora in {PEFT_CONFIG_NAME} does not match it."
             )
         a, b = parts[next(iter(kind))], parts[list(kind)[1]]
-        if kind is not _EMBEDDING and (a.dim() > 2 or b.dim() > 2):
+        if kind is not _EMBEDDING and dora and (a.dim() > 2 or b.dim() > 2):
             # PEFT stores LoRA of an nn.ConvNd as conv kernels: lora_A (r, in, *kernel), lora_B (out, r, 1, ...).
             found = [n for n, m in backbone_model.named_modules() if n == site or n.endswith("." + site)]
             host = type(backbone_model.get_submodule(found[0])).__name__ if len(found) == 1 else "convolution"
             raise CheckpointError(
-                f"The PEFT adapter {path!r} holds a {method} for {site!r}, a {host} (factors shaped {tuple(a.shape)} "
-                f"and {tuple(b.shape)}, convolution kernels): {method} on Conv1d/Conv2d/Conv3d is not supported by "
-                f"deltakit. Leave the convolution out of target_modules, or load the adapter with PEFT."
+                f"The PEFT adapter {path!r} holds a DoRA for {site!r}, a {host} (factors shaped {tuple(a.shape)} "
+                f"and {tuple(b.shape)}, convolution kernels): DoRA on Conv1d/Conv2d/Conv3d is not implemented in "
+                f"deltakit (LoRA on them is). Leave the convolution out of target_modules, or load the adapter with "
+                f"PEFT."
             )
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+        conv = kind is _LINEAR and a.dim() > 2
+        if conv and (b.dim() != a.dim() or a.shape[0] != r):
+            raise CheckpointError(
+                f"Conv LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}: not "
+                f"kernels of rank r={r} as adapter_config.json says (lora_A (r, in, *kernel), lora_B (out, r / "
+                f"groups, 1, ...))."
+            )
+        if not conv and (a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r):
             raise CheckpointError(
                 f"LoRA factors of {site!r} in {file!r} have shapes {tuple(a.shape)} and {tuple(b.shape)}, not rank "
                 f"r={r} as adapter_config.json says (per-module ranks need rank_pattern, which deltakit refuses)."
@@ -332,7 +366,15 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
                     f"{tuple(factors[site_name][key].shape)}, {site.name!r} of this backbone needs {tuple(own.shape)}. "
                     f"The adapter was trained on a backbone of another size."
                 )
-        if not embedding and site.module.transposed != is_conv1d(site.host):  # pragma: no cover - built from host
+        geometry = getattr(site.module, "geometry", None)
+        if geometry is not None and peft_conv_difference(geometry) is not None:
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} holds a LoRA for the convolution {site.name!r}, which has "
+                f"{peft_conv_difference(geometry)}; deltakit's LoRA follows the host there (as merging does), so it "
+                f"would compute another function than PEFT from these factors. Load this adapter with PEFT, or leave "
+                f"that convolution out of target_modules."
+            )
+        if not embedding and geometry is None and site.module.transposed != is_conv1d(site.host):  # pragma: no cover
             raise CheckpointError(f"Internal error: layout of {site.name!r}.")
     backbone_tensors = backbone_tensor_targets(adapter, backbone_model, extras, base_layer, resolved)
 
@@ -352,6 +394,14 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
 METHODS: dict[str, PeftMethod] = {
     "lora": PeftMethod("LORA", lambda c: not _uses_dora(c), _check_low_rank_config, _load_low_rank, _dump_low_rank),
     "dora": PeftMethod("LORA", _uses_dora, _check_low_rank_config, _load_low_rank, _dump_low_rank),
+    "ia3": PeftMethod(
+        "IA3", lambda c: True, later("deltakit.integrations.peft_ia3", "check"),
+        later("deltakit.integrations.peft_ia3", "load"), later("deltakit.integrations.peft_ia3", "dump"),
+    ),
+    "vera": PeftMethod(
+        "VERA", lambda c: True, later("deltakit.integrations.peft_vera", "check"),
+        later("deltakit.integrations.peft_vera", "load"), later("deltakit.integrations.peft_vera", "dump"),
+    ),
 }
 
 

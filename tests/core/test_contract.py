@@ -52,6 +52,16 @@ SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
         },
     },
     "soft_prompt": {"soft-prompt": {"soft_token_num": 3}},
+    "ia3": {
+        "ia3-default": {},
+        "ia3-outputs-fused-all": {"modified_modules": ["attn.q", "attn.k", "ff.w1"], "feedforward_modules": [],
+                                  "fused_qkv": "all"},
+    },
+    "vera": {
+        "vera-default": {"vera_r": 8},
+        "vera-ff-seeded": {"modified_modules": ["attn.o", "ff.w1", "ff.w2"], "vera_r": 4, "projection_seed": 7,
+                           "d_initial": 0.5},
+    },
 }
 
 
@@ -71,7 +81,7 @@ VARIANTS: dict[str, Callable[[nn.Module], DeltaBase]] = {
     if delta_type in DELTA_REGISTRY and _shipped(delta_type)
     for name, kwargs in variants.items()
 }
-MERGEABLE = ("lora", "bitfit", "dora")
+MERGEABLE = ("lora", "bitfit", "dora", "ia3", "vera")
 # The prompt family changes the output from the start: a prefix adds keys every query attends to, a soft prompt adds
 # input positions (decoder-only logits even gain positions). Everything else in the contract applies to them.
 NOT_IDENTITY = ("prefix", "soft-prompt")
