@@ -120,6 +120,16 @@ def _follow_host(module: nn.Module, host: nn.Module) -> None:
         module.train(host.training)
 
 
+def _merged_call_rewrites(host: nn.Module) -> list[str]:
+    """The deltas merged into ``host`` whose site rewrites its call (every delta on the host reads what they
+    rewrite, which a merged one no longer does)."""
+    return [
+        child.__dict__["merged_by"][1] for child in host._modules.values()
+        if isinstance(child, DeltaSite) and child.__dict__.get("merged_by") is not None
+        and type(child).composition is Composition.REWRITES_CALL
+    ]
+
+
 def _merged_after(host: nn.Module, order_key: int) -> list[str]:
     """The deltas created after ``order_key`` that are merged into ``host``'s weights."""
     later = []
@@ -510,6 +520,13 @@ class DeltaBase:
         # Only a site that transforms the host output must not end up behind a delta merged later: additive ones
         # (out + f(x)) commute with it, and call rewrites act before the host runs (deltakit/site.py).
         for site in self.sites:
+            rewrites = _merged_call_rewrites(site.host)
+            if rewrites:
+                raise DeltaStateError(
+                    f"Cannot attach {self._describe()}: {', '.join(rewrites)} rewrites the input of {site.name!r} and is "
+                    f"merged into its weights, so this delta would read the input unrewritten, changing the result. "
+                    f"unmerge() that delta first (you can merge it again afterwards)."
+                )
             if type(site.module).composition is not Composition.TRANSFORMS_OUTPUT:
                 continue
             later = _merged_after(site.host, self._order_key)
@@ -653,6 +670,15 @@ class DeltaBase:
         self._check_hosts_in_place("merge")
         for site in self.sites:
             keys = hook_keys(site.host)
+            if type(site.module).composition is Composition.REWRITES_CALL:
+                own = self._hook_key(site)
+                if any(k != own for k in (*keys, *hook_keys(site.host, pre=True))):
+                    raise DeltaStateError(
+                        f"Cannot merge {self._describe()}: it rewrites the input of {site.name!r}, which the other "
+                        f"deltas there read too; merged, they would read the input unrewritten and the result would "
+                        f"change. Detach (or merge) them first."
+                    )
+                continue
             if keys and keys[0] != self._hook_key(site):
                 raise DeltaStateError(
                     f"Cannot merge {self._describe()}: on {site.name!r} another delta is applied before it, so folding "

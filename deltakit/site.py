@@ -11,8 +11,10 @@ The class of that module declares, as class attributes and methods:
   output. It may update ``output`` in place: the dispatcher guarantees nobody else holds it.
 * ``forward_pre_hook(host, args, kwargs) -> (args, kwargs)`` (sites that rewrite the call): the host's new arguments.
 * ``merge_deltas(host) -> {host parameter name: update}`` (optional, the capability to merge): the additive change of
-  host weights that computes the same as the hook. Merging is separate from composition: a future IA3 or DoRA is
-  mergeable but transforms the output, so it does not commute.
+  host weights that computes the same as the hook. Merging is separate from composition: IA3 and DoRA are mergeable
+  but transform the output, so they do not commute; IA3's input scaling is a mergeable call rewrite (``W (l x) = (W
+  diag(l)) x``), which every other delta on its host reads, so it merges only alone on its host and, merged, takes
+  no other delta on that host.
 * ``input_source`` and ``capture_input(module, args, kwargs) -> (args, kwargs)`` (optional): the site also reads the
   input of another module (a parallel adapter spanning a block); ``capture_input`` is pre-hooked there.
 * ``hook_module`` (optional): the module whose calls the hooks act on when it is not the host (a soft prompt kept on
@@ -113,8 +115,8 @@ class DeltaSite(nn.Module):
         hook = _REQUIRED_HOOK[composition]
         if getattr(cls, hook) is None:
             raise DeltaError(f"{where} declares {composition.name} and must define {hook}().")
-        if composition is Composition.REWRITES_CALL and (cls.forward_hook is not None or cls.merge_deltas is not None):
-            raise DeltaError(f"{where} declares REWRITES_CALL: it acts through forward_pre_hook only and cannot merge.")
+        if composition is Composition.REWRITES_CALL and cls.forward_hook is not None:
+            raise DeltaError(f"{where} declares REWRITES_CALL: it acts through forward_pre_hook only.")
         if (cls.input_source is None) != (cls.capture_input is None):
             raise DeltaError(f"{where} must define input_source and capture_input together (or neither).")
 

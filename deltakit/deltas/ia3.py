@@ -13,11 +13,9 @@ How the two kinds of site compose (deltakit/site.py):
 
 * an output site computes ``l * out``: it reads the host output, so it declares ``TRANSFORMS_OUTPUT``;
 * an input site rewrites the host's input with a forward pre-hook (``x <- l * x``), so every other delta on the
-  same host reads the scaled input too: it commutes with nothing on its host. The contract's call-rewriting
-  composition (``REWRITES_CALL``) may not merge, so the input site declares the conservative
-  ``TRANSFORMS_OUTPUT`` (order matters: never re-attached under a later merge, never routed across another delta;
-  its forward hook is the identity) and refuses itself to merge while another delta on its host reads that input.
-  While it is merged, a delta attached on the same host reads the unscaled input (docs/methods/ia3.md).
+  same host reads the scaled input too: it declares ``REWRITES_CALL`` and is mergeable (``W (l x) = (W diag(l))
+  x``). The core merges such a site only when no other delta is on its host, and attaches no delta on a host where
+  one is merged (either would read the unscaled input).
 """
 
 from __future__ import annotations
@@ -217,10 +215,11 @@ class IA3Site(DeltaSite):
 class IA3InputSite(DeltaSite):
     """Scales the input of one Linear / Conv1D host (the feed-forward output projection), ``x <- l * x``.
 
-    See the module docstring for why it declares ``TRANSFORMS_OUTPUT`` with an identity forward hook.
+    A mergeable call rewrite: the core merges it only alone on its host, and attaches nothing on a host where it is
+    merged (deltakit/site.py).
     """
 
-    composition = Composition.TRANSFORMS_OUTPUT
+    composition = Composition.REWRITES_CALL
     router = IA3InputRouter
 
     def __init__(self, width: int, transposed: bool, **factory: Any) -> None:
@@ -237,20 +236,7 @@ class IA3InputSite(DeltaSite):
         # A new tensor: the input is another module's output, which its owner (or a residual) may still read.
         return _with_first_input(args, kwargs, scale_features(x, self.scale.to(x.dtype), in_place=False))
 
-    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
-        return output  # the work is done by forward_pre_hook
-
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
-        readers = [
-            type(child).__name__ for child in host.children()
-            if isinstance(child, DeltaSite) and child is not self and not child.merge_versions
-        ]
-        if readers:
-            raise DeltaStateError(
-                f"Cannot merge (IA)^3 into this {type(host).__name__}: it scales the module's input, which the other "
-                f"attached delta(s) there ({', '.join(readers)}) read too; merged, they would read the unscaled "
-                f"input and the result would change. Detach them first (or merge this delta before attaching them)."
-            )
         # W (l * x) = (W + W diag(l - 1)) x; W's columns are the input features (Conv1D: its rows)
         gain = (self.scale.detach() - 1).to(host.weight.dtype)
         weight = host.weight.detach()

@@ -29,8 +29,8 @@ def test_a_site_that_declares_no_composition_fails_when_defined() -> None:
     [
         ({"composition": Composition.TRANSFORMS_OUTPUT}, "must define forward_hook"),
         ({"composition": Composition.REWRITES_CALL}, "must define forward_pre_hook"),
-        ({"composition": Composition.REWRITES_CALL, "forward_pre_hook": lambda *a: a[1:], "merge_deltas": lambda *a: {}},
-         "cannot merge"),
+        ({"composition": Composition.REWRITES_CALL, "forward_pre_hook": lambda *a: a[1:], "forward_hook": lambda *a: a[-1]},
+         "acts through forward_pre_hook only"),
         ({"composition": Composition.ADDS_INPUT_FUNCTION, "forward_hook": lambda *a: a[-1], "input_source": nn.Linear(1, 1)},
          "input_source and capture_input together"),
         ({"composition": "adds"}, "must be a deltakit.site.Composition"),

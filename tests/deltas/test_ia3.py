@@ -167,13 +167,20 @@ def test_merging_an_input_scale_under_another_delta_reading_that_input_is_refuse
     lora = LoraModel(model, modified_modules=["ff.w2"], lora_r=2)
     perturb(lora, scale=0.3)
     both, weights = arch.run(model), snapshot(model)
-    with pytest.raises(DeltaStateError, match="scales the module's input"):
+    with pytest.raises(DeltaStateError, match="rewrites the input of .*which the other deltas there read too"):
         ia3.merge()
     assert ia3.state == "attached" and torch.equal(arch.run(model), both)
     assert_state_equal(model, weights)
     lora.detach()
     ia3.merge()  # alone on its hosts: fine
+    # Merged, it no longer scales the input that a delta attached there would read: attaching one is refused.
+    merged, hooks = arch.run(model), hook_counts(model)
+    with pytest.raises(DeltaStateError, match="rewrites the input of .* and is merged into its weights"):
+        lora.attach()
+    assert lora.state == "detached" and hook_counts(model) == hooks and torch.equal(arch.run(model), merged)
     ia3.unmerge()
+    lora.attach()
+    assert torch.equal(arch.run(model), both)
 
 
 # ------------------------------------------------------------------------------------------------ serving
