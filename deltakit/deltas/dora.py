@@ -30,6 +30,7 @@ from torch import nn
 from ..base import DeltaBase
 from ..config import check_bounded_by
 from ..errors import DeltaStateError, UnsupportedModuleError
+from ..quantization import dequantize, is_quantized, refuse_quantized_merge
 from ..routing import SiteRouter
 from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import is_conv1d, linear_dims
@@ -140,8 +141,14 @@ class DoraSite(DeltaSite):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def weight_rows(self, host: nn.Module) -> torch.Tensor:
-        """The host weight as an ``(out, in)`` matrix (a transposed view for Conv1D: no copy)."""
-        return host.weight.t() if self.transposed else host.weight
+        """The host weight as an ``(out, in)`` matrix (a transposed view for Conv1D: no copy).
+
+        A quantized weight (deltakit/quantization.py) is dequantized by its library, afresh at each call rather than
+        kept: a float copy of every DoRA host would give back the memory quantizing saved, and the norm's per-row
+        ``||W||^2`` is cached anyway (the weight is frozen), leaving one dequantization per training step.
+        """
+        weight = dequantize(host.weight, host) if is_quantized(host.weight) else host.weight
+        return weight.t() if self.transposed else weight
 
     # ------------------------------------------------------------------ the norm
     def weight_norm(self, host: nn.Module) -> torch.Tensor:
@@ -218,6 +225,7 @@ class DoraSite(DeltaSite):
         return output + (factor - 1) * base + factor * low
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        refuse_quantized_merge(host, "DoRA")
         rows = self.weight_rows(host).detach()
         factor = (self.magnitude.detach() / self.weight_norm(host)).to(rows.dtype)
         merged = factor[:, None] * (rows + (self.lora_B.detach() @ self.lora_A.detach()).to(rows.dtype) * self.scaling)
@@ -258,11 +266,12 @@ class DoraModel(DeltaBase):
                 f"Conv1D.{extra}"
             )
         weight = getattr(host, "weight", None)
-        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+        if not is_quantized(weight) and (not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point):
             raise UnsupportedModuleError(
                 f"DoRA cannot modify {name!r} ({type(host).__name__}): its weight is "
                 f"{getattr(weight, 'dtype', type(weight).__name__)}, and DoRA needs the weight's values in a floating "
-                f"dtype for its row norms. Use LoraModel on quantized layers."
+                f"dtype for its row norms, and deltakit does not know the library that stored it (it reads torchao, "
+                f"bitsandbytes and optimum-quanto weights: deltakit/quantization.py). Use LoraModel on this layer."
             )
         check_bounded_by(
             cfg, "lora_r", cfg.lora_r, max(dims), name, f"{type(host).__name__} in={dims[0]}, out={dims[1]}",

@@ -30,6 +30,7 @@ from ..addressing import find_modules
 from ..base import DeltaBase
 from ..config import DeltaConfig, check_choice, check_str_list
 from ..errors import DeltaConfigError, DeltaStateError, ModuleMatchError, UnsupportedModuleError
+from ..quantization import refuse_quantized_merge
 from ..routing import SiteRouter
 from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import detect_model_type, find_config, is_conv1d, linear_dims
@@ -203,6 +204,7 @@ class IA3Site(DeltaSite):
         return scale_features(output, self.full_scale().to(output.dtype), in_place=True)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        refuse_quantized_merge(host, "(IA)^3")
         # l * (W x + b) = (W + (l - 1) W) x + (b + (l - 1) b), W's rows being the output features
         gain = (self.full_scale().detach() - 1).to(host.weight.dtype)
         weight = host.weight.detach()
@@ -237,6 +239,7 @@ class IA3InputSite(DeltaSite):
         return _with_first_input(args, kwargs, scale_features(x, self.scale.to(x.dtype), in_place=False))
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        refuse_quantized_merge(host, "(IA)^3")
         # W (l * x) = (W + W diag(l - 1)) x; W's columns are the input features (Conv1D: its rows)
         gain = (self.scale.detach() - 1).to(host.weight.dtype)
         weight = host.weight.detach()

@@ -31,6 +31,7 @@ from ..config import (
     MAX_SCALE, DeltaConfig, check_bool, check_bounded_by, check_finite_number, check_positive_int, check_probability,
 )
 from ..errors import DeltaError, DeltaStateError, UnsupportedModuleError
+from ..quantization import refuse_quantized_merge
 from ..routing import SiteRouter
 from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import ConvGeometry, conv_geometry, is_conv1d, is_convolution, linear_dims
@@ -322,6 +323,7 @@ class LoraSite(DeltaSite):
         return add_low_rank(output, projected, self.lora_B, self.scaling)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        refuse_quantized_merge(host, "a LoRA")
         delta = (self.lora_B @ self.lora_A) * self.scaling
         return {"weight": delta.T if self.transposed else delta}
 

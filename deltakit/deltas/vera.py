@@ -28,6 +28,7 @@ from ..config import (
     check_probability,
 )
 from ..errors import UnsupportedModuleError
+from ..quantization import refuse_quantized_merge
 from ..routing import SiteRouter
 from ..site import Composition, DeltaSite, SharedParameters, factory_kwargs
 from ..structures import is_conv1d, linear_dims
@@ -173,6 +174,7 @@ class VeraSite(DeltaSite):
         return add_low_rank(output, F.linear(x, a), b, 1.0)
 
     def merge_deltas(self, host: nn.Module) -> dict[str, torch.Tensor]:
+        refuse_quantized_merge(host, "a VeRA delta")
         a, b = self.factors()
         delta = b.detach() @ a.detach()
         return {"weight": delta.T if self.transposed else delta}

@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "deltakit.hooks": 1,
     "deltakit.routing": 1,
     "deltakit.structures": 1,
+    "deltakit.quantization": 1,  # recognising and reading quantized weights (torchao, bitsandbytes, quanto)
     "deltakit.addressing": 1,
     "deltakit.hf_compat": 1,
     "deltakit.integrations.checkpointing": 1,
