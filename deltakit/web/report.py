@@ -8,7 +8,7 @@ parameters; the page says which measure it used. A checkpoint read without a bac
 its stored tensors.
 
 Outputs: :func:`write_report_html` (one self-contained file: inline CSS, no script, no network) and
-:func:`write_report_png` (matplotlib; ``pip install deltakit[report]``).
+:func:`write_report_png` (matplotlib; ``pip install 'delta-tuning-kit[report]'``).
 """
 
 from __future__ import annotations
@@ -402,7 +402,7 @@ def write_report_html(data: dict[str, Any], path: str | os.PathLike[str]) -> str
 
 # ------------------------------------------------------------------------------------------------------ PNG
 def write_report_png(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
-    """Draw the report's figures into one PNG (needs matplotlib: ``pip install deltakit[report]``)."""
+    """Draw the report's figures into one PNG (needs matplotlib: ``pip install 'delta-tuning-kit[report]'``)."""
     try:
         import matplotlib
 
@@ -410,7 +410,7 @@ def write_report_png(data: dict[str, Any], path: str | os.PathLike[str]) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DeltaError(
-            "The PNG report needs matplotlib, which is not installed: pip install 'deltakit[report]' "
+            "The PNG report needs matplotlib, which is not installed: pip install 'delta-tuning-kit[report]' "
             "(or pip install matplotlib). The HTML report needs nothing extra."
         ) from None
     path = os.fspath(path)
