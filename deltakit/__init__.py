@@ -13,6 +13,7 @@ from .addressing import find_modules
 from .auto import AutoDeltaConfig, AutoDeltaModel
 from .base import DeltaBase
 from .combine import combine_loras
+from .composite import CompositeDelta
 from .config import DeltaConfig
 from .deltas import (
     AdapterConfig,
@@ -45,6 +46,7 @@ from .errors import (
     UnsupportedModuleError,
 )
 from .optim import create_loraplus_optimizer, loraplus_parameter_groups
+from .search import CandidateSet, Structure, StructureSearch
 from .serving import DeltaGroup
 from .visualization import Visualization
 
@@ -55,9 +57,11 @@ __all__ = [
     "AutoDeltaModel",
     "BitFitConfig",
     "BitFitModel",
+    "CandidateSet",
     "CheckpointError",
     "CompacterConfig",
     "CompacterModel",
+    "CompositeDelta",
     "DeltaBase",
     "DeltaConfig",
     "DeltaConfigError",
@@ -81,6 +85,8 @@ __all__ = [
     "PrefixModel",
     "SoftPromptConfig",
     "SoftPromptModel",
+    "Structure",
+    "StructureSearch",
     "UnsupportedModuleError",
     "VeraConfig",
     "VeraModel",

@@ -19,6 +19,8 @@ Run:  python examples/compare_methods.py                      (the real model; a
       python examples/compare_methods.py --threads 1          (what produced docs/compare_methods.png)
       python examples/compare_methods.py --tiny               (a random tiny BERT, seconds: mechanics only)
       python examples/compare_methods.py --methods lora bitfit --steps 60 --lr bitfit=1e-2
+      python examples/compare_methods.py --task topics        (6-class topic x sentiment task, held-out words;
+                                                               figure docs/compare_methods_topics.png)
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch import nn
 
 import deltakit
 from deltakit import demo
+from deltakit.demo import topic_sentiment
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PLOT = REPO / "docs" / "compare_methods.png"
@@ -156,6 +159,24 @@ LEARNING_RATES: dict[str, float] = {
 #: The tiny random BERT cannot learn the task anyway (mechanics check only): one rate for every delta method.
 TINY_LEARNING_RATES: dict[str, float] = {key: (1e-3 if key == "full" else 1e-2) for key in METHODS}
 
+class Task(NamedTuple):
+    """A generated task: ``make(seed, n_train, n_test) -> (train, test)``, its label count and word list (the
+    ``--tiny`` tokenizer's vocabulary)."""
+
+    make: Callable[[int, int, int], tuple[list[tuple[str, int]], list[tuple[str, int]]]]
+    num_labels: int
+    vocabulary: Callable[[], list[str]]
+    description: str
+
+
+#: ``--task``: the demo's two-class sentiment task (default; every method reaches 1.0 there), or the six-class
+#: topic x sentiment task with held-out vocabulary (:mod:`deltakit.demo.topic_sentiment`), where methods separate.
+TASKS: dict[str, Task] = {
+    "sentiment": Task(demo.make_task, 2, demo.task_vocabulary, "compositional sentiment, 2 classes"),
+    "topics": Task(topic_sentiment.make_topic_task, topic_sentiment.NUM_LABELS, topic_sentiment.topic_vocabulary,
+                   "topic x sentiment, 6 classes, held-out words and pairings"),
+}
+
 #: Default budget per mode: (steps, batch size).
 BUDGETS = {"real": (100, 32), "tiny": (8, 16)}
 #: Task size per mode: (train sentences, held-out sentences).
@@ -185,10 +206,10 @@ class StepTimer:
 class Backbones:
     """Fresh backbones (same weights and head initialisation every time) and the tokenizer, real or tiny."""
 
-    def __init__(self, tiny: bool, seed: int) -> None:
-        self.tiny, self.seed = tiny, seed
+    def __init__(self, tiny: bool, seed: int, task: Task = TASKS["sentiment"]) -> None:
+        self.tiny, self.seed, self.num_labels = tiny, seed, task.num_labels
         if tiny:
-            self.tokenizer = demo.build_tiny_tokenizer(demo.task_vocabulary())
+            self.tokenizer = demo.build_tiny_tokenizer(task.vocabulary())
             self.name = "random tiny BERT (2 layers, hidden 32)"
         else:
             self.path = demo.real_model_path()
@@ -197,9 +218,15 @@ class Backbones:
 
     def fresh(self) -> nn.Module:
         if self.tiny:
-            return demo.build_tiny_backbone(len(self.tokenizer), self.seed)
-        torch.manual_seed(self.seed)  # the classifier head's initialisation, as in the demo
-        return demo.load_backbone(self.path)
+            model = demo.build_tiny_backbone(len(self.tokenizer), self.seed)
+        else:
+            torch.manual_seed(self.seed)  # the classifier head's initialisation, as in the demo
+            model = demo.load_backbone(self.path)
+        if self.num_labels != model.config.num_labels:  # another head for another task, seeded the same way
+            torch.manual_seed(self.seed)
+            model.classifier = nn.Linear(model.classifier.in_features, self.num_labels)
+            model.config.num_labels = model.num_labels = self.num_labels
+        return model
 
 
 def run_method(
@@ -442,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help=f"sentences per step (default "
                         f"{BUDGETS['real'][1]}; {BUDGETS['tiny'][1]} with --tiny)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="seed of the task, initialisations and batch order")
+    parser.add_argument("--task", choices=sorted(TASKS), default="sentiment",
+                        help="sentiment (the demo's, default) or topics (6 classes, held-out words; see "
+                        "deltakit/demo/topic_sentiment.py)")  # fmt: skip
     parser.add_argument(
         "--methods", nargs="+", default=None, metavar="METHOD",
         help=f"subset of {', '.join(METHODS)} (comma- or space-separated); full fine-tuning always runs",
@@ -485,12 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     # Files and pipes get a table 120 columns wide (rich would use 80); a terminal gets its own width.
     console = Console() if sys.stdout.isatty() else Console(width=120)
     try:
-        backbones = Backbones(args.tiny, args.seed)
+        backbones = Backbones(args.tiny, args.seed, TASKS[args.task])
     except demo.DemoSetupError as exc:
         console.print(f"[bold red]error:[/bold red] {exc}")
         return 2
     n_train, n_test = TASK_SIZES[mode]
-    train_set, test_set = demo.make_task(args.seed, n_train, n_test)
+    train_set, test_set = TASKS[args.task].make(args.seed, n_train, n_test)
     old_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -498,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
         demo.pick_num_threads(demo.usable_cores())
     console.print(
         f"[bold]deltakit compare_methods[/bold] on {backbones.name}: {len(train_set)} train / {len(test_set)} "
-        f"held-out sentences, {steps} steps x {batch_size}, seed {args.seed}, methods: {', '.join(keys)}"
+        f"held-out sentences ({TASKS[args.task].description}), {steps} steps x {batch_size}, seed {args.seed}, "
+        f"methods: {', '.join(keys)}"
     )
     if args.tiny:
         console.print(
@@ -532,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "batch_size": batch_size,
         "seed": args.seed,
+        "task": args.task,
         "n_train": len(train_set),
         "n_test": len(test_set),
         "threshold": THRESHOLD,
@@ -541,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(console, rows, info)
 
     if args.plot is not None or not args.tiny:
-        plot_path = Path(args.plot) if args.plot is not None else DEFAULT_PLOT
+        default = DEFAULT_PLOT if args.task == "sentiment" else DEFAULT_PLOT.with_name(f"compare_methods_{args.task}.png")
+        plot_path = Path(args.plot) if args.plot is not None else default
         plot(rows, info, plot_path)
         console.print(f"plot: {plot_path}")
     if args.json:

@@ -54,6 +54,8 @@ LAYERS: dict[str, int] = {
     "deltakit.web": 4,  # the package face and the report (loads checkpoints through deltakit.auto)
     "deltakit.optim": 4,
     "deltakit.combine": 4,
+    "deltakit.composite": 4,  # several deltas as one: lifecycle, manifest + member checkpoints
+    "deltakit.search": 4,  # structure search: gated candidates, knapsack, builds a composite
     # 5: the command line, the demo and the package's public face
     "deltakit.cli": 5,
     "deltakit.demo": 5,

@@ -191,3 +191,14 @@ def test_a_tiny_run_never_replaces_the_readme_figure(cm, tmp_path, monkeypatch) 
     monkeypatch.setattr(cm, "DEFAULT_PLOT", figure)
     assert cm.main(["--tiny", "--quiet", "--methods", "bitfit"]) == 0
     assert not figure.exists()
+
+
+def test_tiny_topics_task_runs_with_a_six_label_head(cm, tmp_path) -> None:
+    """--task topics: the six-class task, a six-label head (so the head's size is 6 * (hidden + 1))."""
+    out = tmp_path / "t.json"
+    assert cm.main(["--tiny", "--quiet", "--task", "topics", "--steps", "2", "--methods", "lora",
+                    "--json", str(out)]) == 0  # fmt: skip
+    data = json.loads(out.read_text())
+    _, h, _, _ = tiny_dims()
+    assert data["task"] == "topics"
+    assert {r["method"]: r["head_parameters"] for r in data["methods"]} == {"lora": 6 * h + 6, "full": 6 * h + 6}
