@@ -10,7 +10,14 @@ weights::
 
 from ._version import __version__
 from .addressing import find_modules
-from .auto import AutoDeltaConfig, AutoDeltaModel
+from .auto import (
+    AutoDeltaConfig,
+    AutoDeltaModel,
+    AutoDeltaModelForCausalLM,
+    AutoDeltaModelForSeq2SeqLM,
+    AutoDeltaModelForSequenceClassification,
+    AutoDeltaModelForTokenClassification,
+)
 from .base import DeltaBase
 from .combine import combine_loras
 from .composite import CompositeDelta
@@ -35,8 +42,8 @@ from .deltas import (
 )
 from .deltas.dora import DoraConfig, DoraModel
 from .deltas.ia3 import IA3Config, IA3Model
-from .deltas.prefix import PTuningV2Config, PTuningV2Model
 from .deltas.vera import VeraConfig, VeraModel
+from .deltas.prefix import PTuningV2Config, PTuningV2Model
 from .errors import (
     CheckpointError,
     DeltaConfigError,
@@ -55,6 +62,10 @@ __all__ = [
     "AdapterModel",
     "AutoDeltaConfig",
     "AutoDeltaModel",
+    "AutoDeltaModelForCausalLM",
+    "AutoDeltaModelForSeq2SeqLM",
+    "AutoDeltaModelForSequenceClassification",
+    "AutoDeltaModelForTokenClassification",
     "BitFitConfig",
     "BitFitModel",
     "CandidateSet",

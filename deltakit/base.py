@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import inspect
 import itertools
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -39,6 +42,7 @@ from torch.nn.modules import module as _torch_module
 from .addressing import find_modules
 from .config import DeltaConfig, field_docs
 from .errors import DeltaError, DeltaStateError, ModuleMatchError
+from .heads import DeltaHeads, check_heads, head_tensor_key
 from .hooks import add_hook, hook_keys, remove_hook
 from .registry import DELTA_REGISTRY, register
 from .site import (
@@ -57,6 +61,8 @@ __all__ = ["DELTA_REGISTRY", "DeltaBase", "Site", "factory_kwargs"]
 _ORDER_KEYS = itertools.count()
 
 ATTACHED, DETACHED, MERGED = "attached", "detached", "merged"
+#: After merge_and_unload(): the delta is part of the weights and nothing of it is left to act on.
+UNLOADED = "unloaded"
 
 
 @dataclass
@@ -165,6 +171,18 @@ def _register_child(host: nn.Module, name: str, module: nn.Module, order: int) -
         children.update(entries)
 
 
+def _inside_save_pretrained(model: nn.Module) -> bool:
+    """Whether a ``save_pretrained`` method of ``model`` (or of a module holding it) is running up the stack."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "save_pretrained":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and any(m is model for m in owner.modules()):
+                return True
+        frame = frame.f_back
+    return False
+
+
 def _check_flag(method: str, name: str, value: Any) -> None:
     """Refuse a non-bool flag (``merge(exact_unmerge="no")`` would otherwise count as true)."""
     if not isinstance(value, bool):
@@ -178,8 +196,10 @@ def _keyword_constructor(cls: type[DeltaBase]) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     order = cls.constructor_fields
     if order is None:
-        common = ("modified_modules", "exclude_modules", "unfrozen_modules")
+        common = ("modified_modules", "exclude_modules", "unfrozen_modules", "modules_to_save")
         order = ("modified_modules", *(n for n in fields if n not in common), "exclude_modules", "unfrozen_modules")
+    if "modules_to_save" in fields and "modules_to_save" not in order:
+        order = (*order, "modules_to_save")  # every method can carry task heads (deltakit.heads)
     docs = field_docs(config_class)
     where = f"{cls.__module__}.{cls.__qualname__}"
     params = [
@@ -251,6 +271,11 @@ class DeltaBase:
     #: ``None``: ``modified_modules``, the method's own fields, ``exclude_modules``, ``unfrozen_modules``.
     constructor_fields: ClassVar[tuple[str, ...] | None] = None
 
+    # Defaults for delta objects not made by _build (a composite of deltas): no heads, no guard.
+    _head_copies: DeltaHeads | None = None
+    _head_originals: ClassVar[dict[str, nn.Module]] = {}
+    _save_pretrained_handle: Any = None
+
     def __init_subclass__(cls, register_type: bool = True, **kwargs: Any) -> None:
         """Register a method class that declares its own ``delta_type`` (``register_type=False``: leave that to
         :func:`deltakit.registry.register`) and give it its keyword constructor."""
@@ -275,6 +300,7 @@ class DeltaBase:
         config: DeltaConfig,
         matches: list[tuple[str, nn.Module]] | None = None,
         name: str | None = None,
+        heads: list[tuple[str, nn.Module]] | None = None,
     ) -> DeltaBase:
         """Plan and build a delta without touching the model: the one path every construction takes.
 
@@ -286,9 +312,11 @@ class DeltaBase:
             config: The method's config.
             matches: ``(full name, host module)`` pairs in model order; ``None`` resolves ``config.modified_modules``.
             name: The delta's child-module name (see the class docstring).
+            heads: ``(full name, module)`` of the modules to carry a copy of (:mod:`deltakit.heads`); ``None``
+                resolves ``config.modules_to_save``.
         """
         obj = cls.__new__(cls)
-        obj._build(backbone_model, config, name, matches)
+        obj._build(backbone_model, config, name, matches, heads)
         return obj
 
     def _build(
@@ -297,6 +325,7 @@ class DeltaBase:
         config: DeltaConfig,
         name: str | None,
         matches: list[tuple[str, nn.Module]] | None,
+        heads: list[tuple[str, nn.Module]] | None = None,
     ) -> None:
         if not isinstance(backbone_model, nn.Module):
             raise DeltaError(
@@ -324,8 +353,22 @@ class DeltaBase:
         self.shared: SharedParameters | None = self.build_shared(matches)
         sites = [Site(n, host, self.build_site(n, host), slot) for slot, (n, host) in enumerate(matches)]
         self._check_declared(sites)
+        if heads is None:
+            heads = self._match_heads()
+        check_heads(heads, [site.name for site in sites], type(self).__name__)
+        #: The original modules the delta carries a copy of, by full name (see :mod:`deltakit.heads`).
+        self._head_originals: dict[str, nn.Module] = dict(heads)
+        self._head_copies: DeltaHeads | None = DeltaHeads(heads) if heads else None
+        self._save_pretrained_handle: Any = None
         self.child_name = self._pick_child_name(name, sites)
         self.sites: list[Site] = sites
+
+    def _match_heads(self) -> list[tuple[str, nn.Module]]:
+        """``config.modules_to_save`` resolved on the backbone (the delta's own modules are never matched)."""
+        patterns = self.config.modules_to_save
+        if not patterns:
+            return []
+        return find_modules(self.backbone_model, patterns, what="modules_to_save", skip_types=(DeltaSite,))
 
     def _check_declared(self, sites: list[Site]) -> None:
         """Refuse what a method built outside the contract (deltakit/site.py), before anything is attached."""
@@ -406,6 +449,20 @@ class DeltaBase:
         return matches
 
     @property
+    def heads_name(self) -> str:
+        """Child name, on the backbone root, of the head copies while attached (see :mod:`deltakit.heads`)."""
+        return f"{self.child_name}_heads"
+
+    @property
+    def heads(self) -> dict[str, nn.Module]:
+        """The delta's own copies of whole modules (``modules_to_save``), by the original module's full name:
+        ``{"classifier": <the copy>}``. Empty when it carries none. While the delta is attached each copy runs
+        in place of its original."""
+        if self._head_copies is None:
+            return {}
+        return {name: self._head_copies.get(name) for name in self._head_copies.names}
+
+    @property
     def shared_name(self) -> str:
         """Child name, on the backbone root, of the parameters shared by all sites (see :meth:`build_shared`)."""
         return f"{self.child_name}_shared"
@@ -413,6 +470,8 @@ class DeltaBase:
     def _pick_child_name(self, name: str | None, sites: list[Site]) -> str:
         def free(candidate: str) -> bool:
             if self.shared is not None and hasattr(self.backbone_model, f"{candidate}_shared"):
+                return False
+            if self._head_copies is not None and hasattr(self.backbone_model, f"{candidate}_heads"):
                 return False
             return all(not hasattr(site.host, candidate) for site in sites)
 
@@ -492,10 +551,17 @@ class DeltaBase:
             (MERGED, "detach"): "it is merged into the weights; call unmerge() first, then detach()",
             (DETACHED, "detach"): "it is not attached",
             (DETACHED, "merge"): "it is detached; attach() it first",
+            (DETACHED, "merge_and_unload"): "it is detached; attach() it first",
             (MERGED, "merge"): "it is already merged",
             (ATTACHED, "unmerge"): "it is not merged",
             (DETACHED, "unmerge"): "it is not merged (it is detached)",
         }
+        if self._state == UNLOADED:
+            raise DeltaStateError(
+                f"Cannot {action}() {self._describe()}: merge_and_unload() folded it into the model's weights and "
+                f"removed it, so there is nothing left to act on. Load the checkpoint again (or create a new delta) "
+                f"on a fresh backbone."
+            )
         hint = hints.get((self._state, action), f"it is {self._state}")
         raise DeltaStateError(f"Cannot {action}() {self._describe()}: {hint}.")
 
@@ -515,6 +581,13 @@ class DeltaBase:
         if self.shared is not None and hasattr(self.backbone_model, self.shared_name):
             raise DeltaStateError(
                 f"Cannot attach {self._describe()}: the backbone already has an attribute {self.shared_name!r}. Detach "
+                f"the delta that uses it first, or create this delta with another name=."
+            )
+        if self._head_copies is not None and _attribute_taken(
+            self.backbone_model, self.heads_name, self._head_copies
+        ):
+            raise DeltaStateError(
+                f"Cannot attach {self._describe()}: the backbone already has an attribute {self.heads_name!r}. Detach "
                 f"the delta that uses it first, or create this delta with another name=."
             )
         # Only a site that transforms the host output must not end up behind a delta merged later: additive ones
@@ -544,8 +617,10 @@ class DeltaBase:
             _follow_host(site.module, site.host)
             _register_child(site.host, self.child_name, site.module, self._order_key)
             self._add_site_hooks(site)
+        self._attach_heads()
         self._add_checkpointing_hooks()
         self._swap_backbone_tensors()
+        self._install_save_pretrained_guard()
         self._state = ATTACHED
         if self._set_state_dict:
             self._install_state_dict_hook()
@@ -554,6 +629,63 @@ class DeltaBase:
             add_hook(module, (self._order_key, -1 - index), fn, pre=pre)
         self.on_attach()
         return self
+
+    def _head_key(self, index: int) -> tuple[int, int]:
+        # After the site slots: unique among this delta's hook keys (heads never share a module with its sites).
+        return (self._order_key, len(self.sites) + index)
+
+    def _attach_heads(self) -> None:
+        """Register the head copies on the backbone root and hook each original to run its copy instead."""
+        heads = self._head_copies
+        if heads is None:
+            return
+        for name in heads.names:
+            _follow_host(heads.get(name), self._head_originals[name])
+        heads.train(self.backbone_model.training)
+        _register_child(self.backbone_model, self.heads_name, heads, self._order_key)
+        for index, name in enumerate(heads.names):
+            add_hook(self._head_originals[name], self._head_key(index), heads.hook(name))
+
+    def _detach_heads(self) -> None:
+        heads = self._head_copies
+        if heads is None:
+            return
+        for index, name in enumerate(heads.names):
+            remove_hook(self._head_originals[name], self._head_key(index))
+        del self.backbone_model._modules[self.heads_name]
+
+    def _install_save_pretrained_guard(self) -> None:
+        """Warn when transformers' ``save_pretrained`` saves the backbone while this delta is in it.
+
+        Such files hold the delta's tensors under extra keys that ``from_pretrained`` drops: the model would reload
+        without the delta (and without its heads), silently. A state-dict post-hook on the backbone (removed at
+        detach, like every deltakit hook) looks for a ``save_pretrained`` call of this model up the stack, so
+        ``state_dict()`` taken for anything else (optimizers, DDP, ``torch.save``) stays silent. A warning, not an
+        error: transformers has already written ``config.json`` when it asks for the state dict, and an error there
+        would leave a half-written directory.
+        """
+        self._remove_save_pretrained_guard()
+        # A partial over this delta (not a closure), so that copy.deepcopy of the model and the delta rebinds it to
+        # the copies; torch sets an attribute on the hook, which a bound method would not take.
+        hook = functools.partial(type(self)._warn_if_save_pretrained, self)
+        self._save_pretrained_handle = self.backbone_model.register_state_dict_post_hook(hook)
+
+    def _warn_if_save_pretrained(self, module: nn.Module, state_dict: Any, prefix: str, local_metadata: Any) -> None:
+        if _inside_save_pretrained(self.backbone_model):
+            warnings.warn(
+                f"save_pretrained() is saving {type(self.backbone_model).__name__} while {self._describe()} is in it: "
+                f"the files hold the delta's tensors under extra keys, which from_pretrained() drops, so the saved "
+                f"model reloads WITHOUT the delta. To deploy a plain model, call delta.merge_and_unload() first and "
+                f"save what it returns; to keep the delta separate, save it with delta.save_finetuned(dir) and the "
+                f"backbone after delta.detach().",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def _remove_save_pretrained_guard(self) -> None:
+        if self._save_pretrained_handle is not None:
+            self._save_pretrained_handle.remove()
+            self._save_pretrained_handle = None
 
     def _add_checkpointing_hooks(self) -> None:
         # Reentrant activation checkpointing with a frozen embedding would starve the deltas of gradients.
@@ -605,6 +737,8 @@ class DeltaBase:
             del site.host._modules[self.child_name]  # what delattr does, without its lookups (switching is hot)
         if self.shared is not None:
             delattr(self.backbone_model, self.shared_name)
+        self._detach_heads()
+        self._remove_save_pretrained_guard()
         self._remove_state_dict_hook()
         self._remove_checkpointing_hooks()
         self._swap_backbone_tensors()
@@ -664,6 +798,11 @@ class DeltaBase:
         """
         _check_flag("merge", "exact_unmerge", exact_unmerge)
         _check_flag("merge", "safe", safe)
+        return self._merge(exact_unmerge, safe, keep_original=True)
+
+    def _merge(self, exact_unmerge: bool, safe: bool, *, keep_original: bool) -> DeltaBase:
+        """:meth:`merge`; ``keep_original=False`` (for :meth:`merge_and_unload`) keeps no copy of the touched
+        tensors and allows any dtype, since nothing will be unmerged."""
         self._require("merge", ATTACHED)
         if not self.sites or type(self.sites[0].module).merge_deltas is None:
             raise DeltaStateError(f"{type(self).__name__} cannot be merged: its delta is not a change of host weights.")
@@ -687,7 +826,7 @@ class DeltaBase:
         with torch.no_grad():
             planned = [(site, site.module.merge_deltas(site.host)) for site in self.sites]  # may raise: no change yet
             self._check_not_tied(planned)
-            if not exact_unmerge:
+            if not exact_unmerge and keep_original:
                 self._check_inexact_allowed(planned)
             if safe:
                 self._check_merged_finite(planned)
@@ -710,6 +849,108 @@ class DeltaBase:
         self._merged_delta_versions = [p._version for p in self.parameters()]
         self._state = MERGED
         return self
+
+    def merge_and_unload(self, *, safe: bool = True) -> nn.Module:
+        """Fold the delta into the backbone's weights and remove everything of deltakit: the plain model, for
+        deployment (PEFT's ``merge_and_unload``).
+
+        Afterwards the model holds no delta module, hook or parameter: ``state_dict()`` has exactly the backbone's
+        keys, ``save_pretrained`` / ``from_pretrained`` round-trip it, and it computes what the attached delta
+        computed (up to the rounding of the folded weights). Head copies (``modules_to_save``) are written into
+        their original modules, and backbone tensors a checkpoint wrote (a saved head) stay. The delta object is
+        spent: every later action on it raises (the backbone is changed for good; keep the checkpoint).
+
+        Args:
+            safe: As for :meth:`merge`: check that every merged weight is finite before changing anything.
+
+        Returns:
+            The backbone model (the same object).
+
+        Raises:
+            DeltaStateError: The method cannot merge (its delta is not a change of weights, e.g. prefix tuning or
+                a soft prompt), the delta is detached, another delta is still in the model, a head shares its
+                weights with another module (tied), or a check of :meth:`merge` fails. Nothing is changed then.
+        """
+        _check_flag("merge_and_unload", "safe", safe)
+        self._require("merge_and_unload", ATTACHED, MERGED)
+        if not self.sites or type(self.sites[0].module).merge_deltas is None:
+            composition = getattr(type(self.sites[0].module), "composition", None) if self.sites else None
+            how = f" (it {composition.value})" if isinstance(composition, Composition) else ""
+            raise DeltaStateError(
+                f"Cannot merge_and_unload() {self._describe()}: {type(self).__name__} is not a change of the host "
+                f"weights{how}, so it cannot be folded into them. Deploy the backbone with the delta attached "
+                f"(save_finetuned() + AutoDeltaModel.from_pretrained()), or use a mergeable method (LoRA, BitFit, IA3)."
+            )
+        self._check_only_delta("merge_and_unload")
+        self._check_heads_untied()
+        if self._state == ATTACHED:
+            self._merge(False, safe, keep_original=False)
+        self._unload()
+        return self.backbone_model
+
+    def _check_only_delta(self, action: str) -> None:
+        """Refuse when another delta's modules are in the model (they would stay, or act on folded weights)."""
+        own = {id(site.module) for site in self.sites}
+        own.update(id(m) for m in (self.shared, self._head_copies) if m is not None)
+        others = [n for n, m in self.backbone_model.named_modules() if isinstance(m, DeltaSite) and id(m) not in own]
+        if others:
+            raise DeltaStateError(
+                f"Cannot {action}() {self._describe()}: other deltas are in the model too ({others[:3]}"
+                f"{' and more' if len(others) > 3 else ''}), and the result would not be a plain model. Detach them "
+                f"(or merge_and_unload() them first)."
+            )
+
+    def _check_heads_untied(self) -> None:
+        """A head copy is written into its original: a weight the original shares with another module (an
+        ``lm_head`` tied to the embeddings) would change that module too."""
+        if not self._head_originals:
+            return
+        owners: dict[int, list[str]] = {}
+        for name, param in backbone_parameters(self.backbone_model).items():
+            owners.setdefault(id(param), []).append(name)
+        for head, original in self._head_originals.items():
+            mine = self._head_copies.get(head).state_dict()  # type: ignore[union-attr]
+            theirs = original.state_dict()
+            resized = [k for k in mine if k in theirs and mine[k].shape != theirs[k].shape]
+            if resized:
+                key = resized[0]
+                raise DeltaStateError(
+                    f"Cannot merge_and_unload() {self._describe()}: its head {head!r} has {key} of size "
+                    f"{list(mine[key].shape)}, the model's own {list(theirs[key].shape)} (another number of labels), "
+                    f"so the plain model's config would not describe it. Build the backbone with the task's labels "
+                    f"(AutoDeltaModelForSequenceClassification.from_pretrained(checkpoint) does) and unload there."
+                )
+            for pname, param in original.named_parameters():
+                outside = [n for n in owners.get(id(param), []) if not n.startswith(head + ".")]
+                if outside:
+                    raise DeltaStateError(
+                        f"Cannot merge_and_unload() {self._describe()}: its head {head!r} shares {head}.{pname} with "
+                        f"{outside[0]!r} (tied weights); writing the trained copy into it would change that module "
+                        f"too. Untie them first, or deploy with the delta attached."
+                    )
+
+    def _unload(self) -> None:
+        """Remove every deltakit module and hook of this (merged) delta, leaving its effect in the weights."""
+        with torch.no_grad():
+            for name, original in self._head_originals.items():
+                # strict: the copy is a copy of this very module, so the keys and shapes are the same
+                original.load_state_dict(self._head_copies.get(name).state_dict(), strict=True)  # type: ignore[union-attr]
+        self._detach_heads()
+        for site in self.sites:
+            site.module.merge_versions = {}
+            site.module.__dict__.pop("merged_by", None)
+            del site.host._modules[self.child_name]
+        if self.shared is not None:
+            delattr(self.backbone_model, self.shared_name)
+        for index, (module, _, pre) in enumerate(self._extra):
+            remove_hook(module, (self._order_key, -1 - index), pre=pre)
+        self._extra = []
+        self._remove_checkpointing_hooks()
+        self._remove_save_pretrained_guard()
+        self._remove_state_dict_hook()
+        self._swapped_backbone = {}  # the values a checkpoint wrote stay: they are part of the result
+        self._merge_backup.clear()
+        self._state = UNLOADED
 
     def _check_inexact_allowed(self, planned: list[tuple[Site, dict[str, torch.Tensor]]]) -> None:
         """Refuse an inexact merge into a weight with fewer significant bits than float32.
@@ -888,6 +1129,11 @@ class DeltaBase:
                 if id(param) not in seen:
                     seen.add(id(param))
                     yield f"{self.shared_name}.{pname}", param
+        if self._head_copies is not None:
+            for pname, param in self._head_copies.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield f"{self.heads_name}.{pname}", param
 
     def parameters(self) -> Iterator[nn.Parameter]:
         """This delta's own parameters (pass them to an optimizer)."""
@@ -899,8 +1145,8 @@ class DeltaBase:
         return sum(p.numel() for p in self.parameters())
 
     def delta_state_dict(self) -> dict[str, torch.Tensor]:
-        """This delta's tensors keyed as in its checkpoint: ``<host>.<delta_type>.<param>``, and shared tensors
-        (stored once) as ``<delta_type>_shared.<param>``."""
+        """This delta's tensors keyed as in its checkpoint: ``<host>.<delta_type>.<param>``, shared tensors
+        (stored once) as ``<delta_type>_shared.<param>`` and head copies as ``<delta_type>_heads.<module>.<param>``."""
         out: dict[str, torch.Tensor] = {}
         for site in self.sites:
             for pname, tensor in site.module.state_dict().items():
@@ -908,6 +1154,9 @@ class DeltaBase:
         if self.shared is not None:
             for pname, tensor in self.shared.state_dict().items():
                 out[shared_tensor_key(self.delta_type, pname)] = tensor
+        if self._head_copies is not None:
+            for pname, tensor in self._head_copies.state_dict().items():
+                out[head_tensor_key(self.delta_type, pname)] = tensor
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -923,6 +1172,33 @@ class DeltaBase:
         """Number of scalars in ``module`` (default: the whole backbone, attached deltas included)."""
         module = self.backbone_model if module is None else module
         return sum(p.numel() for p in module.parameters())
+
+    def trainable_parameters_summary(self) -> str:
+        """The line :meth:`print_trainable_parameters` prints (see there)."""
+        trainable = self.num_trainable_parameters()
+        total = self.num_total_parameters()
+        own = self.num_delta_parameters()
+        backbone = sum(p.numel() for p in backbone_parameters(self.backbone_model).values())
+        line = (
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / total if total else 0.0:.4f} || "
+            f"delta params: {own:,} ({100 * own / backbone if backbone else 0.0:.4f}% of the backbone's {backbone:,})"
+        )
+        if self._state not in (ATTACHED, MERGED):
+            line += f" [{self._state}: the delta is not in the model]"
+        return line
+
+    def print_trainable_parameters(self) -> None:
+        """Print PEFT's one-line summary, plus the delta's own share:
+
+        ``trainable params: 73,728 || all params: 22,787,330 || trainable%: 0.3236 || delta params: 73,728 (0.3246%
+        of the backbone's 22,713,602)``
+
+        *trainable* and *all* count the model as it is now (attached deltas included, what an optimizer over
+        ``model.parameters()`` would see); *delta params* is this delta's own size (sites, shared parameters and
+        head copies) over the backbone's own parameters (no delta counted). :meth:`log` prints the full table.
+        """
+        print(self.trainable_parameters_summary())  # the point of the method, like PEFT's
 
     def trainable_parameters_names(self, module: nn.Module | None = None) -> list[str]:
         """Names of the trainable parameters of ``module`` (default: the backbone)."""
@@ -946,7 +1222,10 @@ class DeltaBase:
             exclude: What stays trainable: ``"deltas"`` (this delta's parameters), other delta objects (their
                 parameters: ``exclude=["deltas", other_delta]`` trains both) and module name patterns in the
                 ``modified_modules`` syntax (e.g. ``"classifier"``). Default: the config's ``unfrozen_modules``
-                (``["deltas"]``). Parameters of modules kept trainable here are saved by :meth:`save_finetuned`.
+                (``["deltas"]``). Parameters of modules kept trainable here are saved by :meth:`save_finetuned`,
+                and the patterns become the config's ``unfrozen_modules`` (so the saved config says what was
+                trained). A module the delta carries a copy of (``modules_to_save``) is trained through
+                ``"deltas"`` and may not be named here.
             set_state_dict: Make ``backbone_model.state_dict()`` return only the trainable tensors (through a
                 removable state-dict hook, undone by :meth:`detach`), so tools that save ``state_dict()`` save
                 only the delta.
@@ -954,6 +1233,7 @@ class DeltaBase:
         module = self.backbone_model if module is None else module
         if not isinstance(module, nn.Module):
             raise DeltaError(f"freeze_module(module=...) must be an nn.Module or None, got {type(module).__name__}.")
+        explicit = exclude is not None
         exclude = self._exclude_list(exclude)
         _check_flag("freeze_module", "set_state_dict", set_state_dict)
         # Resolve every pattern before changing any requires_grad flag: a bad one leaves the model as it was.
@@ -962,6 +1242,7 @@ class DeltaBase:
                 module, [pattern], what="freeze_module exclude", skip_types=(DeltaSite,)))
             for pattern in exclude
         ]
+        self._refuse_head_originals(resolved)
         keep: set[int] = set()
         backbone_keep: set[int] = set()
         for pattern, matches in resolved:
@@ -980,10 +1261,28 @@ class DeltaBase:
         self.unfrozen_parameter_names = [
             n for n, p in backbone_parameters(self.backbone_model).items() if id(p) in backbone_keep
         ]
+        patterns = [p for p in exclude if isinstance(p, str)]
+        if explicit and patterns != self.config.unfrozen_modules:
+            # A new config object: the one passed in may be shared with other deltas (from_config twice).
+            self.config = dataclasses.replace(self.config, unfrozen_modules=patterns)
         self._set_state_dict = bool(set_state_dict)
         self._remove_state_dict_hook()
         if self._set_state_dict and self._state != DETACHED:
             self._install_state_dict_hook()
+
+    def _refuse_head_originals(self, resolved: list[tuple[Any, list[tuple[str, nn.Module]] | None]]) -> None:
+        """A module this delta carries a copy of is replaced by the copy: unfreezing the original would train
+        (and save, and refuse in a DeltaGroup) a module whose output is never used."""
+        originals = {id(m): n for n, m in self._head_originals.items()}
+        for pattern, matches in resolved:
+            for name, matched in matches or ():
+                inner = [originals[id(m)] for m in matched.modules() if id(m) in originals]
+                if inner:
+                    raise DeltaError(
+                        f"freeze_module(exclude=[..., {pattern!r}]) names {name!r}, but {self._describe()} carries its "
+                        f"own copy of {inner[0]!r} (modules_to_save), which is what runs and is trained with "
+                        f"\"deltas\". Drop {pattern!r} from exclude."
+                    )
 
     def _exclude_list(self, exclude: Any) -> list[str | DeltaBase]:
         """``freeze_module``'s ``exclude`` as a list of patterns and delta objects (checked)."""

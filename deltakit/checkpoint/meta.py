@@ -12,6 +12,7 @@ from ..errors import CheckpointError, DeltaConfigError
 from ..io import safe_json
 from ..io.files import read_regular_file
 from ..io.transaction import locked_view
+from .base_model import check_base_model
 from .layout import CONFIG_NAME, FORMAT, FORMAT_VERSION, MAX_CONFIG_BYTES, MAX_SITES
 from .meta_fields import check_string_list, field_error, short
 from .sites import expand_sites
@@ -52,6 +53,16 @@ def parse_meta(data: bytes, where: str) -> dict[str, Any]:
     if not meta["sites"]:
         raise field_error(where, "sites", "is empty")
     check_string_list(meta, "backbone_tensors", where, unique=True)
+    if meta.get("heads") is not None:  # modules the delta carries a copy of (deltakit.heads); absent before
+        check_string_list(meta, "heads", where, unique=True)
+    shapes = meta.get("head_shapes")
+    if shapes is not None and not (isinstance(shapes, dict) and all(
+        isinstance(k, str) and isinstance(v, list) and len(v) <= 8
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in v)
+        for k, v in shapes.items()
+    )):
+        raise field_error(where, "head_shapes", "must map tensor names to shapes (lists of sizes)")
+    check_base_model(meta, where)
     for key in ("fingerprint",):
         if meta.get(key) is not None and not isinstance(meta[key], dict):
             raise field_error(where, key, f"must be an object, got {type(meta[key]).__name__}")

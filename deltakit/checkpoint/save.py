@@ -10,10 +10,12 @@ import torch
 
 from .._version import __version__
 from ..errors import CheckpointError, DeltaStateError
+from ..heads import head_shapes
 from ..io.files import fsync_directory
 from ..io.tensor_file import write_tensor_file
 from ..io.transaction import commit
-from .fingerprint import backbone_fingerprint
+from .base_model import base_model_record
+from .fingerprint import ValueOf, backbone_fingerprint, host_values
 from .layout import CONFIG_NAME, FORMAT, FORMAT_VERSION, WEIGHTS_METADATA, WEIGHTS_NAME
 from .sites import compress_sites
 
@@ -100,6 +102,22 @@ def _without_own_merge(delta: DeltaBase) -> dict[str, torch.Tensor]:
     return out
 
 
+def pristine_values(delta: DeltaBase) -> ValueOf:
+    """``value_of`` for the fingerprint: a host tensor's values without the delta's own merge (the copy kept for an
+    exact unmerge); ``None`` (unknown) for a tensor merged without such a copy."""
+    merged = {site.name: site for site in delta.sites if site.module.merge_versions} if delta.state == "merged" else {}
+
+    def value_of(host: str, pname: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        site = merged.get(host)
+        if site is None or pname not in site.module.merge_versions:
+            return tensor
+        if not delta._merge_exact:
+            return None
+        return delta._merge_backup.get(id(site.module), {}).get(pname)
+
+    return value_of
+
+
 def write_checkpoint(
     delta: DeltaBase,
     tensors: dict[str, torch.Tensor],
@@ -127,6 +145,13 @@ def write_checkpoint(
     # Own, contiguous CPU copies: the bytes written are a snapshot, whatever the caller does meanwhile.
     payload = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     sites = compress_sites(delta.modified_modules)
+    if fingerprint is None:
+        fingerprint = backbone_fingerprint(delta.backbone_model, delta.modified_modules, value_of=lambda *_: None)
+    # The value sketch is always made here, where the backbone tensors the checkpoint writes itself are known (a
+    # loader compares everything else against the backbone it is given).
+    fingerprint = {**fingerprint, "host_values": host_values(
+        delta.backbone_model, delta.modified_modules, pristine_values(delta), skip=set(delta.unfrozen_parameter_names)
+    )}
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if sites is not None else 1,
@@ -135,10 +160,12 @@ def write_checkpoint(
         "config": delta.config.to_dict(),
         "sites": sites if sites is not None else delta.modified_modules,
         "backbone_tensors": list(delta.unfrozen_parameter_names),
-        "fingerprint": fingerprint if fingerprint is not None else backbone_fingerprint(
-            delta.backbone_model, delta.modified_modules
-        ),
+        "fingerprint": fingerprint,
+        "base_model": base_model_record(delta.backbone_model),
     }
+    if delta.heads:
+        meta["heads"] = list(delta.heads)
+        meta["head_shapes"] = head_shapes(delta._head_copies)  # type: ignore[arg-type]
 
     def write_weights_file(handle: BinaryIO) -> None:
         meta["weights_sha256"] = write_tensor_file(handle, payload, WEIGHTS_METADATA)

@@ -42,6 +42,7 @@ from ..checkpoint import (
     write_checkpoint,
 )
 from ..errors import CheckpointError, DeltaError
+from ..heads import head_tensor_key
 from ..io.tensor_file import DTYPE_NAMES
 from ..site import shared_tensor_key, site_tensor_key
 
@@ -123,6 +124,9 @@ def _named_tensors(delta: DeltaBase) -> Iterator[tuple[str, torch.Tensor]]:
     if delta.shared is not None:
         for pname, tensor in delta.shared.state_dict(keep_vars=True).items():
             yield shared_tensor_key(delta.delta_type, pname), tensor
+    for head, module in delta.heads.items():  # the delta's own head copies (modules_to_save)
+        for pname, tensor in module.state_dict(keep_vars=True).items():
+            yield head_tensor_key(delta.delta_type, f"{head}.{pname}"), tensor
     if delta.unfrozen_parameter_names:
         params = dict(delta.backbone_model.named_parameters())
         for name in delta.unfrozen_parameter_names:

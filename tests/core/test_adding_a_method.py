@@ -113,8 +113,8 @@ def arch_name(request: pytest.FixtureRequest) -> str:
 
 def test_the_constructor_comes_from_the_config() -> None:
     params = list(inspect.signature(ScaleOutputModel).parameters)
-    assert params == ["backbone_model", "modified_modules", "init_scale", "exclude_modules", "unfrozen_modules", "name",
-                      "interactive_modify"]
+    assert params == ["backbone_model", "modified_modules", "init_scale", "exclude_modules", "unfrozen_modules",
+                      "modules_to_save", "name", "interactive_modify"]
     assert "init_scale: Initial value of ``s``" in ScaleOutputModel.__init__.__doc__
     assert registry.DELTA_REGISTRY["scale_output"] is ScaleOutputModel
     assert registry.CONFIG_REGISTRY["scale_output"] is ScaleOutputConfig

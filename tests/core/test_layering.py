@@ -27,13 +27,14 @@ LAYERS: dict[str, int] = {
     "deltakit.config": 1,
     "deltakit.registry": 1,
     "deltakit.site": 1,
+    "deltakit.heads": 1,  # task-head copies a delta carries (modules_to_save): DeltaSite containers, no lifecycle
     "deltakit.hooks": 1,
     "deltakit.routing": 1,
     "deltakit.structures": 1,
-    "deltakit.quantization": 1,  # recognising and reading quantized weights (torchao, bitsandbytes, quanto)
     "deltakit.addressing": 1,
     "deltakit.hf_compat": 1,
     "deltakit.integrations.checkpointing": 1,
+    "deltakit.quantization": 1,  # recognising and reading quantized weights (torchao, bitsandbytes, quanto)
     # 2: the core: the delta lifecycle, and the checkpoint files and structure view its facades hand over to
     "deltakit.base": 2,
     "deltakit.checkpoint": 2,

@@ -1,0 +1,133 @@
+"""Issue 12's scripted user journey on the real MiniLM: two tasks, each with its own classifier head, trained with
+DeltaTrainer, saved, loaded in a fresh process with one call each, served with switch(), one deployed with
+merge_and_unload() and reloaded as a plain transformers model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.helpers import REPO_ROOT
+
+TASKS = ("sentiment", "topic")
+
+# Runs in a fresh interpreter: nothing of the training process (modules, deltas, caches) is reused.
+SERVE = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from deltakit import AutoDeltaModelForSequenceClassification, DeltaGroup
+    from deltakit.site import DeltaSite
+
+    root, model_path = sys.argv[1], sys.argv[2]
+    spec = json.load(open(f"{root}/spec.json"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    out = {}
+    with torch.no_grad():
+        for task in spec["tasks"]:
+            batch = tokenizer(spec["texts"][task], padding=True, return_tensors="pt")
+            delta = AutoDeltaModelForSequenceClassification.from_pretrained(f"{root}/{task}")   # one call each
+            out[f"one_call/{task}"] = delta.backbone_model.eval()(**batch).logits.tolist()
+
+        # Serve both on one backbone: the second checkpoint joins the first one's model, then switch.
+        first = AutoDeltaModelForSequenceClassification.from_pretrained(f"{root}/{spec['tasks'][0]}", name="first")
+        model = first.backbone_model.eval()
+        first.detach()
+        group = DeltaGroup(model)
+        for task in spec["tasks"]:
+            group.load(task, f"{root}/{task}")
+        for task in [*spec["tasks"], spec["tasks"][0]]:
+            group.switch(task)
+            batch = tokenizer(spec["texts"][task], padding=True, return_tensors="pt")
+            out[f"switch/{task}"] = model(**batch).logits.tolist()
+
+        # Deploy one as a plain model (on a backbone built with that task's labels) and reload it.
+        task = spec["tasks"][1]
+        plain = AutoDeltaModelForSequenceClassification.from_pretrained(f"{root}/{task}").merge_and_unload().eval()
+        assert not any(isinstance(m, DeltaSite) for m in plain.modules())
+        plain.save_pretrained(f"{root}/deployed")
+        reloaded = AutoModelForSequenceClassification.from_pretrained(f"{root}/deployed").eval()
+        batch = tokenizer(spec["texts"][task], padding=True, return_tensors="pt")
+        out[f"deployed/{task}"] = reloaded(**batch).logits.tolist()
+        out["deployed_keys_equal"] = list(reloaded.state_dict()) == list(plain.state_dict())
+    json.dump(out, open(f"{root}/served.json", "w"))
+    """
+)
+
+
+def _train(task: str, model_path: str, root: str) -> tuple[list[str], torch.Tensor]:
+    """Train LoRA + its own head on one task with DeltaTrainer, save it; return eval texts and their logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
+
+    from deltakit import LoraModel
+    from deltakit.demo.task import make_task
+    from deltakit.demo.topic_sentiment import make_topic_task
+    from deltakit.integrations.trainer import DeltaTrainer
+
+    train, test = (make_task if task == "sentiment" else make_topic_task)(seed=0, n_train=96, n_test=8)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    torch.manual_seed(0)
+    labels = 1 + max(label for _, label in train)  # two sentiment labels; the topic task has more
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=labels)
+    delta = LoraModel(model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16,
+                      modules_to_save=["classifier"], name=task)
+    delta.freeze_module(exclude=["deltas"])
+    rows = [{**tokenizer(text, truncation=True, max_length=32), "labels": label} for text, label in train]
+    args = TrainingArguments(
+        output_dir=os.path.join(root, f"run-{task}"), max_steps=12, per_device_train_batch_size=16,
+        learning_rate=2e-3, report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no",
+        disable_tqdm=True, seed=0,
+    )
+    from transformers import DataCollatorWithPadding
+
+    trainer = DeltaTrainer(model=model, delta=delta, args=args, train_dataset=rows,
+                           data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    trainer.save_model(os.path.join(root, task))  # DeltaTrainer: the delta checkpoint, not the full model
+    texts = [text for text, _ in test]
+    model.eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+    return texts, logits
+
+
+@pytest.mark.slow  # the real all-MiniLM-L6-v2, two trainings and a second process
+def test_two_tasks_with_heads_train_save_load_serve_and_deploy(tmp_path) -> None:
+    from deltakit.demo import real_model_path
+    from tests.tolerances import assert_same_function
+
+    model_path = real_model_path()
+    root = str(tmp_path)
+    texts, trained = {}, {}
+    for task in TASKS:
+        texts[task], trained[task] = _train(task, model_path, root)
+        assert sorted(os.listdir(os.path.join(root, task)))[:2] == ["delta_config.json", "delta_model.safetensors"]
+    assert trained["sentiment"].shape[-1] != trained["topic"].shape[-1]  # two heads of their own sizes
+    with open(os.path.join(root, "spec.json"), "w") as handle:
+        json.dump({"tasks": list(TASKS), "texts": texts}, handle)
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run([sys.executable, "-c", SERVE, root, model_path], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    served = json.loads((tmp_path / "served.json").read_text())
+
+    # Loading in another process runs the same operations, but its thread count (and so its GEMM reduction order)
+    # may differ: compare with the tolerance of the computation, not bit for bit.
+    from transformers import AutoModelForSequenceClassification
+
+    reference = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)
+    for task in TASKS:
+        for how in ("one_call", "switch"):
+            assert_same_function(torch.tensor(served[f"{how}/{task}"]), trained[task], model=reference,
+                                 note=f"{how}/{task}")
+    # merged into the weights, saved, reloaded as a plain model: folding changes the rounding, hence the tolerance
+    assert_same_function(torch.tensor(served["deployed/topic"]), trained["topic"], model=reference, note="deployed")
+    assert served["deployed_keys_equal"]
