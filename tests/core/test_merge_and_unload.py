@@ -42,8 +42,11 @@ def test_the_result_is_the_plain_model_with_the_delta_and_head_folded_in(tmp_pat
 
     plain.save_pretrained(tmp_path / "plain")
     reloaded = BertForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
-    # Same weights, same code: the round trip is exact (torch.equal); the stated tolerance is for merged vs hooks.
-    assert torch.equal(reloaded(IDS).logits, merged)
+    # The same weights, bit for bit; the outputs agree to rounding only: the reloaded tensors live in other memory
+    # (safetensors' buffers), and without SIMD the CPU kernels took another path and rounded differently (seen with
+    # ATEN_CPU_CAPABILITY=default; equal under AVX2 and AVX-512).
+    assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in plain.state_dict().items())
+    assert_same_function(reloaded(IDS).logits, merged, model=plain)
 
 
 def test_a_merged_delta_unloads_too() -> None:
