@@ -3,9 +3,11 @@
 Setting (the full run): 1,000 LoRA checkpoints on ``q_proj`` / ``v_proj`` of the ~130M Llama (hidden 768, 12
 layers; ranks 8/16/32/64 in turn, random factors), written once under a temporary directory. Traffic: a fixed
 sequence of requests, each naming a delta drawn uniformly or from a Zipf law (s = 1.1, delta ``k`` with weight
-``1 / (k + 1)^s``), grouped in batches of 32 in arrival order. Two phases per batch: *prefill* (one forward of a
-16-token prompt per request) and *decode* (``generate()`` of 4 greedy tokens after an 8-token prompt). Each
-(system, ``max_active``, traffic) runs in its own process, so peak RSS is its own:
+``1 / (k + 1)^s``), grouped in batches of 32 in arrival order. Two phases, each with its own request stream:
+*prefill* (one forward of a 16-token prompt per request) and *decode* (``generate()`` of 4 greedy tokens after an
+8-token prompt). Each phase first runs ``warmup`` batches untimed (the same requests for every system: they fill
+the active set, so the timed batches measure the steady state, misses included), then times ``batches`` batches.
+Each (system, ``max_active``, traffic) runs in its own process, so peak RSS is its own:
 
 * ``deltakit``: ``DeltaGroup(model, max_active=m)`` with all 1,000 registered (config + header read only); each
   batch is one ``route()`` block (misses loaded on entry, least recently used dropped).
@@ -14,9 +16,12 @@ sequence of requests, each naming a delta drawn uniformly or from a Zipf law (s 
 * ``resident``: the bound where every delta stays materialised: the batches' deltas loaded before timing (no miss);
   its memory bound is computed (backbone + every delta's bytes), not allocated.
 
-Reported per run: throughput (requests per wall second, loads included), p50/p99 batch latency, the miss count and
-mean miss latency (deltakit: the group's own load timer; PEFT: ``load_adapter`` timed), peak RSS against backbone +
-``m`` deltas of the mean size. ``--quick`` runs a tiny Llama with 40 deltas in seconds (what the tests run).
+Reported per run: throughput (requests per wall second of the timed batches, loads included), p50/p99 batch
+latency, the miss count and mean miss latency (deltakit: the group's own load timer; PEFT: ``load_adapter`` timed),
+peak RSS against the bound *serving backbone* + ``m`` deltas of the mean size, where the serving backbone is the
+peak RSS of the bare model after it served one batch of each phase (weights plus a batch's activations and the
+math libraries' buffers: what any system serving this model holds). ``--quick`` runs a tiny Llama with 40 deltas
+in seconds (what the tests run); ``--only zipf/64`` runs the matching (traffic/max_active) cells only.
 
 Run::
 
@@ -46,11 +51,11 @@ RANKS = (8, 16, 32, 64)
 TARGETS = ("q_proj", "v_proj")
 FULL = dict(config=dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                         num_attention_heads=12, num_key_value_heads=12),
-            deltas=1000, batch=32, batches=3, prefill_len=16, prompt_len=8, new_tokens=4,
+            deltas=1000, batch=32, warmup=2, batches=6, prefill_len=16, prompt_len=8, new_tokens=4,
             max_active=(16, 64, 256), ranks=RANKS)
 QUICK = dict(config=dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4),
-             deltas=40, batch=8, batches=2, prefill_len=8, prompt_len=4, new_tokens=2, max_active=(4,),
+             deltas=40, batch=8, warmup=1, batches=2, prefill_len=8, prompt_len=4, new_tokens=2, max_active=(4,),
              ranks=(2, 4, 8, 16))
 TRAFFIC = ("uniform", "zipf")
 ZIPF_S = 1.1
@@ -163,19 +168,35 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     spec = QUICK if args.quick else FULL
     store = Path(args.store)
     names = [f"d{i}" for i in range(spec["deltas"])]
-    requests = traffic(args.traffic, spec["deltas"], spec["batch"] * spec["batches"])
-    batches = [[names[k] for k in requests[i : i + spec["batch"]]] for i in range(0, len(requests), spec["batch"])]
+    per_phase = spec["batch"] * (spec["warmup"] + spec["batches"])
     gen = torch.Generator().manual_seed(3)
     vocab = spec["config"]["vocab_size"]
-    prefill = [torch.randint(3, vocab, (spec["batch"], spec["prefill_len"]), generator=gen) for _ in batches]
-    prompts = [torch.randint(3, vocab, (spec["batch"], spec["prompt_len"]), generator=gen) for _ in batches]
+    batches: dict[str, list[list[str]]] = {}
+    inputs: dict[str, list[Any]] = {}
+    for seed, (phase, length) in enumerate((("prefill", spec["prefill_len"]), ("decode", spec["prompt_len"]))):
+        requests = traffic(args.traffic, spec["deltas"], per_phase, seed=seed)
+        batches[phase] = [[names[k] for k in requests[i : i + spec["batch"]]]
+                          for i in range(0, per_phase, spec["batch"])]
+        inputs[phase] = [torch.randint(3, vocab, (spec["batch"], length), generator=gen) for _ in batches[phase]]
     model = _llama(spec["config"])
-    backbone_rss = common.current_rss_bytes()
-    common.reset_peak_rss()
     kw = dict(max_new_tokens=spec["new_tokens"], min_new_tokens=spec["new_tokens"], do_sample=False, pad_token_id=0)
+    backbone_rss = common.current_rss_bytes()
+
+    def forward(phase: str, x: Any, **extra: Any) -> None:
+        if phase == "prefill":
+            model_(input_ids=x, **extra).logits[:, -1]
+        else:
+            model_.generate(input_ids=x, attention_mask=torch.ones_like(x), **extra, **kw)
+
+    model_ = model
+    with torch.inference_mode():  # the bare backbone serving one batch of each phase: its working set
+        for phase in ("prefill", "decode"):
+            forward(phase, inputs[phase][0])
+    serving_rss = common.peak_rss_bytes()
     sizes = {}
     register_s = 0.0
     cap = args.max_active if args.max_active > 0 else spec["batch"]
+    every = sorted({n for phase in batches.values() for b in phase for n in b})
     if args.system in ("deltakit", "resident"):
         group = deltakit.DeltaGroup(model, max_active=args.max_active if args.system == "deltakit" else None)
         start = time.perf_counter()
@@ -183,68 +204,66 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             for name in names:
                 sizes[name] = group.register(name, store / name).nbytes
         else:
-            for name in sorted({n for b in batches for n in b}):
+            for name in every:
                 group.load(name, store / name)
                 sizes[name] = sum(p.numel() * p.element_size() for p in group[name].parameters())
         register_s = time.perf_counter() - start
 
-        def run(i: int, phase: str) -> Any:
-            for a, b in split(batches[i], cap):
-                with torch.inference_mode(), group.route(batches[i][a:b]):
-                    if phase == "prefill":
-                        model(input_ids=prefill[i][a:b]).logits[:, -1]
-                    else:
-                        x = prompts[i][a:b]
-                        model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
+        def run(phase: str, i: int) -> Any:
+            batch = batches[phase][i]
+            for a, b in split(batch, cap):
+                with torch.inference_mode(), group.route(batch[a:b]):
+                    forward(phase, inputs[phase][i][a:b])
 
         misses = lambda: group.store_stats  # noqa: E731
     else:
         peft = _Peft(None, store, args.max_active)
         peft.base, peft.bare = model, _llama(spec["config"])
 
-        def run(i: int, phase: str) -> Any:
-            for a, b in split(batches[i], cap):
-                names_ab = batches[i][a:b]
-                peft.prepare(names_ab)
+        def run(phase: str, i: int) -> Any:
+            nonlocal model_
+            batch = batches[phase][i]
+            for a, b in split(batch, cap):
+                peft.prepare(batch[a:b])
+                model_ = peft.model
                 with torch.inference_mode():
-                    if phase == "prefill":
-                        peft.model(input_ids=prefill[i][a:b], adapter_names=names_ab).logits[:, -1]
-                    else:
-                        x = prompts[i][a:b]
-                        peft.model.generate(input_ids=x, attention_mask=torch.ones_like(x), adapter_names=names_ab,
-                                            **kw)
+                    forward(phase, inputs[phase][i][a:b], adapter_names=batch[a:b])
 
-        for batch in batches:  # export untimed first (PEFT's layout); then the bare twin is dropped
-            for name in batch:
-                peft._peft_dir(name)
+        for name in every:  # export untimed first (PEFT's layout); then the bare twin is dropped
+            peft._peft_dir(name)
         del peft.bare
         misses = lambda: {"misses": len(peft.miss_seconds), "load_seconds": sum(peft.miss_seconds)}  # noqa: E731
-    out: dict[str, Any] = {"register_s": register_s, "backbone_rss": backbone_rss}
+    common.reset_peak_rss()
+    out: dict[str, Any] = {"register_s": register_s, "backbone_rss": backbone_rss, "serving_rss": serving_rss}
     for phase in ("prefill", "decode"):
+        for i in range(spec["warmup"]):
+            run(phase, i)
         before = dict(misses())
         latencies = []
         start = time.perf_counter()
-        for i in range(len(batches)):
+        for i in range(spec["warmup"], len(batches[phase])):
             t = time.perf_counter()
-            run(i, phase)
+            run(phase, i)
             latencies.append(time.perf_counter() - t)
         wall = time.perf_counter() - start
         after = misses()
         n_miss = after["misses"] - before.get("misses", 0)
         out[phase] = {
-            "throughput": len(requests) / wall, "p50_ms": 1e3 * statistics.median(latencies),
+            "throughput": spec["batch"] * spec["batches"] / wall, "p50_ms": 1e3 * statistics.median(latencies),
             "p99_ms": 1e3 * sorted(latencies)[min(len(latencies) - 1, int(0.99 * len(latencies)))],
             "misses": n_miss,
             "miss_ms": 1e3 * (after["load_seconds"] - before.get("load_seconds", 0.0)) / n_miss if n_miss else None,
         }
-    out["peak_rss"] = common.peak_rss_bytes()
+    out["peak_rss"] = max(common.peak_rss_bytes(), serving_rss)
     mean_delta = sum(sizes.values()) / max(1, len(sizes)) if sizes else None
     out["mean_delta_bytes"] = mean_delta
     return out
 
 
 # ------------------------------------------------------------------------------------------------ the parent
-def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1) -> dict[str, Any]:
+def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1,
+        only: list[str] | None = None) -> dict[str, Any]:
+    """Every cell (or the ``only`` ones, ``"zipf/64"`` style) in child processes; ratios from this one run."""
     spec = QUICK if quick else FULL
     root = Path(os.environ.get("DELTAKIT_MANY_DELTAS_STORE", tempfile.gettempdir())) / (
         "deltakit_many_deltas_quick" if quick else "deltakit_many_deltas")
@@ -254,7 +273,10 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1) -> di
     log(f"many_deltas: {spec['deltas']} checkpoints under {root} ({time.perf_counter() - start:.1f} s)")
     runs: dict[str, Any] = {}
     for traffic_kind in TRAFFIC:
-        for m in spec["max_active"]:
+        cells = [m for m in spec["max_active"] if not only or f"{traffic_kind}/{m}" in only]
+        if not cells:
+            continue
+        for m in cells:
             for system in ("deltakit", "peft"):
                 key = f"{system}/{traffic_kind}/{m}"
                 argv = [sys.executable, __file__, "--child", "--system", system, "--traffic", traffic_kind,
@@ -275,7 +297,7 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1) -> di
             continue
         _, traffic_kind, m = key.split("/")
         peft = runs[f"peft/{traffic_kind}/{m}"]
-        bound = value["backbone_rss"] + int(m) * value["mean_delta_bytes"]
+        bound = value["serving_rss"] + int(m) * value["mean_delta_bytes"]
         summary[key] = {
             "prefill_vs_peft": value["prefill"]["throughput"] / peft["prefill"]["throughput"],
             "decode_vs_peft": value["decode"]["throughput"] / peft["decode"]["throughput"],
@@ -283,8 +305,13 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1) -> di
         }
     return {"spec": {k: v for k, v in spec.items() if k != "config"}, "config": spec["config"], "runs": runs,
             "summary": summary, "wall_s": time.perf_counter() - start,
-            "all_resident_bytes": runs[f"deltakit/zipf/{spec['max_active'][0]}"]["backbone_rss"]
-            + spec["deltas"] * runs[f"deltakit/zipf/{spec['max_active'][0]}"]["mean_delta_bytes"]}
+            "all_resident_bytes": _all_resident(runs, spec)}
+
+
+def _all_resident(runs: dict[str, Any], spec: dict[str, Any]) -> float | None:
+    """The bound where every delta stays resident: backbone + every delta's bytes (computed, not allocated)."""
+    some = next((v for k, v in runs.items() if k.startswith("deltakit/")), None)
+    return None if some is None else some["backbone_rss"] + spec["deltas"] * some["mean_delta_bytes"]
 
 
 def table(results: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
@@ -315,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--store")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("--only", nargs="*", help="cells to run, e.g. zipf/64 uniform/256 (default: all)")
     args = parser.parse_args(argv)
     if args.child:
         import warnings
@@ -322,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         print(json.dumps(child(args)))
         return 0
-    results = run(args.quick, threads=args.threads)
+    results = run(args.quick, threads=args.threads, only=args.only)
     text = json.dumps(results, indent=1, default=str)
     if args.output:
         Path(args.output).write_text(text)

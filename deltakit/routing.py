@@ -126,25 +126,42 @@ class SiteRouter:
         """The all-zero slot (rows routed to no delta of this router)."""
         return self.capacity
 
-    def _track(self) -> None:
-        """Record where each parameter lives ((module, name)), so that a parameter object replaced by another
-        (e.g. load_state_dict(..., assign=True)) is noticed, not only in-place changes of the old one."""
+    @staticmethod
+    def _entry_sources(delta: Any, site: DeltaSite) -> list[tuple[nn.Module, str]]:
+        """Where each parameter of one entry lives ((module, name)), each once: its site's, and its delta's shared
+        ones. (Two entries are two deltas, which never share a parameter object.)"""
+        owners = [site, *([delta.shared] if getattr(delta, "shared", None) is not None else [])]
         sources: list[tuple[nn.Module, str]] = []
         seen: set[int] = set()
-        for delta, site in zip(self.deltas, self.sites):
-            owners = [site, *([delta.shared] if getattr(delta, "shared", None) is not None else [])]
-            for owner in owners:
-                for module in owner.modules():
-                    for pname, p in module._parameters.items():
-                        if p is not None and id(p) not in seen:
-                            seen.add(id(p))
-                            sources.append((module, pname))
+        for owner in owners:
+            for module in owner.modules():
+                for pname, p in module._parameters.items():
+                    if p is not None and id(p) not in seen:
+                        seen.add(id(p))
+                        sources.append((module, pname))
+        return sources
+
+    def _track(self, rescan: bool = True) -> None:
+        """Record where each parameter lives ((module, name)), so that a parameter object replaced by another
+        (e.g. load_state_dict(..., assign=True)) is noticed, not only in-place changes of the old one.
+
+        Each entry's part is computed once, when it comes (``rescan=False``: only entries appended since are
+        walked; a removed entry's part is deleted with it): a store turning its active set over puts and clears one
+        entry at a time, and walking every entry's modules at each of those made a miss cost O(active set) on every
+        modified module."""
+        if rescan:
+            self._parts: list[list[tuple[nn.Module, str]]] = []
+            self._elems: list[int] = []
+        for delta, site in zip(self.deltas[len(self._parts):], self.sites[len(self._parts):]):
+            self._parts.append(self._entry_sources(delta, site))
+            self._elems.append(sum(p.numel() for p in site.parameters()))
+        sources = [source for part in self._parts for source in part]
         self._sources = sources
         self.params = self._current_params()
         self._ids = list(map(id, self.params))
         self._site_at = dict(zip(self.slot_ids, self.sites))
         # Elements one slot holds (the widest site's): what the gather path copies per row.
-        self.slot_elems = max((sum(p.numel() for p in s.parameters()) for s in self.sites), default=0)
+        self.slot_elems = max(self._elems, default=0)
 
     # -------------------------------------------------------------- stacks
     def build(self) -> dict[str, torch.Tensor]:
@@ -246,7 +263,7 @@ class SiteRouter:
         self.deltas.append(delta)
         self.sites.append(site)
         self.slot_ids.append(slot)
-        self._track()
+        self._track(rescan=False)
         if not fresh:
             self._cache = None
             return
@@ -269,8 +286,8 @@ class SiteRouter:
         """Take the entry out of ``slot``; a built stack gets that slot zeroed."""
         i = self.slot_ids.index(slot)
         fresh = self._cache is not None and self._cache[0] == self._stamp()
-        del self.deltas[i], self.sites[i], self.slot_ids[i]
-        self._track()
+        del self.deltas[i], self.sites[i], self.slot_ids[i], self._parts[i], self._elems[i]
+        self._track(rescan=False)
         if not fresh:
             self._cache = None
             return

@@ -507,7 +507,9 @@ class DeltaGroup:
             # route() is usually opened inside torch.inference_mode(): parameters made there would be inference
             # tensors (no version counter, unusable outside it), so a miss loads outside it.
             with torch.inference_mode(False):
-                delta = self._store.timed_load(name, lambda e: self._load_delta(e.name, e.path, **e.load_options))
+                delta = self._store.materialise(
+                    name, self.backbone_model, lambda e: self._load_delta(e.name, e.path, **e.load_options)
+                )
             self._adopt(entry.name, delta)
             self._evict_over(keep)
 
