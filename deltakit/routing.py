@@ -479,7 +479,10 @@ class RouterTable:
 
     @staticmethod
     def routable(delta: Any) -> bool:
-        """Whether every site of ``delta`` has a router (the delta can be routed)."""
+        """Whether every site of ``delta`` has a router and it carries no task head (heads are not routed per row
+        yet: such a delta would silently run the backbone's own head)."""
+        if getattr(delta, "heads", None):
+            return False
         return bool(delta.sites) and all(type(s.module).router is not None for s in delta.sites)
 
     def reserve(self, count: int) -> None:

@@ -736,11 +736,18 @@ class DeltaGroup:
         table = self._ensure_table()
         # A registered delta's method is known once it is materialised (checked again after loading).
         unroutable = sorted(n for n in used if n in self._deltas and n not in table.slot_of)
+        with_heads = [n for n in unroutable if getattr(self._deltas[n], "heads", None)]
+        if with_heads:
+            raise DeltaError(
+                f"route(): delta(s) {with_heads} carry their own task head (modules_to_save), which per-sample "
+                f"routing does not apply yet (those rows would run the backbone's head). Serve them with switch()."
+            )
         if unroutable:
             kinds = sorted({type(self._deltas[n]).__name__ for n in unroutable})
             raise DeltaError(
                 f"route(): delta(s) {unroutable} ({', '.join(kinds)}) do not support per-sample routing (supported: "
-                f"LoRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them with switch()."
+                f"LoRA, DoRA, (IA)^3, VeRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them "
+                f"with switch()."
             )
 
     def _plan_call(self, names: Sequence[str | None], gather_cache_mb: float, path: str) -> _RouteCall:

@@ -26,7 +26,7 @@ from deltakit.hooks import DeltaSite
 from deltakit.site import Composition
 
 from tests.tolerances import assert_same_function, assert_same_gradients
-from tests.helpers import ARCHS, VOCAB, Arch, hook_counts, perturb, snapshot, assert_state_equal
+from tests.helpers import ARCHS, VOCAB, Arch, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert
 
 
 # One factory per method: (model, name, variant) -> delta. ``variant`` changes hyper-parameters, so one stack
@@ -590,3 +590,22 @@ def test_route_refuses_prompt_methods_but_serves_them_by_switching(method: str) 
     assert group.active == ["p"]
     group.switch(None)
     assert hook_counts(model) == hooks
+
+
+def test_route_refuses_a_delta_with_its_own_head_instead_of_running_the_backbone_head() -> None:
+    # Rows routed to a delta that owns a classifier copy used to run the backbone's original head, silently.
+    model = tiny_bert()
+    group = DeltaGroup(model)
+    plain = LoraModel(model, name="plain", lora_r=2)
+    headed = LoraModel(model, name="headed", lora_r=2, modules_to_save=["classifier"])
+    group.add(plain.detach())
+    group.add(headed.detach())
+    model.eval()
+    ids = torch.randint(0, VOCAB, (2, 5))
+    with pytest.raises(DeltaError, match=r"\['headed'\] carry their own task head"):
+        with group.route(["plain", "headed"]):
+            model(ids)
+    with group.route(["plain", None]):  # the others still route
+        model(ids)
+    group.switch("headed")  # and the headed one serves through switch()
+    model(ids)
