@@ -451,6 +451,14 @@ def export_to_peft(
             f"interop has no adapter format for deltakit's {getattr(delta, 'delta_type', '?')!r} deltas. Save it with "
             f"save_finetuned() instead."
         )
+    if getattr(delta, "heads", None):
+        # PEFT's modules_to_save would be the place, but its copies replace the module under other key names;
+        # until that mapping exists, refusing beats writing an adapter without the head the delta was trained with.
+        raise DeltaError(
+            f"export_to_peft cannot carry the task head(s) {sorted(delta.heads)} that {delta!r} owns "
+            f"(modules_to_save): the adapter would load without them. Save it with save_finetuned(), or train the "
+            f"head in place with freeze_module(exclude=['deltas', <head>]) for a PEFT export."
+        )
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot export the delta to {path!r}: it exists and is not a directory.")

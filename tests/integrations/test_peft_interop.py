@@ -635,3 +635,11 @@ def test_a_non_boolean_flag_is_refused(option: str, tmp_path) -> None:
     _edit_config(tmp_path / "peft", **{option: "yes"})
     with pytest.raises(CheckpointError, match=option):
         from_peft(tmp_path / "peft", tiny_model("bert"))
+
+
+def test_export_refuses_a_delta_that_owns_a_task_head(tmp_path) -> None:
+    # The head copy (modules_to_save) used to be dropped without a word: the adapter loaded without it.
+    delta = LoraModel(tiny_model("bert"), lora_r=2, modules_to_save=["pooler"])
+    with pytest.raises(DeltaError, match=r"cannot carry the task head\(s\) \['pooler'\]"):
+        export_to_peft(delta, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
