@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 SUBJECTS: tuple[str, ...] = (
     "the film", "the movie", "the food", "the service", "the hotel", "the book",
@@ -108,21 +111,33 @@ def make_examples(seed: int = 0, n_train: int = 2000, n_test: int = 600) -> tupl
     """
     held = held_out_pairs(seed)
     rng = random.Random(f"deltakit-demo-sentences-{seed}")
-    train: list[Example] = []
-    test: list[Example] = []
+    return fill_splits(lambda: _sample_example(rng), held.contains, n_train, n_test, 200, "sentences")
+
+
+def fill_splits(
+    draw: Callable[[], T], held_out: Callable[[T], bool], n_train: int, n_test: int, tries_per_item: int, what: str
+) -> tuple[list[T], list[T]]:
+    """Draw distinct examples (by ``.text``) until both splits are full: an example goes to the test split exactly
+    when ``held_out(example)``; a full split's examples are skipped.
+
+    Raises:
+        ValueError: ``tries_per_item * (n_train + n_test) + 1000`` draws did not fill both splits.
+    """
+    train: list[T] = []
+    test: list[T] = []
     seen: set[str] = set()
-    for _ in range(200 * (n_train + n_test) + 1000):
+    for _ in range(tries_per_item * (n_train + n_test) + 1000):
         if len(train) >= n_train and len(test) >= n_test:
             break
-        example = _sample_example(rng)
-        if example.text in seen:
+        example = draw()
+        if example.text in seen:  # type: ignore[attr-defined]
             continue
-        split = test if held.contains(example) else train
+        split = test if held_out(example) else train
         if len(split) < (n_test if split is test else n_train):
-            seen.add(example.text)
+            seen.add(example.text)  # type: ignore[attr-defined]
             split.append(example)
     else:  # pragma: no cover - only with absurd sizes
-        raise ValueError(f"Cannot generate {n_train} + {n_test} distinct sentences.")
+        raise ValueError(f"Cannot generate {n_train} + {n_test} distinct {what}.")
     return train, test
 
 

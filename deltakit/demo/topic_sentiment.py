@@ -20,6 +20,8 @@ from __future__ import annotations
 import random
 from typing import NamedTuple
 
+from .task import fill_splits
+
 #: The topics, in label order (label = 2 * topic index + polarity).
 TOPICS: tuple[str, ...] = ("food", "service", "place")
 #: Subject nouns per topic (ten each; :func:`held_out_vocabulary` reserves two per topic for the test split).
@@ -129,22 +131,9 @@ def make_topic_examples(
     """
     held = held_out_vocabulary(seed)
     rng = random.Random(f"deltakit-topic-sentiment-sentences-{seed}")
-    train: list[TopicExample] = []
-    test: list[TopicExample] = []
-    seen: set[str] = set()
-    for _ in range(100 * (n_train + n_test) + 1000):
-        if len(train) >= n_train and len(test) >= n_test:
-            break
-        example = _sample(rng)
-        if example.text in seen:
-            continue
-        split = test if held.contains(example) else train
-        if len(split) < (n_test if split is test else n_train):
-            seen.add(example.text)
-            split.append(example)
-    else:
-        raise ValueError(f"Cannot generate {n_train} + {n_test} distinct sentences of the topic-sentiment task.")
-    return train, test
+    return fill_splits(
+        lambda: _sample(rng), held.contains, n_train, n_test, 100, "sentences of the topic-sentiment task"
+    )
 
 
 def make_topic_task(
