@@ -17,8 +17,10 @@ rank grows.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -239,12 +241,31 @@ class SharedInputGroup:
     """
 
     def __init__(self, sites: list[LoraSite]) -> None:
-        self.sites = sites
+        # Weak: every member holds the group (its ``shared_input``); strong references both ways would be a cycle
+        # that keeps a dropped delta in memory until the cycle collector runs (a serving store drops many).
+        self._members = [weakref.ref(site) for site in sites]
         self.called: set[int] = set()  # members called in the current pass
         # (x, x's version, fused projection, {member: (start, stop)}, the members' A versions)
         self.pending: tuple[torch.Tensor, int, torch.Tensor, dict[int, tuple[int, int]], tuple[int, ...]] | None
         self.pending = None
         self.shared_calls = 0  # calls served from another member's GEMM (diagnostics, tests)
+
+    @property
+    def sites(self) -> list[LoraSite]:
+        return [ref() for ref in self._members]  # type: ignore[misc]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SharedInputGroup:
+        # copy.deepcopy would keep weak references to the original members: link the copies instead.
+        new = SharedInputGroup.__new__(SharedInputGroup)
+        memo[id(self)] = new
+        new.__init__([copy.deepcopy(site, memo) for site in self.sites])  # type: ignore[misc]
+        return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"sites": self.sites}  # a fresh pass after unpickling; weak references cannot be pickled
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["sites"])  # type: ignore[misc]
 
     def reset(self) -> None:
         """Forget the current pass (on attach / detach)."""

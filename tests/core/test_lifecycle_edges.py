@@ -404,3 +404,37 @@ def test_a_routed_adapter_whose_host_output_is_not_what_its_layers_say_fails_wit
         with group.route(["a", "b"]):
             model(torch.randn(2, 8))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())  # nothing left behind
+
+
+# ------------------------------------------------------------------ memory: a dropped delta is freed at once
+def test_a_dropped_lora_delta_is_freed_without_the_cycle_collector() -> None:
+    # LoRA links sibling sites (q, k, v) through a shared-input group; with strong references both ways that was a
+    # cycle, so a delta attached once and then dropped stayed in memory until the cycle collector ran.
+    import gc
+    import io
+    import weakref
+
+    from deltakit import LoraModel
+    from tests.helpers import tiny_bert
+
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query", "key", "value"], lora_r=2)
+    group = delta.sites[0].module.__dict__["shared_input"]
+    assert len(group.sites) == 3  # the siblings are linked (else this test proves nothing)
+    copied = copy.deepcopy(model)  # a copy's group links the copies, not the originals
+    query = copied.bert.encoder.layer[0].attention.self.query.lora
+    assert query.__dict__["shared_input"].sites[0] is query
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)  # and a pickled model keeps its links
+    key = loaded.bert.encoder.layer[0].attention.self.key.lora
+    assert key.__dict__["shared_input"].sites[1] is key
+    delta.detach()
+    site = weakref.ref(delta.sites[0].module)
+    gc.disable()
+    try:
+        del delta, group
+        assert site() is None
+    finally:
+        gc.enable()
