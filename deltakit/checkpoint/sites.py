@@ -15,7 +15,7 @@ _MAX_INDEX = 10**9
 _RANGE_GROUP = re.compile(r"\{([0-9,-]*)\}")
 
 
-def _format_indices(indices: list[int]) -> str:
+def format_indices(indices: list[int]) -> str:
     """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2,5,7-8"`` (indices sorted, without duplicates)."""
     runs: list[str] = []
     start = prev = indices[0]
@@ -62,7 +62,7 @@ def compress_sites(names: list[str]) -> list[str] | None:
         if len(indices) <= 1:
             entries.append(literal[key])
         else:
-            entries.append(".".join(key).replace("{}", "{" + _format_indices(sorted(indices)) + "}", 1))
+            entries.append(".".join(key).replace("{}", "{" + format_indices(sorted(indices)) + "}", 1))
     return entries
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from ..addressing import find_modules
+from ..checkpoint.sites import format_indices
 from ..errors import ModuleMatchError
 from ..site import DeltaSite, SharedParameters, is_inside
 from ..structures import ROLE_NAMES, STRUCTURES, detect_model_type, infer_structure
@@ -64,17 +65,7 @@ def fold_label(names: list[str]) -> str:
     """``["0", "1", "2", "5"]`` -> ``"0-2,5"`` (as Visualization writes folded layers); other names comma-joined."""
     if not all(n.isdigit() for n in names):
         return ",".join(names)
-    nums = sorted(int(n) for n in names)
-    spans: list[str] = []
-    start = prev = nums[0]
-    for n in nums[1:] + [None]:  # type: ignore[list-item]
-        if n is not None and n == prev + 1:
-            prev = n
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if n is not None:
-            start = prev = n
-    return ",".join(spans)
+    return format_indices(sorted(int(n) for n in names))
 
 
 class _Viewer:
