@@ -1164,19 +1164,22 @@ class DeltaBase:
         return self.delta_state_dict()
 
     def num_trainable_parameters(self, module: nn.Module | None = None) -> int:
-        """Number of trainable scalars in ``module`` (default: the whole backbone, deltas included)."""
-        module = self.backbone_model if module is None else module
-        return sum(p.numel() for p in module.parameters() if p.requires_grad)
+        """Number of trainable scalars in ``module``; without it, in this delta itself (its sites, shared parameters
+        and head copies), as OpenDelta counted. Pass the model to count everything an optimizer over
+        ``model.parameters()`` would train (heads kept trainable in place included)."""
+        params = self.parameters() if module is None else module.parameters()
+        return sum(p.numel() for p in params if p.requires_grad)
 
     def num_total_parameters(self, module: nn.Module | None = None) -> int:
-        """Number of scalars in ``module`` (default: the whole backbone, attached deltas included)."""
-        module = self.backbone_model if module is None else module
-        return sum(p.numel() for p in module.parameters())
+        """Number of scalars in ``module``; without it, in this delta itself (as OpenDelta counted; the same as
+        :meth:`num_delta_parameters`). Pass the model for the whole model, attached deltas included."""
+        params = self.parameters() if module is None else module.parameters()
+        return sum(p.numel() for p in params)
 
     def trainable_parameters_summary(self) -> str:
         """The line :meth:`print_trainable_parameters` prints (see there)."""
-        trainable = self.num_trainable_parameters()
-        total = self.num_total_parameters()
+        trainable = self.num_trainable_parameters(self.backbone_model)
+        total = self.num_total_parameters(self.backbone_model)
         own = self.num_delta_parameters()
         backbone = sum(p.numel() for p in backbone_parameters(self.backbone_model).values())
         line = (

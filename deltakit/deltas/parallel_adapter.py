@@ -10,6 +10,7 @@ init.
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -139,11 +140,41 @@ class ParallelAdapterModel(DeltaBase):
         if patterns is None and cfg.modified_modules is None:
             patterns = list(self.default_input_modules)
         self._inputs: list[tuple[str, nn.Module]] | None = None
+        if cfg.input_modules is None and cfg.modified_modules is not None:
+            self._warn_if_opendelta_pairs(cfg.modified_modules, [name for name, _ in matches])
         if patterns is not None:
             self._inputs = find_modules(
                 self.backbone_model, patterns, what="input_modules", skip_types=(DeltaSite,),
                 allow_unmatched_roles=cfg.input_modules is None,
             )
+
+    def _warn_if_opendelta_pairs(self, patterns: list[str], names: list[str]) -> None:
+        """Warn when ``modified_modules`` reads like OpenDelta's pairs (input module, output module) but no
+        ``input_modules`` says so: OpenDelta made one adapter per pair, deltakit makes one per module, silently
+        twice the adapters and none across the block. Signs: a pattern listed twice (OpenDelta's ``["attn",
+        "attn"]``), or the first and second feed-forward linear of one layer both matched."""
+        repeated = sorted({p for p in patterns if patterns.count(p) > 1})
+        layers: dict[str, set[str]] = {}
+        for role in ("ff.w1", "ff.w2"):
+            try:
+                found = find_modules(self.backbone_model, [role], what="role", allow_unmatched_roles=True)
+            except ModuleMatchError:
+                return  # an architecture without these roles: nothing to compare
+            for name, _ in found:
+                if name in names:
+                    layers.setdefault(role, set()).add(name.rpartition(".")[0].rpartition(".")[0])
+        spanning = sorted(layers.get("ff.w1", set()) & layers.get("ff.w2", set()))
+        if not repeated and not spanning:
+            return
+        sign = f"lists {repeated} twice" if repeated else f"matches both FFN linears of {spanning[0]!r}"
+        warnings.warn(
+            f"ParallelAdapterModel: modified_modules={patterns} {sign}. OpenDelta read this list as pairs (one adapter "
+            f"from the first module's input to the second's output); deltakit puts one adapter across EACH listed "
+            f"module. For one adapter across the block pass modified_modules=['ff.w2'], input_modules=['ff.w1'] (or "
+            f"your own names); pass input_modules explicitly to silence this warning.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _source_for(self, name: str, host: nn.Module) -> tuple[str, nn.Module]:
         candidates = self._inputs

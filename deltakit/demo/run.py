@@ -223,7 +223,7 @@ def run_demo(
 
         # 2. structure, LoRA, freezing
         delta = _add_lora(model, seed, quiet, console)
-        trainable = delta.num_trainable_parameters()
+        trainable = delta.num_trainable_parameters(model)  # the classifier trained in place counts too
         total = sum(p.numel() for p in model.parameters())
         backbone_params = total - delta.num_delta_parameters()
 

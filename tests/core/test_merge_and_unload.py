@@ -136,3 +136,19 @@ def test_print_trainable_parameters_gives_peft_s_line_and_the_delta_s_share(caps
     )
     delta.detach()
     assert delta.trainable_parameters_summary().endswith("[detached: the delta is not in the model]")
+
+
+def test_the_counting_helpers_default_to_the_delta_itself_as_in_opendelta() -> None:
+    # OpenDelta's num_trainable_parameters() / num_total_parameters() counted the delta object; deltakit counted the
+    # whole backbone, so a head trained in place was silently included (the OpenDelta difference was not needed).
+    model = tiny_bert()
+    delta = LoraModel(model, modified_modules=["query", "value"])
+    delta.freeze_module(exclude=["deltas", "classifier"])
+    own = sum(p.numel() for p in delta.parameters())
+    head = sum(p.numel() for p in model.classifier.parameters())
+    assert delta.num_trainable_parameters() == delta.num_total_parameters() == delta.num_delta_parameters() == own
+    assert delta.num_trainable_parameters(model) == own + head
+    assert delta.num_total_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert "classifier.weight" in delta.trainable_parameters_names()  # the names still list the backbone's
+    delta.freeze_module(exclude=["classifier"])  # the delta frozen too: its own trainable count drops to 0
+    assert delta.num_trainable_parameters() == 0 and delta.num_total_parameters() == own

@@ -290,3 +290,25 @@ def test_two_bitfit_deltas_stack_on_rms_norms_and_detach_exactly(arch_name: str)
     assert torch.equal(arch.run(model, x), base)
     assert list(model.state_dict()) == keys and hook_counts(model) == hooks
     assert_state_equal(model, state)
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [["ff.w1", "ff.w2"], ["intermediate.dense", "output.dense"], ["attention.output.dense", "attention.output.dense"]],
+)
+def test_parallel_adapter_warns_when_modified_modules_read_like_opendelta_pairs(modules: list[str]) -> None:
+    # OpenDelta read ["ff.w1", "ff.w2"] as one adapter across the block; deltakit builds one per module. Silently
+    # twice the adapters and none across the block: the list now warns with the explicit form.
+    with pytest.warns(UserWarning, match=r"OpenDelta read this list as pairs.*input_modules=\['ff.w1'\]"):
+        ParallelAdapterModel(tiny_bert(), modified_modules=modules, bottleneck_dim=4)
+
+
+@pytest.mark.parametrize(
+    ("modules", "inputs"), [(["ff.w2"], None), (["ff.w1", "ff.w2"], ["ff.w1"]), (["attn.q", "attn.v"], None)]
+)
+def test_parallel_adapter_stays_quiet_for_unambiguous_lists(modules: list[str], inputs: list[str] | None) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ParallelAdapterModel(tiny_bert(), modified_modules=modules, input_modules=inputs, bottleneck_dim=4)

@@ -128,7 +128,7 @@ def test_trainable_counts_match_num_delta_parameters(cm, tiny_run) -> None:
         delta.freeze_module(exclude=["deltas", "classifier"])
         head = sum(p.numel() for p in model.classifier.parameters())
         assert rows[key]["trainable_parameters"] == delta.num_delta_parameters() + head
-        assert rows[key]["trainable_parameters"] == delta.num_trainable_parameters()
+        assert rows[key]["trainable_parameters"] == delta.num_trainable_parameters(model)
 
 
 def test_methods_subset_always_includes_full_fine_tuning(cm, tmp_path, capsys) -> None:
