@@ -12,7 +12,9 @@ store from a small active set. :class:`DeltaStore` is that store for :class:`del
   this backbone; later misses of that list reuse the resolution and read the checkpoint with the same checks
   (config, delta type, header against exactly the tensors the built delta needs, SHA-256, finiteness, backbone
   fingerprint) but read the weights file once, straight into the new parameters (no intermediate buffer, no
-  decoded copies, no attach/detach round trip): see :func:`load_into`.
+  decoded copies, no attach/detach round trip): see :func:`load_into`. A delta's task-head copies
+  (``modules_to_save``, :mod:`deltakit.heads`) are built and resized to their recorded sizes there as the full
+  loader does (a 6-label head on a 2-label backbone).
 * This object keeps the least-recently-used order of the materialised ones and picks which to drop when more than
   ``max_active`` would be kept.
 
@@ -44,10 +46,12 @@ from .checkpoint import (
 )
 from .config import CONFIG_NAME
 from .errors import CheckpointError, DeltaError
+from .heads import head_tensor_key, resize_heads
 from .io.files import at_end, open_regular, read_regular_file
 from .io.tensor_file import DTYPE_NAMES, DTYPES, Header, check_entries, read_header
 from .io.transaction import locked_view
 from .registry import DELTA_REGISTRY
+from .site import shared_tensor_key
 
 __all__ = ["DeltaStore", "StoredDelta"]
 
@@ -65,6 +69,7 @@ class StoredDelta:
         nbytes: Bytes of tensor data in its weights file (what materialising it costs, about).
         load_options: ``check_backbone`` / ``allow_nonfinite`` for the loader.
         site_names: The saved sites' full names (what the first miss of this list resolves on the backbone).
+        head_names: The modules the delta carries a copy of (``"heads"`` in its config), as saved.
     """
 
     name: str
@@ -75,16 +80,22 @@ class StoredDelta:
     nbytes: int
     load_options: dict[str, bool] = field(default_factory=dict)
     site_names: tuple[str, ...] = ()
+    head_names: tuple[str, ...] = ()
 
 
-def _check_tensors_belong(names: Iterable[str], sites: list[str], delta_type: str, where: str) -> None:
-    """Every tensor of the weights header sits under a saved site (or is a shared ``<type>_shared.`` tensor)."""
-    prefixes = (*(s + "." for s in sites), f"{delta_type}_shared.")
+def _check_tensors_belong(
+    names: Iterable[str], sites: list[str], heads: list[str], delta_type: str, where: str
+) -> None:
+    """Every tensor of the weights header sits under a saved site, is a shared ``<type>_shared.`` tensor or one of a
+    listed head's copy (``<type>_heads.<head>.``)."""
+    prefixes = (
+        *(s + "." for s in sites), shared_tensor_key(delta_type), *(head_tensor_key(delta_type, h + ".") for h in heads)
+    )
     for name in names:
         if not name.startswith(prefixes):
             raise CheckpointError(
-                f"{where!r} holds tensor {name[:200]!r}, which belongs to none of the sites its config lists; the "
-                f"two files do not belong together (or were edited). Save the delta again."
+                f"{where!r} holds tensor {name[:200]!r}, which belongs to none of the sites and heads its config "
+                f"lists; the two files do not belong together (or were edited). Save the delta again."
             )
 
 
@@ -108,19 +119,21 @@ def read_stored(name: str, path: str | os.PathLike[str], **load_options: bool) -
                 f"LoRA on the 'classifier' Linear) or load it with AutoDeltaModel.from_finetuned on its own backbone."
             )
         sites = saved_sites(meta, config_file)
+        heads = list(meta.get("heads") or [])
         weights_file = find(WEIGHTS_NAME)
         with open_regular(weights_file, "the weights file") as (fd, size):
-            header, _ = read_header(fd, size, weights_file, max_header=_header_bound(sites))
+            header, _ = read_header(fd, size, weights_file, max_header=_header_bound([*sites, *heads]))
         refuse_stacked(header, weights_file)
-        _check_tensors_belong(header.entries, sites, meta["delta_type"], weights_file)
+        _check_tensors_belong(header.entries, sites, heads, meta["delta_type"], weights_file)
     return StoredDelta(
-        name, path, meta["delta_type"], config, len(sites), header.data_bytes, dict(load_options), tuple(sites)
+        name, path, meta["delta_type"], config, len(sites), header.data_bytes, dict(load_options), tuple(sites),
+        tuple(heads),
     )
 
 
 def _header_bound(sites: Iterable[str]) -> int:
-    """Bound on a weights header for these sites: a few entries of ~100 bytes plus the name per site, generously
-    (as the loader bounds it)."""
+    """Bound on a weights header for these sites (and heads): a few entries of ~100 bytes plus the name per site,
+    generously (as the loader bounds it)."""
     sites = list(sites)
     longest = max((len(s) for s in sites), default=0)
     return 65536 + (len(sites) + 1) * 16 * (512 + longest)
@@ -185,11 +198,35 @@ def _check_finite(values: dict[str, torch.Tensor], where: str) -> None:
                 check_finite(name, value, where)
 
 
+def _head_modules(backbone: nn.Module, names: tuple[str, ...]) -> list[tuple[str, nn.Module]] | None:
+    """The backbone modules the saved heads name, or ``None`` when one is missing (the full loader then reports it).
+
+    The fast path runs only for site lists that resolved to their saved names, i.e. under the identity placement,
+    which places the heads at their saved names too."""
+    try:
+        return [(name, backbone.get_submodule(name)) for name in names]
+    except AttributeError:
+        return None
+
+
+def _resize_heads(delta: Any, shapes: dict[str, list[int]], path: str) -> None:
+    """Give the head copies their recorded sizes (a classifier with another number of labels than the backbone's),
+    as the checkpoint loader does, before the header is compared with them."""
+    if delta._head_copies is None or not shapes:
+        return
+    try:
+        resize_heads(delta._head_copies, shapes, path)
+    except DeltaError as exc:  # a config that does not fit this backbone: a checkpoint error, as in load_delta
+        raise CheckpointError(str(exc)) from None
+
+
 def load_into(entry: StoredDelta, backbone: nn.Module, hosts: list[tuple[str, nn.Module]]) -> Any:
     """Build the stored delta ``entry`` on ``hosts`` (its saved sites, resolved on ``backbone`` by an earlier full
-    load of the same site list) and read its checkpoint into it, left detached. Returns ``None`` when the config
-    no longer describes those sites (the checkpoint changed since it was registered): the caller then runs the
-    full loader, which validates it afresh.
+    load of the same site list) and read its checkpoint into it, left detached. Head copies are built on the modules
+    the config lists under ``"heads"`` and take the sizes recorded under ``"head_shapes"``, as in the full loader.
+    Returns ``None`` when the config no longer describes those sites and heads (the checkpoint changed since it was
+    registered) or a head is not a module of this backbone: the caller then runs the full loader, which validates it
+    afresh.
 
     The checks are those of :func:`deltakit.checkpoint.load_delta` on a checkpoint whose saved names are the
     sites' names here: the config (strict, every field), the delta type, no backbone tensors, the header against
@@ -205,17 +242,24 @@ def load_into(entry: StoredDelta, backbone: nn.Module, hosts: list[tuple[str, nn
         config_file = find(CONFIG_NAME)
         meta = parse_meta(read_regular_file(config_file, "the delta config", MAX_CONFIG_BYTES), config_file)
         if (meta["delta_type"] != entry.delta_type or meta["backbone_tensors"]
-                or tuple(saved_sites(meta, config_file)) != entry.site_names):
+                or tuple(saved_sites(meta, config_file)) != entry.site_names
+                or tuple(meta.get("heads") or []) != entry.head_names):
+            return None
+        heads = _head_modules(backbone, entry.head_names)
+        if heads is None:
             return None
         config = config_from_meta(meta, config_file)
-        delta = DELTA_REGISTRY[meta["delta_type"]].build_detached(backbone, config, hosts, name=entry.name)
+        delta = DELTA_REGISTRY[meta["delta_type"]].build_detached(backbone, config, hosts, name=entry.name, heads=heads)
+        _resize_heads(delta, meta.get("head_shapes") or {}, entry.path)
         live = delta.delta_state_dict()
         expected = {
             k: (tuple(v.shape), "float" if v.is_floating_point() else DTYPE_NAMES[v.dtype]) for k, v in live.items()
         }
         weights_file = find(WEIGHTS_NAME)
         with open_regular(weights_file, "the weights file") as (fd, size):
-            header, head = read_header(fd, size, weights_file, max_header=_header_bound(entry.site_names))
+            header, head = read_header(
+                fd, size, weights_file, max_header=_header_bound([*entry.site_names, *entry.head_names])
+            )
             refuse_stacked(header, weights_file)
             check_entries(header, expected, weights_file)
             digest = hashlib.sha256(head)

@@ -208,6 +208,12 @@ def check_for_engine(
             f"would travel as PEFT's modules_to_save, which {label} does not serve. Freeze them "
             f"(delta.freeze_module(exclude=['deltas'])) or merge the delta and serve the merged model."
         )
+    if delta.heads:  # export_to_peft writes them as modules_to_save
+        raise DeltaError(
+            f"{delta._describe()} carries its own copies of {sorted(delta.heads)} (modules_to_save): they would "
+            f"travel as PEFT's modules_to_save, which {label} does not serve. Serve it with deltakit (DeltaGroup), or "
+            f"merge the delta and serve the merged model."
+        )
     modules = _check_sites(delta, engine, supported_modules)
     rank = int(delta.config.lora_r)
     limit = _check_rank(rank, engine, max_lora_rank)

@@ -37,9 +37,10 @@ The methods table
 ``dump`` gives the method's own config fields (``peft_type``, ``target_modules``, ...); :func:`export_to_peft` adds
 ``task_type``, ``base_model_name_or_path``, ``revision``, ``inference_mode`` and ``modules_to_save`` (with the
 backbone tensors they need) and writes the files atomically. ``load`` gets the checked config and the tensors
-(:class:`PeftAdapter`) and may use :func:`resolve_module`, :func:`split_backbone_tensors` and
-:func:`apply_backbone_tensors`. A row whose code lives in another module names it with :func:`later`
-(``load=later("deltakit.integrations.peft_ia3", "load")``), so that module can import the helpers here.
+(:class:`PeftAdapter`) and may use :func:`resolve_module`, :func:`split_backbone_tensors`, :func:`split_heads` /
+:func:`load_heads` (PEFT's ``modules_to_save`` as the delta's head copies) and :func:`apply_backbone_tensors`. A
+row whose code lives in another module names it with :func:`later` (``load=later("deltakit.integrations.peft_ia3",
+"load")``), so that module can import the helpers here.
 """
 
 from __future__ import annotations
@@ -57,14 +58,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, DeltaError
+from ..heads import resize_heads
 from ..io.files import atomic_write
 from ..site import backbone_modules, backbone_parameters
 from ..structures import ConvGeometry, find_config, is_conv1d
 
 __all__ = [
-    "KEY_PREFIX", "METHODS", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftAdapter", "PeftMethod",
-    "apply_backbone_tensors", "backbone_tensor_targets", "export_to_peft", "from_peft", "later", "peft_conv_difference",
-    "read_peft_config", "resolve_module", "split_backbone_tensors",
+    "KEY_PREFIX", "METHODS", "PEFT_CONFIG_NAME", "PEFT_WEIGHTS_NAME", "PeftAdapter", "PeftHeads", "PeftMethod",
+    "apply_backbone_tensors", "backbone_tensor_targets", "export_to_peft", "from_peft", "later", "load_heads",
+    "peft_conv_difference", "read_peft_config", "resolve_module", "split_backbone_tensors", "split_heads",
 ]
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -337,6 +339,7 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
     modules = backbone_modules(backbone_model)
     names = list(modules)
     resolved = {site: resolve_module(site, names, path) for site in factors}
+    heads, extras = split_heads(adapter, backbone_model, extras, base_layer, list(resolved.values()))
     order = {n: i for i, n in enumerate(names)}
     sites = sorted(resolved, key=lambda s: order[resolved[s]])
     config_class, delta_class = (DoraConfig, DoraModel) if dora else (LoraConfig, LoraModel)
@@ -346,9 +349,11 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
         lora_dropout=float(config.get("lora_dropout") or 0.0),
         use_rslora=bool(config.get("use_rslora")),
         modified_modules=[resolved[s] for s in sites],
+        modules_to_save=heads.names,
     )
     delta = delta_class.build_detached(
-        backbone_model, delta_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name
+        backbone_model, delta_config, [(resolved[s], modules[resolved[s]]) for s in sites], name=name,
+        heads=heads.modules,
     )
     for site_name, site in zip(sites, delta.sites):
         embedding = isinstance(site.module, LoraEmbeddingSite)
@@ -377,6 +382,7 @@ def _load_low_rank(adapter: PeftAdapter, backbone_model: nn.Module, name: str | 
         if not embedding and geometry is None and site.module.transposed != is_conv1d(site.host):  # pragma: no cover
             raise CheckpointError(f"Internal error: layout of {site.name!r}.")
     backbone_tensors = backbone_tensor_targets(adapter, backbone_model, extras, base_layer, resolved)
+    load_heads(delta, heads, path)  # into the detached delta's own copies: the model is not touched
 
     # Every check passed: now change things.
     with torch.no_grad():
@@ -418,9 +424,15 @@ def export_to_peft(
 
     The directory holds ``adapter_config.json`` and ``adapter_model.safetensors``; load it with
     ``peft.PeftModel.from_pretrained(backbone, path)`` where ``backbone`` is a model of the same class as the
-    delta's ``backbone_model`` (module names are relative to it). Backbone tensors kept trainable with
+    delta's ``backbone_model`` (module names are relative to it). The delta's head copies
+    (``modules_to_save=["classifier"]``, ``delta.heads``) and backbone tensors kept trainable with
     ``freeze_module(exclude=[..., "classifier"])`` go to PEFT's ``modules_to_save``, one entry per topmost module
-    all of whose parameters are trainable (RoBERTa's ``classifier``, not its ``dense`` and ``out_proj``).
+    all of whose parameters are trained (RoBERTa's ``classifier``, not its ``dense`` and ``out_proj``); for a head
+    the file holds the copy's values (what runs while the delta is attached), not the backbone module's.
+
+    A head whose size differs from the backbone's module (6 labels on a backbone built with 2) is written at its
+    own size; ``PeftModel.from_pretrained`` then loads it only onto a backbone built with that size
+    (``num_labels=6``), since PEFT loads the file into a copy of the backbone's module. ``from_peft`` resizes it.
 
     Args:
         delta: A delta whose method :data:`METHODS` lists (any state: attached, detached or merged; its own
@@ -439,7 +451,7 @@ def export_to_peft(
     Raises:
         DeltaError: ``delta`` is of a method PEFT interop does not cover, or holds something PEFT cannot express
             (part of a module's own parameters trainable, trainable modules around delta sites, a ``task_type``
-            head with delta sites inside); nothing is written.
+            head with delta sites inside, a head tied to another module); nothing is written.
         CheckpointError: ``path`` is not a usable directory.
     """
     from ..base import DeltaBase
@@ -451,14 +463,6 @@ def export_to_peft(
             f"interop has no adapter format for deltakit's {getattr(delta, 'delta_type', '?')!r} deltas. Save it with "
             f"save_finetuned() instead."
         )
-    if getattr(delta, "heads", None):
-        # PEFT's modules_to_save would be the place, but its copies replace the module under other key names;
-        # until that mapping exists, refusing beats writing an adapter without the head the delta was trained with.
-        raise DeltaError(
-            f"export_to_peft cannot carry the task head(s) {sorted(delta.heads)} that {delta!r} owns "
-            f"(modules_to_save): the adapter would load without them. Save it with save_finetuned(), or train the "
-            f"head in place with freeze_module(exclude=['deltas', <head>]) for a PEFT export."
-        )
     path = os.fspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise CheckpointError(f"Cannot export the delta to {path!r}: it exists and is not a directory.")
@@ -466,12 +470,15 @@ def export_to_peft(
         raise CheckpointError(f"{path!r} already holds a PEFT adapter; pass overwrite=True to replace it.")
 
     fields, tensors = method.dump(delta)
-    modules_to_save, frozen_needed = _modules_to_save(delta, task_type)
+    modules_to_save, wrapped = _modules_to_save(delta, task_type)
     params = dict(delta.backbone_model.named_parameters())
-    for name in [*delta.unfrozen_parameter_names, *frozen_needed]:
+    for name in delta.unfrozen_parameter_names:
         owner, _, pname = name.rpartition(".")
-        key = f"{owner}.base_layer.{pname}" if owner in delta.modified_modules else name  # PEFT's name for it
-        tensors[f"{KEY_PREFIX}{key}"] = params[name]
+        if owner in delta.modified_modules:  # a site's own weight kept trainable: PEFT's base_layer copy of it
+            tensors[f"{KEY_PREFIX}{owner}.base_layer.{pname}"] = params[name]
+    for module in wrapped:
+        for key, tensor in _wrapped_state(delta, module).items():
+            tensors[f"{KEY_PREFIX}{module}.{key}"] = tensor
     for name, tensor in tensors.items():
         if tensor.is_meta:
             raise CheckpointError(f"Cannot export {name!r}: it is on the meta device (no data).")
@@ -518,34 +525,42 @@ def _peft_wraps(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
 
 
 def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list[str]]:
-    """PEFT ``modules_to_save`` for the backbone tensors the user kept trainable, and the names of the frozen
-    backbone tensors PEFT also needs in the file.
+    """PEFT ``modules_to_save`` for the delta's head copies and the backbone tensors the user kept trainable, and
+    every module PEFT will then wrap (and read whole from the file).
 
     PEFT saves and loads whole modules (each entry's full subtree), and wraps a module inside another wrapped one in
-    a way it cannot load back. So each entry is the topmost module all of whose parameters are kept trainable and
-    that holds no LoRA site (RoBERTa's ``classifier``, not ``classifier.dense`` and ``classifier.out_proj``), never
-    going above a module that PEFT wraps on its own for ``task_type`` (such a module becomes the entry when
-    trainable modules sit inside it). Everything PEFT would then wrap is checked: no wrapped module may hold a LoRA
-    site or sit inside another wrapped one. PEFT loads every tensor of every module it wraps from the file, so the
-    frozen ones among them (a frozen ``classifier`` under ``"SEQ_CLS"``, DistilBERT's ``pre_classifier`` which
-    ``"classifier"`` also matches) are returned to be written at their current values.
+    a way it cannot load back. A head the delta owns (:mod:`deltakit.heads`) counts as a trained module (its copy's
+    values are what goes in the file, see :func:`_wrapped_state`). Each entry is the topmost module all of whose
+    parameters are trained (a head, or kept trainable in place) and that holds no delta site (RoBERTa's
+    ``classifier``, not ``classifier.dense`` and ``classifier.out_proj``), never going above a module that PEFT wraps
+    on its own for ``task_type`` (such a module becomes the entry when trained modules sit inside it). Everything
+    PEFT would then wrap is checked: no wrapped module may hold a delta site or sit inside another wrapped one.
+    PEFT loads every tensor of every module it wraps from the file, so the frozen ones among them (a frozen
+    ``classifier`` under ``"SEQ_CLS"``, DistilBERT's ``pre_classifier`` which ``"classifier"`` also matches) are
+    written along at their current values.
+
+    Returns:
+        ``(entries, wrapped)``: the config's ``modules_to_save`` and the modules PEFT wraps for it and the task type,
+        in model order.
 
     Raises:
-        DeltaError: part of a module's own parameters is trainable, a trainable module holds LoRA sites, or PEFT
-            would wrap a module that holds LoRA sites (e.g. ``task_type`` adds a head with LoRA inside).
+        DeltaError: part of a module's own parameters is trainable, a trainable module holds delta sites, or PEFT
+            would wrap a module that holds delta sites (e.g. ``task_type`` adds a head with LoRA inside).
     """
     sites = [site.name for site in delta.sites]
-    unfrozen = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in sites]
     backbone = delta.backbone_model
     modules = dict(backbone.named_modules())
     names = list(backbone_modules(backbone))
+    params = dict(backbone.named_parameters())
+    heads = _head_parameters(delta, modules)
+    in_place = [n for n in delta.unfrozen_parameter_names if n.rpartition(".")[0] not in sites]
+    unfrozen = list(dict.fromkeys([*in_place, *heads]))
     task_patterns = _TASK_MODULES_TO_SAVE.get(task_type or "", ())
     forced = [n for n in names if _peft_wraps(n, task_patterns)]
 
     def sites_in(module: str) -> list[str]:
         return [s for s in sites if s == module or s.startswith(module + ".")]
 
-    params = dict(backbone.named_parameters())
     trainable = {id(params[n]) for n in unfrozen}
     wanted = set(unfrozen)
     entries: list[str] = []
@@ -560,9 +575,9 @@ def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list
             )
         if sites_in(owner) or not owner:
             raise DeltaError(
-                f"Cannot export {owner or 'the backbone model itself'!r} as a trained module: it holds LoRA sites, "
-                f"and PEFT cannot wrap a module both ways. Keep only its own submodules without LoRA trainable, or "
-                f"freeze it."
+                f"Cannot export {owner or 'the backbone model itself'!r} as a trained module: it holds delta sites, "
+                f"and PEFT cannot wrap a module both ways. Keep only its own submodules without delta sites trainable, "
+                f"or freeze it."
             )
         top = owner
         while "." in top:
@@ -584,6 +599,9 @@ def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list
             entries = [e for e in entries if e not in inner]
             if module not in entries:
                 entries.append(module)
+    # An entry that ends with another one adds nothing PEFT would not wrap anyway (DistilBERT's "pre_classifier"
+    # next to "classifier"): leave it out, as PEFT's own configs do.
+    entries = [e for e in entries if not any(o != e and e.endswith(o) for o in entries)]
 
     # What PEFT will wrap for these entries and the task type, by its own matching rule.
     wrapped = [n for n in names if _peft_wraps(n, entries) or n in forced]
@@ -594,22 +612,62 @@ def _modules_to_save(delta: Any, task_type: str | None) -> tuple[list[str], list
             raise DeltaError(
                 f"Cannot export for task_type={task_type!r}: PEFT then wraps {module!r} as a whole trained module (it "
                 f"adds {list(task_patterns)} to modules_to_save and matches them as name suffixes), but it holds the "
-                f"LoRA sites {holding}, which PEFT cannot load. Keep LoRA out of {module!r}, or export with "
+                f"delta sites {holding}, which PEFT cannot load. Keep the delta out of {module!r}, or export with "
                 f"task_type=None (PeftModel.from_pretrained then loads it as a plain PeftModel)."
             )
         if holding or inner:
             matched = [e for e in entries if _peft_wraps(module, [e])] or list(task_patterns)
-            problem = f"holds the LoRA sites {holding}" if holding else f"encloses the wrapped modules {inner}"
+            problem = f"holds the delta sites {holding}" if holding else f"encloses the wrapped modules {inner}"
             raise DeltaError(
-                f"Cannot express the trainable backbone tensors in PEFT: PEFT matches modules_to_save entries as name "
-                f"suffixes, so {matched} makes it wrap {module!r}, which {problem}; PEFT cannot load that. Freeze "
-                f"the trainable tensors under {module!r} or rename the modules so that no other module name ends "
-                f"with them."
+                f"Cannot express the trained modules in PEFT: PEFT matches modules_to_save entries as name suffixes, "
+                f"so {matched} makes it wrap {module!r}, which {problem}; PEFT cannot load that. Freeze the trainable "
+                f"tensors under {module!r}, drop it from modules_to_save, or rename the modules so that no other "
+                f"module name ends with them."
             )
-    # PEFT loads every tensor of every module it wraps from the file: frozen ones go along at their current values.
-    by_id = {id(param): name for name, param in params.items()}
-    needed = [by_id[id(param)] for module in wrapped for param in modules[module].parameters()]
-    return entries, [n for n in dict.fromkeys(needed) if n not in wanted]
+    return entries, wrapped
+
+
+def _head_parameters(delta: Any, modules: dict[str, nn.Module]) -> list[str]:
+    """The backbone names of the parameters of the modules ``delta`` carries a copy of (its heads).
+
+    Raises:
+        DeltaError: a head shares a parameter with a module outside it (an ``lm_head`` tied to the embeddings):
+            PEFT treats tied ``modules_to_save`` by options of its own (``ensure_weight_tying``), which this export
+            does not write, so it refuses rather than guess.
+    """
+    by_id: dict[int, list[str]] = {}
+    for name, param in backbone_parameters(delta.backbone_model).items():
+        by_id.setdefault(id(param), []).append(name)
+    out: list[str] = []
+    for head in delta.heads:
+        for pname, param in modules[head].named_parameters(prefix=head, remove_duplicate=False):
+            owners = by_id.get(id(param), [])
+            if not owners or not owners[0].startswith(head + "."):
+                raise DeltaError(
+                    f"Cannot export the head {head!r} of {delta!r} to PEFT: its {pname} is the same tensor as "
+                    f"{(owners or ['another module'])[0]!r} (tied weights), which this export does not express "
+                    f"(PEFT handles tied modules_to_save with options of its own). Keep it as a deltakit checkpoint "
+                    f"(save_finetuned), or untie the weights before training the head."
+                )
+            out.append(pname)
+    return out
+
+
+def _wrapped_state(delta: Any, module: str) -> dict[str, torch.Tensor]:
+    """The tensors PEFT reads for the wrapped ``module`` (its ``state_dict()`` keys): a head's copy where the delta
+    owns one (what runs while it is attached, in its own size), the backbone's current values elsewhere."""
+    heads = delta.heads
+    for head, copy in heads.items():
+        if module == head or module.startswith(head + "."):
+            inner = module[len(head) + 1 :]
+            return dict((copy.get_submodule(inner) if inner else copy).state_dict())
+    state = dict(delta.backbone_model.get_submodule(module).state_dict())
+    for head, copy in heads.items():
+        if head.startswith(module + "."):
+            inner = head[len(module) + 1 :]
+            state = {k: v for k, v in state.items() if not k.startswith(inner + ".")}
+            state.update({f"{inner}.{k}": v for k, v in copy.state_dict().items()})
+    return state
 
 
 # ------------------------------------------------------------------------------------------------------ import
@@ -682,8 +740,9 @@ def split_backbone_tensors(adapter: PeftAdapter, sites: set[str], extras: dict[s
     """Check the adapter's tensors that are not the method's own (``extras``, keys without :data:`KEY_PREFIX`).
 
     PEFT saves the whole subtree of every module it wrapped for ``modules_to_save`` (plus the task type's own
-    entries), so a tensor belongs to it when any module enclosing it is one PEFT wraps; and it saves copies of a
-    site's own weights as ``<site>.base_layer.<name>`` (embeddings, ``save_embedding_layers``).
+    entries), so a tensor belongs to it when any module enclosing it is one PEFT wraps (:func:`split_heads` then
+    makes those modules the delta's heads); and it saves copies of a site's own weights as
+    ``<site>.base_layer.<name>`` (embeddings, ``save_embedding_layers``).
 
     Returns:
         ``{key: site}`` for the ``base_layer`` copies (``sites``: the adapter's site names as saved).
@@ -712,13 +771,121 @@ def split_backbone_tensors(adapter: PeftAdapter, sites: set[str], extras: dict[s
     return base_layer
 
 
+@dataclass(frozen=True)
+class PeftHeads:
+    """The modules a PEFT adapter wrapped whole for ``modules_to_save``, as deltakit head copies
+    (:mod:`deltakit.heads`): see :func:`split_heads`.
+
+    Attributes:
+        modules: ``(name in this backbone, module)`` of each, in model order: the ``heads=`` of
+            :meth:`~deltakit.DeltaBase.build_detached`.
+        values: ``{name in this backbone: {key relative to the module: tensor}}`` as the file holds them.
+    """
+
+    modules: list[tuple[str, nn.Module]]
+    values: dict[str, dict[str, torch.Tensor]]
+
+    @property
+    def names(self) -> list[str] | None:
+        """The heads' names (a config's ``modules_to_save``), ``None`` when there are none."""
+        return [name for name, _ in self.modules] or None
+
+
+def split_heads(
+    adapter: PeftAdapter, backbone_model: nn.Module, extras: dict[str, torch.Tensor], base_layer: dict[str, str],
+    sites: list[str],
+) -> tuple[PeftHeads, dict[str, torch.Tensor]]:
+    """Sort the checked ``extras`` (:func:`split_backbone_tensors`) into whole modules PEFT wrapped and the rest.
+
+    PEFT's ``modules_to_save`` are copies: the wrapper runs its copy and disabling the adapter runs the original
+    again. deltakit's heads are the same thing, so each tensor inside a module PEFT wraps (the outermost one that
+    encloses it) goes to that module's head; the ``base_layer`` copies of a site's own weight stay backbone tensors
+    (:func:`backbone_tensor_targets`).
+
+    Args:
+        sites: The delta's sites in this backbone (a wrapped module may not hold one).
+
+    Returns:
+        ``(heads, rest)``: the heads, and the extras that are not theirs.
+
+    Raises:
+        CheckpointError: a wrapped module that does not exist here or holds a delta site.
+    """
+    config = adapter.config
+    patterns = [*(config.get("modules_to_save") or []), *_TASK_MODULES_TO_SAVE.get(config.get("task_type") or "", ())]
+    modules = backbone_modules(backbone_model)
+    names = list(modules)
+    saved_heads: dict[str, dict[str, torch.Tensor]] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, tensor in extras.items():
+        if key in base_layer:
+            rest[key] = tensor
+            continue
+        parts = key.split(".")
+        saved = next(".".join(parts[:i]) for i in range(1, len(parts)) if _peft_wraps(".".join(parts[:i]), patterns))
+        saved_heads.setdefault(saved, {})[key[len(saved) + 1 :]] = tensor
+    here = {resolve_module(saved, names, adapter.path): saved for saved in saved_heads}
+    order = {n: i for i, n in enumerate(names)}
+    for head, saved in here.items():
+        overlap = [s for s in sites if s == head or s.startswith(head + ".") or head.startswith(s + ".")]
+        if overlap:
+            raise CheckpointError(
+                f"{adapter.file!r} holds {saved!r} whole (modules_to_save) and delta tensors for {overlap[0]!r}, "
+                f"which overlaps it; a module cannot be both a trained copy and a delta site (PEFT cannot load that "
+                f"either). The file was edited or made for another model."
+            )
+    ordered = sorted(here, key=order.__getitem__)
+    return PeftHeads([(n, modules[n]) for n in ordered], {n: saved_heads[here[n]] for n in ordered}), rest
+
+
+def load_heads(delta: Any, heads: PeftHeads, path: str) -> None:
+    """Give the detached ``delta``'s head copies (built with ``heads=heads.modules``) the adapter's values.
+
+    A ``Linear`` head with another number of outputs than the backbone's (an adapter trained with 6 labels on a
+    2-label backbone) is resized as deltakit's checkpoint loader does (:func:`deltakit.heads.resize_heads`); every
+    tensor of the copy must be in the file, with its shape, as PEFT itself requires.
+
+    Raises:
+        CheckpointError: a tensor missing, unknown or of another shape; nothing of the model is changed.
+    """
+    if not heads.modules:
+        return
+    copies = delta._head_copies  # the DeltaHeads module: what the checkpoint loader resizes and fills too
+    shapes = {f"{head}.{key}": list(t.shape) for head, values in heads.values.items() for key, t in values.items()}
+    try:
+        resize_heads(copies, shapes, f"The PEFT adapter {path!r}")
+    except DeltaError as exc:
+        raise CheckpointError(str(exc)) from None
+    state: dict[str, torch.Tensor] = {}
+    for head, values in heads.values.items():
+        own = copies.get(head).state_dict()
+        missing, unknown = sorted(set(own) - set(values)), sorted(set(values) - set(own))
+        if missing or unknown:
+            raise CheckpointError(
+                f"The PEFT adapter {path!r} wraps {head!r} whole (modules_to_save), but its file "
+                f"{'lacks ' + str(missing[:4]) if missing else 'also holds ' + str(unknown[:4])} of that module "
+                f"(it has {sorted(own)[:8]} here): the file is incomplete, or the adapter was made for another model."
+            )
+        for key, tensor in values.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                raise CheckpointError(
+                    f"Shape mismatch for the modules_to_save tensor {head}.{key}: adapter {tuple(tensor.shape)}, this "
+                    f"backbone {tuple(own[key].shape)}."
+                )
+            state[f"{head}.{key}"] = tensor
+    with torch.no_grad():
+        copies.load_state_dict(state, strict=True)
+
+
 def backbone_tensor_targets(
     adapter: PeftAdapter, backbone_model: nn.Module, extras: dict[str, torch.Tensor], base_layer: dict[str, str],
     resolved: dict[str, str],
 ) -> dict[str, torch.Tensor]:
     """``{backbone parameter name: tensor}`` for the checked ``extras`` (see :func:`split_backbone_tensors`;
     ``resolved`` maps the adapter's site names to the backbone's), shapes checked; an unchanged ``base_layer`` copy
-    of a site's weight is dropped.
+    of a site's weight is dropped. The loaders here pass what :func:`split_heads` leaves (the ``base_layer``
+    copies): PEFT's wrapped modules become head copies, not backbone tensors; any other key is looked up as a
+    backbone parameter.
 
     Raises:
         CheckpointError: a target that does not exist, or a shape that does not fit.
@@ -758,10 +925,13 @@ def from_peft(path: str | os.PathLike[str], backbone_model: nn.Module, *, name: 
 
     LoRA adapters become a ``LoraModel``, DoRA ones (``use_dora``) a ``DoraModel``; ``use_rslora`` carries over.
     The sites are the modules the adapter holds tensors for (so ``target_modules``, ``layers_to_transform`` etc.
-    are honoured as saved). Tensors of PEFT's ``modules_to_save``, and the copies of a site's own weight that PEFT
-    saves for embeddings (``<site>.base_layer.weight``) when they differ from the backbone's, are copied into the
-    backbone and recorded as the delta's unfrozen backbone tensors (so :meth:`~deltakit.DeltaBase.save_finetuned`
-    keeps them); unlike PEFT's wrapper copies, detaching the delta does not restore them.
+    are honoured as saved). Each module PEFT wrapped whole for ``modules_to_save`` (or for the ``task_type``: a
+    ``classifier`` / ``score`` under ``"SEQ_CLS"``) becomes a head of the delta (``delta.heads``): its own copy with
+    the file's values, as PEFT's wrapper copy, so detaching the delta gives the backbone back bit for bit; a
+    ``Linear`` head with another number of outputs than this backbone's is resized (as ``from_finetuned`` does).
+    Only the copies of a site's own weight that PEFT saves for embeddings (``<site>.base_layer.weight``), when they
+    differ from the backbone's, are written into the backbone and recorded as the delta's unfrozen backbone tensors
+    (so :meth:`~deltakit.DeltaBase.save_finetuned` keeps them); detaching does not restore those.
 
     Args:
         path: The adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).

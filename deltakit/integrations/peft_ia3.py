@@ -23,8 +23,8 @@ from ..errors import CheckpointError, DeltaError
 from ..site import backbone_modules
 from ..structures import is_conv1d, linear_dims
 from .peft import (
-    KEY_PREFIX, PEFT_CONFIG_NAME, PeftAdapter, apply_backbone_tensors, backbone_tensor_targets, resolve_module,
-    split_backbone_tensors,
+    KEY_PREFIX, PEFT_CONFIG_NAME, PeftAdapter, apply_backbone_tensors, backbone_tensor_targets, load_heads,
+    resolve_module, split_backbone_tensors, split_heads,
 )
 
 __all__ = ["check", "dump", "load"]
@@ -94,6 +94,7 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
     modules = backbone_modules(backbone_model)
     names = list(modules)
     resolved = {saved: resolve_module(saved, names, path) for saved in vectors}
+    heads, extras = split_heads(adapter, backbone_model, extras, base_layer, list(resolved.values()))
     order = {n: i for i, n in enumerate(names)}
     saved_sites = sorted(resolved, key=lambda s: order[resolved[s]])
     feedforward: list[str] = []
@@ -121,9 +122,10 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
     def build(fused_qkv: str) -> Any:
         config = IA3Config(
             modified_modules=[resolved[s] for s in saved_sites], feedforward_modules=feedforward, fused_qkv=fused_qkv,
+            modules_to_save=heads.names,
         )
         matches = [(resolved[s], modules[resolved[s]]) for s in saved_sites]
-        return IA3Model.build_detached(backbone_model, config, matches, name=name)
+        return IA3Model.build_detached(backbone_model, config, matches, name=name, heads=heads.modules)
 
     delta = build("kv")
     # A fused q/k/v site holds the key and value entries only: the query entries must be exactly one for that.
@@ -142,6 +144,7 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
             if positions is not None:
                 vector = vector[positions.cpu()]
             site.module.scale.copy_(vector.to(site.module.scale.dtype))
+    load_heads(delta, heads, path)  # into the detached delta's own copies (refusing leaves the model untouched)
     delta.attach()
     apply_backbone_tensors(delta, backbone_tensors)
     return delta

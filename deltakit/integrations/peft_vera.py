@@ -22,8 +22,8 @@ from ..errors import CheckpointError, DeltaError
 from ..site import backbone_modules
 from ..structures import is_conv1d, linear_dims
 from .peft import (
-    KEY_PREFIX, PEFT_CONFIG_NAME, PeftAdapter, apply_backbone_tensors, backbone_tensor_targets, resolve_module,
-    split_backbone_tensors,
+    KEY_PREFIX, PEFT_CONFIG_NAME, PeftAdapter, apply_backbone_tensors, backbone_tensor_targets, load_heads,
+    resolve_module, split_backbone_tensors, split_heads,
 )
 
 __all__ = ["check", "dump", "load"]
@@ -112,6 +112,7 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
     modules = backbone_modules(backbone_model)
     names = list(modules)
     resolved = {saved: resolve_module(saved, names, path) for saved in vectors}
+    heads, extras = split_heads(adapter, backbone_model, extras, base_layer, list(resolved.values()))
     order = {n: i for i, n in enumerate(names)}
     saved_sites = sorted(resolved, key=lambda s: order[resolved[s]])
     for saved in saved_sites:
@@ -129,9 +130,11 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
             projection_seed=int(config.get("projection_prng_key", 0)),
             save_projection=saved_projection,
             modified_modules=[resolved[s] for s in saved_sites],
+            modules_to_save=heads.names,
         )
         delta = VeraModel.build_detached(
-            backbone_model, delta_config, [(resolved[s], modules[resolved[s]]) for s in saved_sites], name=name
+            backbone_model, delta_config, [(resolved[s], modules[resolved[s]]) for s in saved_sites], name=name,
+            heads=heads.modules,
         )
     except DeltaError as exc:  # e.g. a rank this backbone's hosts cannot use
         raise CheckpointError(f"The PEFT adapter {path!r} does not fit this backbone: {exc}") from None
@@ -153,6 +156,7 @@ def load(adapter: PeftAdapter, backbone_model: nn.Module, name: str | None) -> A
                 f"another backbone or another set of modules."
             )
     backbone_tensors = backbone_tensor_targets(adapter, backbone_model, extras, base_layer, resolved)
+    load_heads(delta, heads, path)  # into the detached delta's own copies: the model is not touched
 
     # Every check passed: now change things.
     with torch.no_grad():

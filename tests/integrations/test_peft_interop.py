@@ -24,9 +24,8 @@ from transformers import (
 from deltakit import AutoDeltaModel, BitFitModel, CheckpointError, DeltaError, DoraModel, LoraModel
 from deltakit.integrations.peft import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, export_to_peft, from_peft
 from deltakit.structures import tiny_model
-
+from tests.helpers import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_gpt2, tiny_llama, tiny_t5
 from tests.tolerances import assert_same_function
-from tests.helpers import ARCHS, assert_state_equal, hook_counts, perturb, snapshot, tiny_llama, tiny_t5
 
 peft = pytest.importorskip("peft")
 
@@ -209,9 +208,14 @@ def test_a_trained_classifier_head_travels_as_modules_to_save(tmp_path) -> None:
     trained.save_pretrained(tmp_path / "seq_cls")
     trained.eval()
     target = tiny_classifier()
+    state = snapshot(target)
     imported = from_peft(tmp_path / "seq_cls", target)
     same_as_peft(hidden(target), hidden(trained))
-    assert imported.unfrozen_parameter_names == ["classifier.weight", "classifier.bias"]
+    # PEFT's wrapper copy becomes the delta's own head copy: the backbone's classifier is never written
+    assert list(imported.heads) == ["classifier"] and imported.unfrozen_parameter_names == []
+    assert imported.config.modules_to_save == ["classifier"]
+    imported.detach()
+    assert_state_equal(target, state)
 
 
 REFUSED = {
@@ -370,9 +374,10 @@ def test_import_of_peft_seq_cls_adapter_with_a_nested_head(tmp_path) -> None:
     delta = from_peft(tmp_path / "peft", model)
     same_as_peft(hidden(model), hidden(trained))
     assert not torch.allclose(hidden(model), hidden(roberta_classifier()))
-    assert delta.unfrozen_parameter_names == [
-        "classifier.dense.weight", "classifier.dense.bias", "classifier.out_proj.weight", "classifier.out_proj.bias"
-    ]
+    # the whole tree PEFT wrapped is one head copy, with the file's values
+    assert list(delta.heads) == ["classifier"] and delta.unfrozen_parameter_names == []
+    wrapper = trained.base_model.model.classifier.modules_to_save["default"]
+    assert all(torch.equal(v, wrapper.state_dict()[k]) for k, v in delta.heads["classifier"].state_dict().items())
     # and back to PEFT as SEQ_CLS: the head is one modules_to_save entry, as PEFT wrote it
     export_to_peft(delta, tmp_path / "back", task_type="SEQ_CLS")
     assert json.loads((tmp_path / "back" / PEFT_CONFIG_NAME).read_text())["modules_to_save"] == ["classifier"]
@@ -387,9 +392,7 @@ def test_import_follows_peft_suffix_matching_of_modules_to_save(tmp_path) -> Non
     model = distilbert_classifier()
     delta = from_peft(tmp_path / "peft", model)
     same_as_peft(hidden(model), hidden(trained))
-    assert sorted(delta.unfrozen_parameter_names) == sorted(
-        ["pre_classifier.weight", "pre_classifier.bias", "classifier.weight", "classifier.bias"]
-    )
+    assert list(delta.heads) == ["pre_classifier", "classifier"] and delta.unfrozen_parameter_names == []
 
 
 def test_modules_to_save_outside_the_adapter_patterns_are_still_refused(tmp_path) -> None:
@@ -637,9 +640,9 @@ def test_a_non_boolean_flag_is_refused(option: str, tmp_path) -> None:
         from_peft(tmp_path / "peft", tiny_model("bert"))
 
 
-def test_export_refuses_a_delta_that_owns_a_task_head(tmp_path) -> None:
-    # The head copy (modules_to_save) used to be dropped without a word: the adapter loaded without it.
-    delta = LoraModel(tiny_model("bert"), lora_r=2, modules_to_save=["pooler"])
-    with pytest.raises(DeltaError, match=r"cannot carry the task head\(s\) \['pooler'\]"):
+def test_export_refuses_a_head_tied_to_another_module_and_writes_nothing(tmp_path) -> None:
+    # GPT-2's lm_head shares its weight with wte: PEFT ties such modules_to_save by options this export does not write
+    delta = LoraModel(tiny_gpt2(), modified_modules=["attn.q"], lora_r=2, modules_to_save=["lm_head"])
+    with pytest.raises(DeltaError, match=r"head 'lm_head'.*same tensor as 'transformer.wte.weight' \(tied"):
         export_to_peft(delta, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
