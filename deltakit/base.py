@@ -42,7 +42,7 @@ from torch.nn.modules import module as _torch_module
 from .addressing import find_modules
 from .config import DeltaConfig, field_docs
 from .errors import DeltaError, DeltaStateError, ModuleMatchError
-from .heads import DeltaHeads, check_heads, head_tensor_key
+from .heads import DeltaHeads, HeadRouter, check_heads, head_tensor_key
 from .hooks import add_hook, hook_keys, remove_hook
 from .registry import DELTA_REGISTRY, register
 from .site import (
@@ -51,6 +51,7 @@ from .site import (
     SharedParameters,
     backbone_parameters,
     factory_kwargs,
+    follow_host,
     shared_tensor_key,
     site_tensor_key,
 )
@@ -97,33 +98,6 @@ def _member(module: nn.Module, name: str) -> Any:
     if name in module.__dict__ or hasattr(type(module), name):
         return getattr(module, name)
     return None
-
-
-def _first_parameter(module: nn.Module) -> torch.Tensor | None:
-    for param in module._parameters.values():
-        if param is not None:
-            return param
-    for child in module._modules.values():
-        if child is not None:
-            param = _first_parameter(child)
-            if param is not None:
-                return param
-    return None
-
-
-def _follow_host(module: nn.Module, host: nn.Module) -> None:
-    """Put a per-site module on its host's device/dtype (a ``model.to(...)`` done while it was detached) and
-    training flag (a new module starts in training mode); no work when they already agree."""
-    mine = _first_parameter(module)
-    theirs = next((p for p in host._parameters.values() if p is not None), None)
-    if mine is None or theirs is None or mine.device != theirs.device or (
-        mine.dtype != theirs.dtype and theirs.dtype.is_floating_point
-    ):
-        kwargs = factory_kwargs(host)
-        if kwargs:
-            module.to(**kwargs)
-    if module.training != host.training:
-        module.train(host.training)
 
 
 def _merged_call_rewrites(host: nn.Module) -> list[str]:
@@ -462,6 +436,14 @@ class DeltaBase:
             return {}
         return {name: self._head_copies.get(name) for name in self._head_copies.names}
 
+    def head_routes(self) -> list[tuple[nn.Module, str, type, nn.Module]]:
+        """What per-sample routing needs of the delta's task heads (:meth:`deltakit.serving.DeltaGroup.route`):
+        ``(original module, its full name, router class, the delta's copy)`` per head; empty without heads."""
+        if self._head_copies is None:
+            return []
+        return [(self._head_originals[name], name, HeadRouter, self._head_copies.get(name))
+                for name in self._head_copies.names]
+
     @property
     def shared_name(self) -> str:
         """Child name, on the backbone root, of the parameters shared by all sites (see :meth:`build_shared`)."""
@@ -614,7 +596,7 @@ class DeltaBase:
             self.shared.train(self.backbone_model.training)
             _register_child(self.backbone_model, self.shared_name, self.shared, self._order_key)
         for site in self.sites:
-            _follow_host(site.module, site.host)
+            follow_host(site.module, site.host)
             _register_child(site.host, self.child_name, site.module, self._order_key)
             self._add_site_hooks(site)
         self._attach_heads()
@@ -640,7 +622,7 @@ class DeltaBase:
         if heads is None:
             return
         for name in heads.names:
-            _follow_host(heads.get(name), self._head_originals[name])
+            follow_host(heads.get(name), self._head_originals[name])
         heads.train(self.backbone_model.training)
         _register_child(self.backbone_model, self.heads_name, heads, self._order_key)
         for index, name in enumerate(heads.names):

@@ -19,6 +19,12 @@ Why a hook and a root child rather than swapping the module in its parent:
 The price: the original head still runs and its output is discarded. For a classifier, a ``score`` layer or a
 pooler that is a few thousand multiply-adds; for an ``lm_head`` it doubles that layer's cost.
 
+Per-sample routing (:meth:`deltakit.serving.DeltaGroup.route`) applies the copies row by row with a
+:class:`HeadRouter` on each original: each delta's copy runs on its own rows only, and rows whose delta carries no
+copy (and ``None`` rows) keep the original's output. The rows of one batch must use heads of one shape
+(:func:`check_routed_heads`, checked before anything runs): a 6-label head and a 2-label one give outputs that
+cannot be one tensor.
+
 In a checkpoint the copies' tensors are stored as ``<delta_type>_heads.<head module>.<param>`` (see
 :func:`head_tensor_key`) and their module names are listed under ``"heads"`` in ``delta_config.json``.
 """
@@ -33,9 +39,20 @@ import torch
 from torch import nn
 
 from .errors import DeltaError
-from .site import DeltaSite, is_inside
+from .routing import SiteRouter
+from .site import DeltaSite, delta_site_names, follow_host, is_inside
 
-__all__ = ["DeltaHeads", "check_heads", "copy_head", "head_shapes", "head_tensor_key", "resize_heads"]
+__all__ = [
+    "DeltaHeads",
+    "HeadRouter",
+    "check_heads",
+    "check_routed_heads",
+    "copy_head",
+    "head_shapes",
+    "head_tensor_key",
+    "module_shapes",
+    "resize_heads",
+]
 
 
 def head_tensor_key(delta_type: str, name: str = "") -> str:
@@ -188,3 +205,158 @@ def resize_heads(heads: DeltaHeads, shapes: dict[str, list[int]], owner: str) ->
         if module.bias is not None:
             module.bias = nn.Parameter(torch.empty(size, **kwargs))
         module.out_features = size
+
+
+# ------------------------------------------------------------------------------ per-sample routing
+def module_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """``{state_dict key: shape}`` of ``module``'s own tensors (what deltas attached inside it add is left out, as
+    :func:`copy_head` leaves it out)."""
+    inner = delta_site_names(module)
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()
+            if not is_inside(key.rpartition(".")[0], inner)}
+
+
+def check_routed_heads(uses: dict[str, list[tuple[str, nn.Module]]]) -> None:
+    """Refuse a routed batch whose rows would run heads of different shapes on one module.
+
+    Args:
+        uses: Per head module name, ``(who, module)`` for each distinct kind of row of the batch: ``who`` describes
+            the rows (a delta's name, ``"None"``...) and ``module`` is what they run there (a delta's copy, or the
+            backbone's original).
+
+    Raises:
+        DeltaError: Two kinds of rows use heads whose tensors have different shapes (their outputs could not be one
+            batch); the message names the rows, the module and the shapes.
+    """
+    for head, rows in uses.items():
+        by_shape: dict[tuple[tuple[str, tuple[int, ...]], ...], list[str]] = {}
+        for who, module in rows:
+            by_shape.setdefault(tuple(sorted(module_shapes(module).items())), []).append(who)
+        if len(by_shape) < 2:
+            continue
+        groups = "; ".join(
+            f"{', '.join(whos)} -> " + (", ".join(f"{k} {list(v)}" for k, v in shape) or "no tensors")
+            for shape, whos in by_shape.items()
+        )
+        raise DeltaError(
+            f"route(): the rows of this batch use task heads of different shapes on {head!r}, so their outputs "
+            f"cannot form one batch: {groups}. Route the rows of each head shape in separate route() blocks, or serve "
+            f"them with switch()."
+        )
+
+
+def _batch_rows(args: tuple[Any, ...], kwargs: dict[str, Any], where: str) -> torch.Tensor:
+    """The first tensor argument of a head call (its dim 0 is the batch)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value
+    raise DeltaError(
+        f"DeltaGroup.route(): the task head {where!r} was called without a tensor argument, so its rows cannot be "
+        f"routed. Serve the deltas carrying a copy of it with switch()."
+    )
+
+
+def _take_rows(values: Any, rows: torch.Tensor, n: int) -> Any:
+    """``values`` (a tuple of arguments or a dict of keyword arguments) with every tensor of ``n`` rows cut to
+    ``rows`` (anything else passes through: a mask of other shape, a flag)."""
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value.index_select(0, rows)
+        return value
+
+    if isinstance(values, dict):
+        return {key: cut(value) for key, value in values.items()}
+    return tuple(cut(value) for value in values)
+
+
+class HeadRouter(SiteRouter):
+    """Routes one task head per sample: on the original module, each row runs the copy of its own delta.
+
+    Its host is the original head module and its "sites" are the deltas' copies of it (:class:`DeltaHeads`
+    entries). Nothing is stacked: each copy runs on its own rows (at most one call per delta present in the batch),
+    the results are written into those rows of the original's output out of place (so autograd and inference
+    tensors both work), and the other rows (``None``, deltas without a copy of this head) keep the original's
+    output. A batch routed entirely through one copy returns that copy's call as is: the same computation as
+    :meth:`~deltakit.serving.DeltaGroup.switch`, bit for bit. A batch routed entirely through copies is built from
+    their outputs, which may have another size than the original's (6 labels on a backbone built with 2).
+
+    The copies are off the model's tree while routing: they follow the original's device, dtype and training flag
+    when a block starts using the router (:meth:`sync_params`).
+    """
+
+    @staticmethod
+    def _entry_sources(delta: Any, site: nn.Module) -> list[tuple[nn.Module, str]]:
+        # Only the copy's own parameters: a head never reads the delta's shared ones.
+        return [(module, pname) for module in site.modules()
+                for pname, p in module._parameters.items() if p is not None]
+
+    def build(self) -> dict[str, torch.Tensor]:
+        raise DeltaError(f"HeadRouter on {self.host_name!r}: task heads are run per delta, never stacked.")
+
+    def sync_params(self) -> None:
+        """As :meth:`SiteRouter.sync_params`; when no block uses the router yet, also move the copies to the
+        original's device and dtype and give them its training flag (a ``model.to()`` since they were detached)."""
+        super().sync_params()
+        if self._users == 0:
+            for copy_ in self.sites:
+                follow_host(copy_, self.host)
+
+    def forward_hook(self, host: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
+        """The routed forward hook on the original head (the identity in a thread whose block does not use it)."""
+        state = self._state()
+        if state is None:
+            return output
+        self._check_mode(host)
+        first = _batch_rows(args, kwargs, self.host_name)
+        n = first.shape[0]
+        plan = self.segments(state, n)
+        if not plan.ranges:
+            return output
+        self.calls["segment"] += 1
+        if plan.routed == n and len(plan.ranges) == 1:
+            return self._site_at[plan.ranges[0][0]](*args, **kwargs)
+        order = torch.arange(n) if plan.order is None else plan.order
+        order = order.to(first.device)
+        pieces, index = [], []
+        for slot, start, stop in plan.ranges:
+            rows = order[start:stop]
+            result = self._site_at[slot](*_take_rows(args, rows, n), **_take_rows(kwargs, rows, n))
+            # Rows without a copy keep the original's output: every piece must fit into it.
+            reference = pieces[0] if pieces else (output if plan.routed < n else None)
+            self._check_piece(result, stop - start, reference, n, bool(pieces))
+            pieces.append(result)
+            index.append(rows)
+        values = torch.cat(pieces)
+        if plan.routed == n:
+            if plan.order is None:
+                return values  # rows already in batch order
+            return values.new_empty(values.shape).index_copy(0, torch.cat(index), values)
+        return output.index_copy(0, torch.cat(index), values)
+
+    def _check_piece(self, result: Any, rows: int, reference: Any, n: int, among_copies: bool) -> None:
+        """A copy's output for ``rows`` rows must be one tensor with the rows on dim 0 that fits with
+        ``reference``: an earlier copy's output, the original's output (of ``n`` rows) when some rows keep it, or
+        ``None`` (nothing to fit yet)."""
+        if not isinstance(result, torch.Tensor) or result.dim() == 0 or result.shape[0] != rows:
+            got = f"a tensor of shape {list(result.shape)}" if isinstance(result, torch.Tensor) else \
+                type(result).__name__
+            raise DeltaError(
+                f"DeltaGroup.route(): the task head {self.host_name!r} returned {got} for {rows} rows, not one tensor "
+                f"with the rows on dim 0, so the rows of different deltas cannot be put back into one batch. Route "
+                f"its deltas in separate route() blocks (all rows of a block on one delta) or serve them with switch()."
+            )
+        if reference is None:
+            return
+        fits = isinstance(reference, torch.Tensor) and reference.dim() > 0 and (
+            among_copies or reference.shape[0] == n
+        ) and reference.shape[1:] == result.shape[1:] and reference.dtype == result.dtype
+        if not fits:
+            what = "another copy's" if among_copies else "the original head's (kept by rows without a copy)"
+            theirs = (f"of shape {list(reference.shape)} ({reference.dtype})" if isinstance(reference, torch.Tensor)
+                      else f"a {type(reference).__name__}")
+            raise DeltaError(
+                f"DeltaGroup.route(): on the task head {self.host_name!r} a copy returned shape {list(result.shape)} "
+                f"({result.dtype}) and {what} output is {theirs}: the rows cannot form one batch. Route them in "
+                f"separate route() blocks or serve them with switch()."
+            )

@@ -3,8 +3,10 @@
 A per-site module opts in with a ``router`` class attribute naming a :class:`SiteRouter` subclass (``LoraRouter`` in
 deltas/lora.py, ...). :class:`deltakit.serving.DeltaGroup` keeps a :class:`RouterTable`: one router per modified
 module and kind of delta, and one *slot* per routable delta, the same slot on every module (so one row -> slot
-tensor serves every router of a batch). The table changes one slot at a time when a delta comes or goes (a store's
-active set turning over), never rebuilding the other slots. A router hooks in while a ``route()`` block uses it.
+tensor serves every router of a batch). A delta's task heads are routed too, by the router class its
+``head_routes()`` names (``HeadRouter`` in heads.py: each row runs its own delta's copy of the head). The table
+changes one slot at a time when a delta comes or goes (a store's active set turning over), never rebuilding the
+other slots. A router hooks in while a ``route()`` block uses it.
 This module knows nothing of groups: it reads which rows go where from the per-thread state a group hands it
 (``_local``), so methods import this, never :mod:`deltakit.serving`.
 
@@ -458,6 +460,19 @@ def _router_key(site: DeltaSite) -> Hashable:
     return (type(site).router, site.routing_key())
 
 
+def _routes(delta: Any) -> list[tuple[tuple[int, Hashable], nn.Module, str, type, nn.Module]]:
+    """Every part of ``delta`` a router applies: ``(table key, host, host name, router class, module)`` for each
+    site, then for each task head it carries (``head_routes()``: the original module, the copy; a delta object
+    without the method, such as a composite, has none)."""
+    routes = [
+        ((id(site.host), _router_key(site.module)), site.host, site.name, type(site.module).router, site.module)
+        for site in delta.sites
+    ]
+    for original, name, router_cls, copy_ in getattr(delta, "head_routes", list)():
+        routes.append(((id(original), (router_cls, "head")), original, name, router_cls, copy_))
+    return routes
+
+
 class RouterTable:
     """A group's routers and slots.
 
@@ -479,11 +494,12 @@ class RouterTable:
 
     @staticmethod
     def routable(delta: Any) -> bool:
-        """Whether every site of ``delta`` has a router and it carries no task head (heads are not routed per row
-        yet: such a delta would silently run the backbone's own head)."""
-        if getattr(delta, "heads", None):
+        """Whether every site of ``delta`` has a router (its task heads, if any, always have one: each row runs
+        its own delta's copy). A delta with neither sites nor heads (a composite) is not routable."""
+        heads = getattr(delta, "head_routes", list)()
+        if not delta.sites and not heads:
             return False
-        return bool(delta.sites) and all(type(s.module).router is not None for s in delta.sites)
+        return all(type(s.module).router is not None for s in delta.sites)
 
     def reserve(self, count: int) -> None:
         """Make room for ``count`` deltas in all (before adding many at once)."""
@@ -507,24 +523,21 @@ class RouterTable:
             self._grow(self.capacity * 2)
         slot = self._free.pop(0)
         self.slot_of[name] = slot
-        for site in delta.sites:
-            key = (id(site.host), _router_key(site.module))
+        for key, host, host_name, router_cls, module in _routes(delta):
             router = self.routers.get(key)
             if router is None:
-                router_cls = type(site.module).router
-                router = router_cls(site.host, site.name, [(delta, site.module)], [slot], self.capacity)
+                router = router_cls(host, host_name, [(delta, module)], [slot], self.capacity)
                 router._local = self.local
                 self.routers[key] = router
             else:
-                router.put(slot, delta, site.module)
+                router.put(slot, delta, module)
 
     def remove(self, name: str, delta: Any) -> None:
         """Free ``delta``'s slot (zeroed in its routers; a router left empty is dropped)."""
         slot = self.slot_of.pop(name, None)
         if slot is None:
             return
-        for site in delta.sites:
-            key = (id(site.host), _router_key(site.module))
+        for key, *_ in _routes(delta):
             router = self.routers[key]
             router.clear(slot)
             if not router.sites:

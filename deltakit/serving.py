@@ -11,7 +11,8 @@ group drops its deltas (see docs/serving.md for the reasons).
   all the group's deltas there (batched matmuls, one pass for all deltas) or by segments (rows grouped by delta,
   each delta's own factors on its rows), whichever the batch's composition makes cheaper (deltakit.routing). The
   per-method routers live next to their methods (``LoraRouter`` in deltas/lora.py, ...); a per-site module opts in
-  with a ``router`` class attribute.
+  with a ``router`` class attribute. Task heads the deltas carry are routed by ``HeadRouter`` (deltakit.heads):
+  each row runs its own delta's copy, all rows' heads having one shape.
 * :meth:`DeltaGroup.register` adds a delta by checkpoint directory without loading it (deltakit.store): with
   ``max_active`` the group keeps at most that many deltas materialised, loads a registered one on a miss of
   ``switch`` / ``route`` and drops the least recently used, changing one routing slot per delta.
@@ -33,6 +34,7 @@ from torch import nn
 
 from .base import ATTACHED, DETACHED, MERGED, DeltaBase
 from .errors import DeltaError, DeltaStateError
+from .heads import check_routed_heads
 from .hooks import _Dispatch, add_hook, hook_keys, remove_hook
 from .routing import (  # noqa: F401 - SiteRouter re-exported
     _NO_CALLS, PATHS, RouterTable, SiteRouter, _RouterCall, _ThreadState,
@@ -296,7 +298,7 @@ class DeltaGroup:
         >>> group.load("topic", "ckpt/topic")
         >>> group.switch("topic")                  # only "topic" is active
         >>> with torch.inference_mode(), group.route(["sentiment", None, "topic"]):
-        ...     logits = model(**batch).logits      # row i uses names[i]; None: the backbone alone
+        ...     logits = model(**batch).logits      # row i uses names[i] (and its head); None: the backbone alone
 
         >>> store = DeltaGroup(model, max_active=64)
         >>> for name, path in checkpoints.items():
@@ -689,7 +691,8 @@ class DeltaGroup:
             if not between:
                 continue
             modules = [*router.sites, *(attached[k] for k in sorted(between))]
-            if not all(type(m).composition is Composition.ADDS_INPUT_FUNCTION for m in modules):
+            # A head router's "sites" are plain copies of a module (no composition): they keep their place.
+            if not all(getattr(type(m), "composition", None) is Composition.ADDS_INPUT_FUNCTION for m in modules):
                 raise DeltaStateError(
                     f"route(): on {router.host_name!r} a delta outside the group is attached and was created between "
                     f"group deltas, so routing (which applies the group's deltas at one place) would change the "
@@ -734,14 +737,8 @@ class DeltaGroup:
         used = {n for n in names if n is not None}
         self._check_fits(used, "route()")
         table = self._ensure_table()
-        # A registered delta's method is known once it is materialised (checked again after loading).
+        # A registered delta's method (and heads) are known once it is materialised (checked again after loading).
         unroutable = sorted(n for n in used if n in self._deltas and n not in table.slot_of)
-        with_heads = [n for n in unroutable if getattr(self._deltas[n], "heads", None)]
-        if with_heads:
-            raise DeltaError(
-                f"route(): delta(s) {with_heads} carry their own task head (modules_to_save), which per-sample "
-                f"routing does not apply yet (those rows would run the backbone's head). Serve them with switch()."
-            )
         if unroutable:
             kinds = sorted({type(self._deltas[n]).__name__ for n in unroutable})
             raise DeltaError(
@@ -749,6 +746,29 @@ class DeltaGroup:
                 f"LoRA, DoRA, (IA)^3, VeRA, BitFit, Adapter, ParallelAdapter, LowRankAdapter, Compacter). Serve them "
                 f"with switch()."
             )
+        self._check_head_shapes(names)
+
+    def _check_head_shapes(self, names: Sequence[str | None]) -> None:
+        """Refuse a batch whose rows would run task heads of different shapes on one module (a 6-label copy and
+        the backbone's 2-label head: their outputs cannot be one tensor), before anything runs. Rows of a delta
+        without a copy of the module, and ``None`` rows, run the backbone's original. Registered deltas not yet
+        materialised are checked once loaded."""
+        rows = list(dict.fromkeys(n for n in names if n is None or n in self._deltas))  # each kind of row once
+        routes = {n: getattr(self._deltas[n], "head_routes", list)() for n in rows if n is not None}
+        copies = {n: {name: copy_ for _, name, _, copy_ in own} for n, own in routes.items()}
+        originals = {name: original for own in routes.values() for original, name, _, _ in own}
+        uses: dict[str, list[tuple[str, nn.Module]]] = {}
+        for head, original in originals.items():
+            uses[head] = []
+            for n in rows:
+                own = copies.get(n, {}).get(head) if n is not None else None
+                if own is not None:
+                    uses[head].append((repr(n), own))
+                elif n is None:
+                    uses[head].append(("None (the backbone's own head)", original))
+                else:
+                    uses[head].append((f"{n!r} (no copy of its own: the backbone's head)", original))
+        check_routed_heads(uses)
 
     def _plan_call(self, names: Sequence[str | None], gather_cache_mb: float, path: str) -> _RouteCall:
         """This block's routers (those some row goes through) with each row's slot."""
@@ -791,6 +811,12 @@ class DeltaGroup:
         block is open the group's attached deltas are detached (each row sees only its own delta) and they are
         re-attached when the last block closes. Inference only (eval mode).
 
+        Task heads a delta carries (``modules_to_save``) are routed too: each row runs its own delta's copy of the
+        head, and rows of deltas without a copy of that module, and ``None`` rows, run the backbone's own. Their
+        outputs form one tensor, so the heads the rows of one batch use must have the same shapes (two 6-label
+        copies on a backbone built with 2 labels route together and give 6 columns; a 6-label copy next to a
+        2-label head is refused before anything runs: route those rows in separate blocks).
+
         Registered deltas that are not materialised are loaded when the block opens (a write: it waits for other
         threads' blocks to close), and the least recently used beyond ``max_active`` are dropped; a batch that
         names more distinct deltas than ``max_active`` leaves room for is refused (split it).
@@ -817,7 +843,8 @@ class DeltaGroup:
         Raises:
             DeltaError: unknown name, a name that is not a str, a delta of a method without routing support, a
                 batch of the wrong size, a negative ``gather_cache_mb``, an unknown ``path``, more distinct
-                deltas than ``max_active``.
+                deltas than ``max_active``, rows using task heads of different shapes on one module (named with
+                the rows and shapes), a task head whose output rows cannot be put back into one tensor.
             CheckpointError: a registered checkpoint fails its checks when loaded.
             DeltaStateError: training mode, a merged group delta, nested ``route()`` in one thread, a block opened
                 inside a forward of the backbone while a writer waits.

@@ -31,6 +31,7 @@ from __future__ import annotations
 import enum
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import DeltaError
@@ -43,6 +44,7 @@ __all__ = [
     "backbone_parameters",
     "delta_site_names",
     "factory_kwargs",
+    "follow_host",
     "is_inside",
     "shared_tensor_key",
     "site_tensor_key",
@@ -141,6 +143,35 @@ def factory_kwargs(host: nn.Module) -> dict[str, Any]:
     if not param.dtype.is_floating_point:
         return {"device": param.device}
     return {"device": param.device, "dtype": param.dtype}
+
+
+def _first_parameter(module: nn.Module) -> torch.Tensor | None:
+    """The first parameter of ``module`` or of its children (depth first), without building a generator chain."""
+    for param in module._parameters.values():
+        if param is not None:
+            return param
+    for child in module._modules.values():
+        if child is not None:
+            param = _first_parameter(child)
+            if param is not None:
+                return param
+    return None
+
+
+def follow_host(module: nn.Module, host: nn.Module) -> None:
+    """Put a module that is off the model's tree (a detached per-site module, a head copy serving a route() block) on
+    its host's device/dtype (a ``model.to(...)`` done while it was away) and training flag (a new module starts in
+    training mode); no work when they already agree."""
+    mine = _first_parameter(module)
+    theirs = next((p for p in host._parameters.values() if p is not None), None)
+    if mine is None or theirs is None or mine.device != theirs.device or (
+        mine.dtype != theirs.dtype and theirs.dtype.is_floating_point
+    ):
+        kwargs = factory_kwargs(host)
+        if kwargs:
+            module.to(**kwargs)
+    if module.training != host.training:
+        module.train(host.training)
 
 
 # ------------------------------------------------------------------------------ what belongs to deltas in a model

@@ -1,6 +1,6 @@
 """Issue 12's scripted user journey on the real MiniLM: two tasks, each with its own classifier head, trained with
-DeltaTrainer, saved, loaded in a fresh process with one call each, served with switch(), one deployed with
-merge_and_unload() and reloaded as a plain transformers model."""
+DeltaTrainer, saved, loaded in a fresh process with one call each, served with switch() and routed per sample with
+route() (heads included), one deployed with merge_and_unload() and reloaded as a plain transformers model."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ SERVE = textwrap.dedent(
     import json, sys
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from deltakit import AutoDeltaModelForSequenceClassification, DeltaGroup
+    from deltakit import AutoDeltaModelForSequenceClassification, DeltaError, DeltaGroup
     from deltakit.site import DeltaSite
 
     root, model_path = sys.argv[1], sys.argv[2]
@@ -47,6 +47,26 @@ SERVE = textwrap.dedent(
             group.switch(task)
             batch = tokenizer(spec["texts"][task], padding=True, return_tensors="pt")
             out[f"switch/{task}"] = model(**batch).logits.tolist()
+
+        # Route per sample: each row runs its own delta's head. The backbone was built with the first task's labels,
+        # so that task's rows and None rows (the backbone's own head) share one head shape and route together; the
+        # second task's head has more labels: its rows route together, next to the first task's they are refused.
+        first_task, second_task = spec["tasks"]
+        batch = tokenizer(spec["texts"][first_task], padding=True, return_tensors="pt")
+        group.switch(None)
+        out["bare/first"] = model(**batch).logits.tolist()
+        names = [first_task if i % 2 == 0 else None for i in range(len(spec["texts"][first_task]))]
+        with group.route(names):
+            out["route/mixed"] = model(**batch).logits.tolist()
+        out["route/names"] = names
+        batch = tokenizer(spec["texts"][second_task], padding=True, return_tensors="pt")
+        with group.route([second_task] * len(spec["texts"][second_task])):
+            out[f"route/{second_task}"] = model(**batch).logits.tolist()
+        try:
+            with group.route([first_task, second_task]):
+                pass
+        except DeltaError as exc:
+            out["route/refused"] = str(exc)
 
         # Deploy one as a plain model (on a backbone built with that task's labels) and reload it.
         task = spec["tasks"][1]
@@ -128,6 +148,15 @@ def test_two_tasks_with_heads_train_save_load_serve_and_deploy(tmp_path) -> None
         for how in ("one_call", "switch"):
             assert_same_function(torch.tensor(served[f"{how}/{task}"]), trained[task], model=reference,
                                  note=f"{how}/{task}")
+    # routed per sample: every row as its own delta (or the bare backbone) computes it alone, to rounding (a routed
+    # row runs its delta's modules on a sub-batch)
+    mixed = torch.tensor(served["route/mixed"])
+    for row, name in enumerate(served["route/names"]):
+        alone = trained[name][row] if name else torch.tensor(served["bare/first"][row])
+        assert_same_function(mixed[row], alone, model=reference, note=f"route row {row} ({name})")
+    assert_same_function(torch.tensor(served["route/topic"]), trained["topic"], model=reference, note="route/topic")
+    refused = served.get("route/refused", "")
+    assert "'sentiment'" in refused and "'topic'" in refused and "'classifier'" in refused, refused
     # merged into the weights, saved, reloaded as a plain model: folding changes the rounding, hence the tolerance
     assert_same_function(torch.tensor(served["deployed/topic"]), trained["topic"], model=reference, note="deployed")
     assert served["deployed_keys_equal"]

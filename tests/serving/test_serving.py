@@ -592,19 +592,28 @@ def test_route_refuses_prompt_methods_but_serves_them_by_switching(method: str) 
     assert hook_counts(model) == hooks
 
 
-def test_route_refuses_a_delta_with_its_own_head_instead_of_running_the_backbone_head() -> None:
-    # Rows routed to a delta that owns a classifier copy used to run the backbone's original head, silently.
+def test_route_runs_a_delta_with_its_own_head_not_the_backbone_head() -> None:
+    # Rows routed to a delta that owns a classifier copy used to run the backbone's original head, silently (then
+    # such deltas were refused); now each row runs its own delta's copy (tests/serving/test_route_heads.py).
     model = tiny_bert()
     group = DeltaGroup(model)
     plain = LoraModel(model, name="plain", lora_r=2)
     headed = LoraModel(model, name="headed", lora_r=2, modules_to_save=["classifier"])
+    perturb(headed, seed=4)
     group.add(plain.detach())
     group.add(headed.detach())
     model.eval()
     ids = torch.randint(0, VOCAB, (2, 5))
-    with pytest.raises(DeltaError, match=r"\['headed'\] carry their own task head"):
-        with group.route(["plain", "headed"]):
-            model(ids)
+    alone = {}
+    for name in ("plain", "headed"):
+        group.switch(name)
+        with torch.no_grad():
+            alone[name] = model(ids).logits
+    group.switch(None)
+    with torch.no_grad(), group.route(["plain", "headed"]):
+        routed = model(ids).logits
+    assert_same_function(routed[0], alone["plain"][0], model=model)
+    assert_same_function(routed[1], alone["headed"][1], model=model)
     with group.route(["plain", None]):  # the others still route
         model(ids)
     group.switch("headed")  # and the headed one serves through switch()
