@@ -351,16 +351,34 @@ def test_peft_files_that_do_not_fit_are_refused_and_change_nothing(tmp_path) -> 
 
 
 def test_blocked_scale_gradient_equals_plain_autograd() -> None:
-    """The training path sums l's gradient block by block (deltakit/deltas/ia3.py, _ScaleFeatures): same values as
+    """The training path computes both gradients block by block (deltakit/deltas/ia3.py, _scale_backward): same as
     autograd's ``x * l`` to rounding, for inputs longer than one block."""
-    from deltakit.deltas.ia3 import BLOCK_ROWS, scale_features
+    from deltakit.deltas.ia3 import block_rows, scale_features
 
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(3, BLOCK_ROWS + 17, 24, generator=g, requires_grad=True)
+    x = torch.randn(3, block_rows(24) + 17, 24, generator=g, requires_grad=True)
     scale = (1 + 0.2 * torch.randn(24, generator=g)).requires_grad_()
-    upstream = torch.randn(3, BLOCK_ROWS + 17, 24, generator=g)
+    upstream = torch.randn(3, block_rows(24) + 17, 24, generator=g)
     grads = torch.autograd.grad(scale_features(x, scale, in_place=False), (x, scale), upstream)
     expected = torch.autograd.grad(x * scale, (x, scale), upstream)
     assert torch.equal(grads[0], expected[0])  # the same product
     assert_same_function(grads[1], expected[1], depth=1, reduction=x.shape[0] * x.shape[1],
                          scale=(upstream * x).abs().max().item())
+
+
+def test_scale_gradient_of_a_half_precision_input_accumulates_in_float32() -> None:
+    """l's gradient sums ``grad * x`` over every row: in bfloat16 the partial sums of a long input lose precision
+    at each addition, so the sum runs in float32 and only the result is rounded (within one bfloat16 rounding of
+    the exact sum)."""
+    from deltakit.deltas.ia3 import scale_features
+
+    g = torch.Generator().manual_seed(5)
+    rows, width = 64 * 1024, 8  # many rows: many partial sums
+    # Positive terms: no cancellation, so the exact sum's magnitude bounds the error of every partial sum.
+    x = torch.rand(rows, width, generator=g).to(torch.bfloat16).requires_grad_()
+    scale = torch.ones(width, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.rand(rows, width, generator=g).to(torch.bfloat16)
+    (grad,) = torch.autograd.grad(scale_features(x, scale, in_place=False), (scale,), upstream)
+    exact = (upstream.double() * x.detach().double()).sum(0)
+    assert grad.dtype == torch.bfloat16
+    assert ((grad.double() - exact).abs() / exact).max() <= 2.0**-8  # one rounding of bfloat16 (8 bits)
