@@ -7,8 +7,10 @@ Sections (each also runnable alone, see its module):
 ``inference``   unmerged and merged inference overhead (``benchmarks/inference.py``)
 ``injection``   LoRA injection time on meta-device Llama-7B / 70B shapes (``benchmarks/injection.py``)
 ``serving``     switching and mixed batches (``benchmarks/serving.py``)
+``routing_crossover``  gather vs segment routing across distinct deltas per batch (``benchmarks/routing_crossover.py``)
 ``checkpoint``  checkpoint bytes on disk (``benchmarks/checkpoint_size.py``)
 ``dora``        DoRA training step: frozen, LoRA, deltakit DoRA, PEFT DoRA (``benchmarks/dora.py``)
+``ia3``         (IA)^3 training step vs frozen and PEFT IA3, mixed batches of 8 deltas (``benchmarks/ia3.py``)
 
 Everything timed runs interleaved in one process, one torch thread, with medians and paired per-round ratios on
 the CPU clock. Writes ``suite.json``, ``suite.md`` and ``suite_*.png`` plots to ``--output-dir`` (default
@@ -40,7 +42,8 @@ if str(_REPO_ROOT) not in sys.path:
 
 from benchmarks import common, suite_utils  # noqa: E402
 
-SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "checkpoint", "many_deltas", "dora")
+SECTIONS: tuple[str, ...] = ("train_step", "inference", "injection", "serving", "routing_crossover", "checkpoint",
+                             "many_deltas", "dora", "ia3")
 DEFAULT_OUTPUT_DIR = _REPO_ROOT / "benchmarks" / "results"
 BUSY_NOTE = (
     "Measured on a shared 2-core machine while other work ran on it: wall times are inflated and noisy; the CPU "
@@ -85,6 +88,12 @@ def _serving(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     return serving.run(quick, log=log)
 
 
+def _routing_crossover(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks import routing_crossover
+
+    return routing_crossover.run(quick, log=log)
+
+
 def _checkpoint(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     from benchmarks import checkpoint_size
 
@@ -103,10 +112,16 @@ def _dora(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
     return dora.run(quick, log=log)
 
 
+def _ia3(quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from benchmarks import ia3
+
+    return ia3.run(quick, log=log)
+
+
 RUNNERS: dict[str, Callable[[bool, Callable[[str], None]], dict[str, Any]]] = {
     "train_step": _train_step, "inference": _inference, "injection": _injection, "serving": _serving,
-    "checkpoint": _checkpoint, "many_deltas": _many_deltas,
-    "dora": _dora,
+    "routing_crossover": _routing_crossover, "checkpoint": _checkpoint, "many_deltas": _many_deltas,
+    "dora": _dora, "ia3": _ia3,
 }
 
 
@@ -218,6 +233,10 @@ def summary_rows(results: dict[str, Any]) -> list[list[str]]:
         from benchmarks import dora
 
         rows += dora.summary_rows(s["dora"])
+    if s.get("ia3"):
+        from benchmarks import ia3
+
+        rows += ia3.summary_rows(s["ia3"])
     return rows
 
 
@@ -243,6 +262,11 @@ def section_tables(results: dict[str, Any]) -> list[Table]:
         tables.append(("LoRA r=16 injection on meta-device models (CPU clock, medians)", *injection.table(s["injection"])))
     if "serving" in s:
         tables += serving.tables(s["serving"])
+    if "routing_crossover" in s:
+        from benchmarks import routing_crossover
+
+        tables.append(("Gather vs segment routing: time segment / gather by distinct deltas per batch (* where auto "
+                       "takes segment; CPU clock, paired medians)", *routing_crossover.table(s["routing_crossover"])))
     if "checkpoint" in s:
         tables.append((f"Checkpoint size ({s['checkpoint']['model']})", *checkpoint_size.table(s["checkpoint"])))
     if "many_deltas" in s:
@@ -255,6 +279,11 @@ def section_tables(results: dict[str, Any]) -> list[Table]:
 
         tables.append(("DoRA training step: frozen, LoRA, deltakit DoRA, PEFT DoRA (CPU clock, paired medians)",
                        *dora.table(s["dora"])))
+    if "ia3" in s:
+        from benchmarks import ia3
+
+        tables.append(("(IA)^3: training step vs frozen and PEFT, mixed batches (CPU clock, paired medians)",
+                       *ia3.table(s["ia3"])))
     return tables
 
 
@@ -348,6 +377,12 @@ def draw_plots(results: dict[str, Any], output_dir: Path, prefix: str) -> list[s
         ax.legend()
         ax.grid(alpha=0.3, which="both")
         save(fig, "switch_vs_sites")
+
+    if "routing_crossover" in s:
+        from benchmarks import routing_crossover
+
+        path = output_dir / f"{prefix}_routing_crossover.png"
+        written.append(str(routing_crossover.plot(s["routing_crossover"], path, tag)))
 
     if "inference" in s:
         inf = s["inference"]

@@ -11,12 +11,16 @@ requests (16-token prompts, deltas drawn from a Zipf law, every tenth on the bar
   as above, no batching);
 * ``loop``: a plain Python loop, one request at a time, each in its own ``DeltaGroup.route([name])`` block, no HTTP.
 
-For ``/v1/classify`` (one forward, logits at the last position) and ``/v1/generate`` (4 greedy tokens). Reported:
-requests per second of each and the ratios ``server / loop`` and ``server / server batch 1``.
+For ``/v1/classify`` (one forward, the head on the last position only; the answer: the 5 most likely next tokens
+with their logits and probabilities, the server's default ``top_k``) and ``/v1/generate`` (4 greedy tokens). The
+three ways run in interleaved rounds (order rotated; 3 rounds), one torch thread. Reported: requests per second of
+each (medians, wall clock), the ratios ``server / loop`` and ``server / server batch 1`` (medians of per-round
+ratios), the same on the process CPU clock (requests per CPU second: the in-process clients' work counts against the
+server; being descheduled by other jobs of a shared machine does not count), and the server's mean batch.
 
 Run::
 
-    python benchmarks/server_load.py            # about a minute on the 2-core machine
+    python benchmarks/server_load.py            # about 3 minutes on the 2-core machine
     python benchmarks/server_load.py --quick    # seconds
 """
 
@@ -26,6 +30,7 @@ import argparse
 import http.client
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -41,10 +46,10 @@ from benchmarks import common
 
 FULL = dict(config=dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=8),
-            deltas=64, ranks=(8, 16, 32, 64), requests=256, clients=32, prompt=16, new_tokens=4)
+            deltas=64, ranks=(8, 16, 32, 64), requests=256, clients=32, prompt=16, new_tokens=4, rounds=3)
 QUICK = dict(config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2),
-             deltas=12, ranks=(2, 4, 8, 16), requests=48, clients=8, prompt=8, new_tokens=2)
+             deltas=12, ranks=(2, 4, 8, 16), requests=48, clients=8, prompt=8, new_tokens=2, rounds=1)
 
 
 def _example() -> Any:
@@ -105,8 +110,9 @@ def _serve(app: Any) -> tuple[Any, threading.Thread, int]:
     return server, thread, server.servers[0].sockets[0].getsockname()[1]
 
 
-def _load(port: int, path: str, bodies: list[dict[str, Any]], clients: int) -> float:
-    """Wall seconds for ``clients`` threads to send ``bodies`` (each thread its share, one after the other)."""
+def _load(port: int, path: str, bodies: list[dict[str, Any]], clients: int) -> tuple[float, float]:
+    """Wall and process CPU seconds for ``clients`` threads to send ``bodies`` (each thread its share, one after the
+    other)."""
     failures: list[str] = []
 
     def client(share: list[dict[str, Any]]) -> None:
@@ -122,21 +128,24 @@ def _load(port: int, path: str, bodies: list[dict[str, Any]], clients: int) -> f
             conn.close()
 
     threads = [threading.Thread(target=client, args=(bodies[i::clients],)) for i in range(clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     if failures:
         raise RuntimeError(f"{len(failures)} requests failed, e.g. {failures[0]}")
-    return wall
+    return wall, cpu
 
 
-def _loop(model: Any, group: Any, bodies: list[dict[str, Any]], new_tokens: int, generate: bool) -> float:
+def _loop(example: Any, model: Any, group: Any, bodies: list[dict[str, Any]], new_tokens: int,
+          generate: bool) -> tuple[float, float]:
+    """Wall and CPU seconds to answer ``bodies`` one at a time, each in its own route() block, computing what the
+    server answers (classify: the same top-k answer from the same last-position logits)."""
     import torch
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for body in bodies:
         ids = torch.tensor([body["input_ids"]])
         with torch.inference_mode(), group.route([body["delta"]]):
@@ -144,8 +153,53 @@ def _loop(model: Any, group: Any, bodies: list[dict[str, Any]], new_tokens: int,
                 model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             else:
-                model(input_ids=ids).logits[:, -1].tolist()
-    return time.perf_counter() - start
+                example.top_k_answers(example.last_logits(model, ids), [body.get("top_k", 5)])
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+WAYS = (("server", 32), ("server_batch1", 1), ("loop", None))
+
+
+def _measure(example: Any, model: Any, group: Any, spec: dict[str, Any], kind: str) -> dict[str, Any]:
+    """One endpoint served the three ways in interleaved rounds (order rotated); requests per second from the
+    medians, ratios as medians of per-round ratios, on the wall clock and on the process CPU clock."""
+    generate = kind == "generate"
+    bodies = _bodies(spec)
+    payload = [dict(b, max_new_tokens=spec["new_tokens"]) for b in bodies] if generate else bodies
+    path, clients = f"/v1/{kind}", spec["clients"]
+    _loop(example, model, group, bodies, spec["new_tokens"], generate)  # untimed: every delta loaded, caches warm
+    servers: dict[str, Any] = {}
+    try:
+        for label, max_batch in WAYS[:2]:
+            app = example.create_app(model, group, max_batch=max_batch, max_wait_ms=5,
+                                     max_input_tokens=spec["prompt"], max_new_tokens=spec["new_tokens"])
+            servers[label] = (app, *_serve(app))
+            _load(servers[label][3], path, payload[:clients], clients)  # untimed: warm the connections
+        samples: dict[str, dict[str, list[float]]] = {way: {"wall": [], "cpu": []} for way, _ in WAYS}
+        batched = servers["server"][0].state.batcher.stats
+        before = dict(batched)
+        for index in range(spec["rounds"]):
+            for way in common.rotated_order([w for w, _ in WAYS], index):
+                if way == "loop":
+                    wall, cpu = _loop(example, model, group, bodies, spec["new_tokens"], generate)
+                else:
+                    wall, cpu = _load(servers[way][3], path, payload, clients)
+                samples[way]["wall"].append(wall)
+                samples[way]["cpu"].append(cpu)
+    finally:
+        for _, server, thread, _ in servers.values():
+            server.should_exit = True
+            thread.join(timeout=60)
+    n = len(payload)
+    row: dict[str, Any] = {way: n / statistics.median(samples[way]["wall"]) for way, _ in WAYS}
+    # Time ratios inverted: throughput of the server over the loop's, per round.
+    row["server_vs_loop"] = common.paired_ratio(samples["loop"]["wall"], samples["server"]["wall"])["median"]
+    row["server_vs_batch1"] = common.paired_ratio(samples["server_batch1"]["wall"], samples["server"]["wall"])["median"]
+    row["per_cpu_second"] = {way: n / statistics.median(samples[way]["cpu"]) for way, _ in WAYS}
+    row["server_vs_loop_cpu"] = common.paired_ratio(samples["loop"]["cpu"], samples["server"]["cpu"])["median"]
+    row["mean_batch"] = (batched["rows"] - before["rows"]) / max(1, batched["batches"] - before["batches"])
+    row["samples"] = samples
+    return row
 
 
 def run(quick: bool, log: Any = print, threads: int = 1) -> dict[str, Any]:
@@ -153,32 +207,15 @@ def run(quick: bool, log: Any = print, threads: int = 1) -> dict[str, Any]:
     common.configure_threads(threads)
     spec = QUICK if quick else FULL
     example = _example()
-    bodies = _bodies(spec)
     results: dict[str, Any] = {"spec": {k: v for k, v in spec.items() if k != "config"}, "config": spec["config"]}
     with tempfile.TemporaryDirectory() as root:
         model, group = _setup(Path(root), spec)
-        for kind, path in (("classify", "/v1/classify"), ("generate", "/v1/generate")):
-            generate = kind == "generate"
-            payload = [dict(b, max_new_tokens=spec["new_tokens"]) for b in bodies] if generate else bodies
-            _loop(model, group, bodies, spec["new_tokens"], generate)  # untimed: every delta loaded, caches warm
-            row: dict[str, float] = {}
-            for label, max_batch in (("server", 32), ("server_batch1", 1)):
-                app = example.create_app(model, group, max_batch=max_batch, max_wait_ms=5,
-                                         max_input_tokens=spec["prompt"], max_new_tokens=spec["new_tokens"])
-                server, thread, port = _serve(app)
-                try:
-                    _load(port, path, payload[: spec["clients"]], spec["clients"])  # warm the connections
-                    row[label] = len(payload) / _load(port, path, payload, spec["clients"])
-                finally:
-                    server.should_exit = True
-                    thread.join(timeout=60)
-            row["loop"] = len(bodies) / _loop(model, group, bodies, spec["new_tokens"], generate)
-            row["server_vs_loop"] = row["server"] / row["loop"]
-            row["server_vs_batch1"] = row["server"] / row["server_batch1"]
-            results[kind] = row
+        for kind in ("classify", "generate"):
+            row = results[kind] = _measure(example, model, group, spec, kind)
             log(f"server_load {kind}: server {row['server']:.1f} req/s, server batch 1 {row['server_batch1']:.1f} "
-                f"req/s, loop {row['loop']:.1f} req/s; server / loop {row['server_vs_loop']:.2f}x, server / batch 1 "
-                f"{row['server_vs_batch1']:.2f}x")
+                f"req/s, loop {row['loop']:.1f} req/s; server / loop {row['server_vs_loop']:.2f}x (CPU clock "
+                f"{row['server_vs_loop_cpu']:.2f}x), server / batch 1 {row['server_vs_batch1']:.2f}x; mean batch "
+                f"{row['mean_batch']:.1f} rows")
     return results
 
 

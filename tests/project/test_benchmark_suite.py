@@ -44,7 +44,8 @@ def test_every_section_runs_and_writes_json_markdown_and_plots(quick) -> None:
     markdown = (out / "suite_quick.md").read_text()
     assert "## Summary" in markdown and "quick mode" in markdown and "shared 2-core machine" in markdown
     assert sorted(results["plots"]) == sorted(
-        f"suite_quick_{name}.png" for name in ("mixed_throughput", "switch_vs_sites", "inference_overhead", "injection")
+        f"suite_quick_{name}.png"
+        for name in ("mixed_throughput", "switch_vs_sites", "routing_crossover", "inference_overhead", "injection")
     )
     for name in results["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -117,6 +118,44 @@ def test_serving_settings_cover_all_linear_layers_and_a_decode_step(quick) -> No
     assert len(rows) == 4 and all("ceiling" in row[3] for row in rows)
 
 
+def test_routing_crossover_section_times_both_paths_and_marks_the_automatic_choice(quick) -> None:
+    from deltakit.routing import SEGMENT_COST
+
+    section = quick[0]["sections"]["routing_crossover"]
+    assert section["notes"] == [] and section["segment_cost"] == SEGMENT_COST
+    assert [(s["step"], s["ranks"]) for s in section["series"]] == [("decode", "r=2"), ("decode", "mixed 2-8")]
+    for series in section["series"]:
+        assert [p["distinct"] for p in series["points"]] == [1, 8]
+        for p in series["points"]:
+            assert p["max_rel_diff"] <= 1e-5  # both paths compute the same outputs
+            assert set(p["ms"]) == {"gather", "segment", "gather_later", "segment_later"}
+            assert all(map(_positive, p["ms"].values()))
+            assert set(p["ratios"]) == {"segment/gather", "segment_later/gather_later"}
+            assert p["auto"] in ("segment", "gather")
+        assert series["auto_segment_up_to"] in (0, 1, 8)
+        for key in ("measured_crossover", "measured_crossover_later"):
+            assert series[key] in ("segment", "gather") or 1 <= series[key] <= 8
+
+
+def test_the_crossover_benchmark_predicts_the_path_route_takes() -> None:
+    """routing_crossover.auto_takes_segment restates deltakit.routing's rule; the router's own counters must agree
+    (else the figure would mark the wrong path)."""
+    from benchmarks import routing_crossover as rc
+
+    seen = set()
+    for ranks, distinct in (((2,), 1), ((2,), 8), ((64,), 1), ((64,), 8), ((4, 64), 2)):
+        model, group, names = rc.build(64, 2, 8, ranks)
+        rows = rc.batch_names(names, 8, distinct)
+        x = torch.randn(8, 1, 64)
+        with torch.inference_mode(), group.route(rows):
+            model(x)
+        calls = {k: sum(r.calls[k] for r in group._routers) for k in ("gather", "segment")}
+        expected = "segment" if rc.auto_takes_segment(group, rows) else "gather"
+        assert calls[expected] == 2 and sum(calls.values()) == 2, (ranks, distinct, calls)
+        seen.add(expected)
+    assert seen == {"segment", "gather"}
+
+
 def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
     section = quick[0]["sections"]["checkpoint"]
     assert set(section["scenarios"]) == {"minilm q,v r=16", "minilm all linear r=16", "llama130m q,v r=8"}
@@ -127,6 +166,25 @@ def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
     for entry in section["scenarios"].values():
         d = entry["deltakit"]
         assert d["overhead_bytes"] == d["header_bytes"] + d["config_bytes"]
+
+
+def test_ia3_section_compares_equal_deltas_and_routes_mixed_batches(quick) -> None:
+    results = quick[0]
+    section = results["sections"]["ia3"]
+    assert section["notes"] == [] and set(section["models"]) == {"tiny-bert", "tiny-llama"}
+    for entry in section["models"].values():
+        losses = entry["initial_loss"]
+        # Same vectors on the same modules in both libraries: the same step-0 loss, not the frozen one.
+        assert entry["loss_rel_diff_deltakit_vs_peft"] <= 1e-5 and losses["ia3"] != losses["frozen"]
+        assert set(entry["ratios"]) == {"ia3/frozen", "peft_ia3/frozen", "ia3/peft_ia3"}
+        assert all(_positive(r["median"]) for r in entry["ratios"].values())
+    mixed = section["mixed"]
+    assert mixed["deltas"] == 8 and mixed["sites_per_delta"] == 6  # k, v, down of a 2-layer Llama
+    assert mixed["max_abs_diff_mixed_vs_alone"] <= 1e-4 < mixed["min_abs_change_vs_base"]
+    assert set(mixed["ratios"]) == {"mixed/switched", "mixed/one_routed", "one_routed/switched", "switched/base",
+                                    "mixed/base"}
+    rows = [row for row in run_all.summary_rows(results) if row[0].startswith("(IA)^3")]
+    assert len(rows) == 3 and [row[3] for row in rows] == ["<= 1.02", "<= 1.02", "<= 1.03"]
 
 
 def test_unknown_sections_are_rejected() -> None:

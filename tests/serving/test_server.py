@@ -95,6 +95,19 @@ def alone(root: pathlib.Path, name: str | None, ids: list[int], new_tokens: int 
         return out[0, x.shape[1]:].tolist()
 
 
+def assert_classify_answer(answer: dict[str, Any], expected: torch.Tensor, model: Any, k: int) -> None:
+    """A /v1/classify answer against the request's delta alone: the ``k`` best tokens, best first, with their logits
+    and probabilities (near-ties may swap two tokens; their values still agree to rounding)."""
+    top = answer["top_k"]
+    tokens = [entry["token"] for entry in top]
+    assert len(top) == k and answer["label"] == tokens[0] and answer["score"] == top[0]["prob"]
+    logits = torch.tensor([entry["logit"] for entry in top])
+    assert_same_function(logits, expected[tokens], model=model)  # each named token's own logit
+    assert_same_function(logits, expected.topk(k).values, model=model)  # and they are the k best, in order
+    log_probs = torch.tensor([entry["prob"] for entry in top]).log()
+    assert_same_function(log_probs, expected.log_softmax(-1)[tokens], model=model, scale=float(expected.abs().max()))
+
+
 def requests(count: int, seed: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -116,9 +129,44 @@ def test_concurrent_classify_requests_are_batched_and_each_equals_its_delta_alon
     assert stats["rows"] - before["rows"] == 24
     assert stats["batches"] - before["batches"] < 24  # concurrent requests shared batches
     for body, (_, answer) in zip(bodies, answers):
-        expected = alone(root, body["delta"], body["input_ids"])
-        assert_same_function(torch.tensor(answer["logits"]), expected, model=model)
+        assert answer["delta"] == body["delta"]
+        assert_classify_answer(answer, alone(root, body["delta"], body["input_ids"]), model, 5)  # the default top_k
     assert len(group.resident) <= 4
+
+
+def test_classify_answers_as_many_tokens_as_asked_within_one_batch(server: Any) -> None:
+    port, model, group, root, app = server
+    bodies = [{**b, "top_k": k} for b, k in zip(requests(8, seed=5), (1, 3, 10, 1, 50, 2, 7, 1))]
+    before = get(port, "/v1/stats")
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        with app.state.batcher.hold():  # queued together: they share batches whatever their top_k
+            futures = [pool.submit(post, port, "/v1/classify", b) for b in bodies]
+            deadline = time.monotonic() + 10
+            # (the worker has taken the first job already and waits, holding it, for the end of hold())
+            while app.state.batcher.jobs.qsize() < len(bodies) - 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        answers = [f.result() for f in futures]
+    assert get(port, "/v1/stats")["batches"] - before["batches"] < len(bodies)
+    for body, (status, answer) in zip(bodies, answers):
+        assert status == 200
+        assert_classify_answer(answer, alone(root, body["delta"], body["input_ids"]), model, body["top_k"])
+
+
+def test_last_logits_runs_the_head_on_the_last_position_only_where_the_model_can() -> None:
+    from transformers import BertConfig, BertForMaskedLM
+
+    llama, _ = tiny_setup(pathlib.Path("unused"), count=0)
+    ids = torch.randint(2, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    positions: list[int] = []
+    hook = llama.lm_head.register_forward_hook(lambda m, args, out: positions.append(args[0].shape[1]))
+    with torch.no_grad():
+        last = _server.last_logits(llama, ids)
+        hook.remove()
+        assert positions == [1]  # the head ran on one position of seven
+        assert_same_function(last, llama(input_ids=ids).logits[:, -1], model=llama)
+        bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64)).eval()  # no logits_to_keep: the full forward
+        assert torch.equal(_server.last_logits(bert, ids), bert(input_ids=ids).logits[:, -1])
 
 
 def test_concurrent_generate_requests_equal_each_delta_alone(server: Any) -> None:
@@ -139,6 +187,8 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server: Any) ->
         ({"delta": "d1", "input_ids": list(range(2, 40))}, 413, "1 to 16 per request"),
         ({"delta": "d1", "input_ids": [3, 400]}, 422, "token ids"),
         ({"delta": "d1", "input_ids": [3, 4], "max_new_tokens": 500}, 413, "generates 1 to 6"),
+        ({"delta": "d1", "input_ids": [3, 4], "top_k": 0}, 422, "top_k=0; this server answers 1 to 50 tokens"),
+        ({"delta": "d1", "input_ids": [3, 4], "top_k": 51}, 422, "top_k=51"),
     ]
     with ThreadPoolExecutor(max_workers=8) as pool:
         good_f = [pool.submit(post, port, "/v1/classify", b) for b in good]
@@ -150,8 +200,7 @@ def test_bad_requests_get_clear_errors_and_do_not_disturb_others(server: Any) ->
         for future, body in zip(good_f, good):
             status, answer = future.result()
             assert status == 200
-            assert_same_function(torch.tensor(answer["logits"]), alone(root, body["delta"], body["input_ids"]),
-                                 model=model)
+            assert_classify_answer(answer, alone(root, body["delta"], body["input_ids"]), model, 5)
 
 
 def test_a_client_disconnect_is_dropped_and_others_are_answered(server: Any) -> None:
@@ -172,7 +221,6 @@ def test_a_client_disconnect_is_dropped_and_others_are_answered(server: Any) -> 
         answers = list(pool.map(lambda b: post(port, "/v1/classify", b), good))
     for body_, (status, answer) in zip(good, answers):
         assert status == 200
-        assert_same_function(torch.tensor(answer["logits"]), alone(root, body_["delta"], body_["input_ids"]),
-                             model=model)
+        assert_classify_answer(answer, alone(root, body_["delta"], body_["input_ids"]), model, 5)
     stats = get(port, "/v1/stats")
     assert stats["cancelled"] == before + 3 and stats["failed"] == 0
