@@ -39,7 +39,8 @@ demo: install-demo
 test: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# Everything but the runs marked slow (the real MiniLM, multi-process training, compile, stress): about 3 minutes here (2,850 tests).
+# Everything but the runs marked slow (the real MiniLM, multi-process runs, compile, stress and benchmark runs):
+# about 2,900 tests, about 2 CPU-minutes (one torch thread, see tests/helpers.py).
 test-fast: install-dev
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 

@@ -28,7 +28,11 @@ from transformers.utils import logging as hf_logging
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 hf_logging.set_verbosity_error()
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One intra-op thread. The tiny test models' operations gain nothing from a second thread, and on a busy 2-core
+# machine (CI, or several test runs at once) every OpenMP barrier waits for a descheduled thread: a tiny BERT forward
+# took 0.9 ms with one thread and 60-100 ms with two while another process kept the cores busy (the fast set's
+# lifecycle state machine: 112 s -> 19 s). Benchmark runs pick their own count; the tests calling them restore this.
+torch.set_num_threads(1)
 
 #: The repository root (tests read examples/, benchmarks/, the README from it).
 REPO_ROOT = Path(__file__).resolve().parents[1]

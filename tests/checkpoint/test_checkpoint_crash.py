@@ -25,6 +25,10 @@ from tests.helpers import REPO_ROOT
 
 ROOT = REPO_ROOT
 
+# Multi-process by nature (a worker interpreter forking a saver per fault, 200 real kills), so in the full suite by
+# the project's rule, not in `make test-fast`: about 14 CPU seconds, 30 s of wall time on a busy 2-core machine.
+pytestmark = pytest.mark.slow
+
 
 def _worker(*args: str, timeout: int = 300) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -152,6 +152,7 @@ def test_usage_errors_exit_2(capsys) -> None:
         assert code == 2 and "usage" in err, argv
 
 
+@pytest.mark.slow  # three fresh interpreters importing torch (about 8 CPU seconds); in-process tests cover the codes
 def test_console_script_exit_codes() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "deltakit.cli"]

@@ -405,6 +405,7 @@ def test_no_grad_prefix_cache_follows_parameter_changes() -> None:
         assert model(input_ids=ids).logits.dtype == torch.float64
 
 
+@pytest.mark.slow  # a benchmark run with timing rounds (about 5 CPU seconds); the folding it checks is tested above
 def test_prefix_benchmark_quick(tmp_path) -> None:
     """benchmarks/prefix.py --quick runs and writes a consistent report (no timing is asserted)."""
     import importlib.util

@@ -35,6 +35,7 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_every_section_runs_and_writes_json_markdown_and_plots(quick) -> None:
     results, out, code = quick
     assert code == 0, results["errors"]
@@ -53,6 +54,7 @@ def test_every_section_runs_and_writes_json_markdown_and_plots(quick) -> None:
     assert all(row[3] != "" for row in run_all.summary_rows(results))
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_train_step_section_compares_deltakit_and_peft(quick) -> None:
     section = quick[0]["sections"]["train_step"]
     assert set(section["models"]) == {"tiny-bert"}
@@ -62,6 +64,7 @@ def test_train_step_section_compares_deltakit_and_peft(quick) -> None:
     assert set(models["memory_ratios"]) == {"deltakit/frozen", "peft/frozen"}
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_inference_section_checks_equal_outputs_and_hookless_merge(quick) -> None:
     section = quick[0]["sections"]["inference"]
     checks = section["checks"]
@@ -77,6 +80,7 @@ def test_inference_section_checks_equal_outputs_and_hookless_merge(quick) -> Non
         assert all(_positive(r["median"]) for r in ratios.values())
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_injection_section_counts_equal_the_closed_form(quick) -> None:
     shapes = quick[0]["sections"]["injection"]["shapes"]
     assert set(shapes) == {"llama-small"}
@@ -85,6 +89,7 @@ def test_injection_section_counts_equal_the_closed_form(quick) -> None:
     assert _positive(entry["ratios"]["deltakit/peft"]["median"])
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_serving_section_measures_switching_and_mixed_batches(quick) -> None:
     section = quick[0]["sections"]["serving"]
     switch = section["switch"]
@@ -99,6 +104,7 @@ def test_serving_section_measures_switching_and_mixed_batches(quick) -> None:
     assert all(_positive(p["deltakit_samples_per_s"]) and _positive(p["peft_samples_per_s"]) for p in points)
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_serving_settings_cover_all_linear_layers_and_a_decode_step(quick) -> None:
     settings = quick[0]["sections"]["serving"]["settings"]
     assert settings["deltas"] == settings["batch"] == 8 and settings["prompt"] == 16
@@ -118,6 +124,7 @@ def test_serving_settings_cover_all_linear_layers_and_a_decode_step(quick) -> No
     assert len(rows) == 4 and all("ceiling" in row[3] for row in rows)
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_routing_crossover_section_times_both_paths_and_marks_the_automatic_choice(quick) -> None:
     from deltakit.routing import SEGMENT_COST
 
@@ -156,6 +163,7 @@ def test_the_crossover_benchmark_predicts_the_path_route_takes() -> None:
     assert seen == {"segment", "gather"}
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
     section = quick[0]["sections"]["checkpoint"]
     assert set(section["scenarios"]) == {"minilm q,v r=16", "minilm all linear r=16", "llama130m q,v r=8"}
@@ -168,6 +176,7 @@ def test_checkpoint_section_meets_the_bound_for_query_value(quick) -> None:
         assert d["overhead_bytes"] == d["header_bytes"] + d["config_bytes"]
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_ia3_section_compares_equal_deltas_and_routes_mixed_batches(quick) -> None:
     results = quick[0]
     section = results["sections"]["ia3"]
@@ -193,6 +202,7 @@ def test_unknown_sections_are_rejected() -> None:
     assert run_all.parse_args(["--sections", "serving, checkpoint"]).sections == ["serving", "checkpoint"]
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_render_redraws_report_and_plots_from_json(quick, tmp_path) -> None:
     results, out, _ = quick
     assert run_all.main(["--render", str(out / "suite_quick.json"), "--output-dir", str(tmp_path)]) == 0
@@ -200,6 +210,7 @@ def test_render_redraws_report_and_plots_from_json(quick, tmp_path) -> None:
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(results["plots"])
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_an_earlier_train_step_result_can_stand_in(quick, tmp_path) -> None:
     earlier = tmp_path / "train_step.json"
     earlier.write_text(json.dumps(quick[0]["sections"]["train_step"]))

@@ -70,6 +70,7 @@ def _finite_positive(value) -> bool:
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_quick_run_writes_json_and_markdown(quick_results):
     results, output, markdown = quick_results
     assert output.is_file() and markdown.is_file()
@@ -96,6 +97,7 @@ def _usable(train_step, variant: str) -> bool:
     return train_step.deltakit_status(variant)[0] is not None
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_quick_run_variants_have_finite_positive_figures(quick_results, train_step):
     results, _, _ = quick_results
     for model_name, section in results["models"].items():
@@ -124,6 +126,7 @@ def test_quick_run_variants_have_finite_positive_figures(quick_results, train_st
             assert math.isfinite(entry["initial_loss"])
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_quick_run_ratios_are_finite_positive(quick_results, train_step):
     results, _, _ = quick_results
     expected = {"peft/frozen"}
@@ -147,6 +150,7 @@ def test_quick_run_ratios_are_finite_positive(quick_results, train_step):
         assert set(section["memory_ratios"]) == {f"{name}/frozen" for name in available - {"frozen"}}
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_quick_run_variants_do_comparable_work(quick_results, train_step):
     """LoRA variants train the same parameters, every delta starts from the backbone's function and all get gradients."""
     results, _, _ = quick_results
@@ -171,6 +175,7 @@ def _adapter_sizes(section):
     return 64, 2 * 2
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_quick_run_adapters_sit_at_their_default_positions(quick_results, train_step):
     """Closed-form parameter counts: one adapter / compacter on attn.o and ff.w2 of every layer."""
     results, _, _ = quick_results
@@ -218,6 +223,7 @@ def test_prepare_adapter_variants_are_identity_at_init(train_step):
 # ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_memory_child_reports_json():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     completed = subprocess.run(
@@ -332,6 +338,7 @@ def test_memory_helpers(common):
     common.trim_memory()
 
 
+@pytest.mark.slow  # a benchmark run (the quick suite): make test and CI run it
 def test_core_paths_script_runs_quick() -> None:
     import json
     import subprocess
