@@ -184,7 +184,8 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
     def forward(phase: str, x: Any, **extra: Any) -> None:
         if phase == "prefill":
-            model_(input_ids=x, **extra).logits[:, -1]
+            # Both systems run the LM head on the last position only (what a server answering one next token does).
+            model_(input_ids=x, logits_to_keep=1, **extra).logits[:, -1]
         else:
             model_.generate(input_ids=x, attention_mask=torch.ones_like(x), **extra, **kw)
 
