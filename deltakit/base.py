@@ -428,6 +428,12 @@ class DeltaBase:
         return f"{self.child_name}_heads"
 
     @property
+    def head_container(self) -> DeltaHeads | None:
+        """The module holding the head copies at their paths (``None`` without heads): what checkpoints save and
+        load as one state dict and what resizing works on (:mod:`deltakit.heads`)."""
+        return self._head_copies
+
+    @property
     def heads(self) -> dict[str, nn.Module]:
         """The delta's own copies of whole modules (``modules_to_save``), by the original module's full name:
         ``{"classifier": <the copy>}``. Empty when it carries none. While the delta is attached each copy runs

@@ -212,10 +212,10 @@ def _head_modules(backbone: nn.Module, names: tuple[str, ...]) -> list[tuple[str
 def _resize_heads(delta: Any, shapes: dict[str, list[int]], path: str) -> None:
     """Give the head copies their recorded sizes (a classifier with another number of labels than the backbone's),
     as the checkpoint loader does, before the header is compared with them."""
-    if delta._head_copies is None or not shapes:
+    if delta.head_container is None or not shapes:
         return
     try:
-        resize_heads(delta._head_copies, shapes, path)
+        resize_heads(delta.head_container, shapes, path)
     except DeltaError as exc:  # a config that does not fit this backbone: a checkpoint error, as in load_delta
         raise CheckpointError(str(exc)) from None
 

@@ -143,7 +143,7 @@ def _plan(
     delta = cls.build_detached(
         backbone, config, [(n, modules[n]) for n in resolved], name=name, heads=[(n, modules[n]) for n in heads]
     )
-    if delta._head_copies is not None and meta.get("head_shapes"):
+    if delta.head_container is not None and meta.get("head_shapes"):
         # saved names -> names here, then the copies take the recorded sizes (another number of labels)
         shapes = {}
         for key, shape in meta["head_shapes"].items():
@@ -151,7 +151,7 @@ def _plan(
             if head is not None:
                 shapes[head + key[len(heads[head]):]] = shape
         try:
-            resize_heads(delta._head_copies, shapes, path)
+            resize_heads(delta.head_container, shapes, path)
         except DeltaError as exc:
             raise CheckpointError(str(exc)) from None
     plan = _Plan(delta=delta, resolved=resolved)
@@ -178,10 +178,10 @@ def _write_delta_tensors(delta: DeltaBase, values: dict[str, torch.Tensor]) -> N
             prefix = shared_tensor_key(delta.delta_type)
             state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
             delta.shared.load_state_dict(state, strict=True)
-        if delta._head_copies is not None:
+        if delta.head_container is not None:
             prefix = head_tensor_key(delta.delta_type)
             state = {k[len(prefix) :]: v for k, v in values.items() if k.startswith(prefix)}
-            delta._head_copies.load_state_dict(state, strict=True)
+            delta.head_container.load_state_dict(state, strict=True)
 
 
 def load_delta(

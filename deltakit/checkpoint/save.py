@@ -165,7 +165,7 @@ def write_checkpoint(
     }
     if delta.heads:
         meta["heads"] = list(delta.heads)
-        meta["head_shapes"] = head_shapes(delta._head_copies)  # type: ignore[arg-type]
+        meta["head_shapes"] = head_shapes(delta.head_container)  # type: ignore[arg-type]
 
     def write_weights_file(handle: BinaryIO) -> None:
         meta["weights_sha256"] = write_tensor_file(handle, payload, WEIGHTS_METADATA)

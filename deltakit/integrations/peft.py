@@ -850,7 +850,7 @@ def load_heads(delta: Any, heads: PeftHeads, path: str) -> None:
     """
     if not heads.modules:
         return
-    copies = delta._head_copies  # the DeltaHeads module: what the checkpoint loader resizes and fills too
+    copies = delta.head_container  # the DeltaHeads module: what the checkpoint loader resizes and fills too
     shapes = {f"{head}.{key}": list(t.shape) for head, values in heads.values.items() for key, t in values.items()}
     try:
         resize_heads(copies, shapes, f"The PEFT adapter {path!r}")
