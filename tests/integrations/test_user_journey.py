@@ -1,6 +1,7 @@
-"""Issue 12's scripted user journey on the real MiniLM: two tasks, each with its own classifier head, trained with
-DeltaTrainer, saved, loaded in a fresh process with one call each, served with switch() and routed per sample with
-route() (heads included), one deployed with merge_and_unload() and reloaded as a plain transformers model."""
+"""Issue 12's scripted user journey on the real MiniLM: tasks each with its own classifier head (sentiment and
+question-vs-statement with two labels, topic with more), trained with DeltaTrainer, saved, loaded in a fresh process
+with one call each, served with switch() and routed per sample with route() (a mixed batch of the two-label tasks,
+heads included), one deployed with merge_and_unload() and reloaded as a plain transformers model."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from tests.helpers import REPO_ROOT
 
-TASKS = ("sentiment", "topic")
+TASKS = ("sentiment", "topic", "question")
 
 # Runs in a fresh interpreter: nothing of the training process (modules, deltas, caches) is reused.
 SERVE = textwrap.dedent(
@@ -51,11 +52,13 @@ SERVE = textwrap.dedent(
         # Route per sample: each row runs its own delta's head. The backbone was built with the first task's labels,
         # so that task's rows and None rows (the backbone's own head) share one head shape and route together; the
         # second task's head has more labels: its rows route together, next to the first task's they are refused.
-        first_task, second_task = spec["tasks"]
-        batch = tokenizer(spec["texts"][first_task], padding=True, return_tensors="pt")
+        first_task, second_task, third_task = spec["tasks"]
+        # A mixed batch of the two two-label tasks and the bare backbone: row i takes text i of its task.
+        names = [(first_task, third_task, None)[i % 3] for i in range(len(spec["texts"][first_task]))]
+        texts = [spec["texts"][n or first_task][i] for i, n in enumerate(names)]
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
         group.switch(None)
-        out["bare/first"] = model(**batch).logits.tolist()
-        names = [first_task if i % 2 == 0 else None for i in range(len(spec["texts"][first_task]))]
+        out["bare/mixed"] = model(**batch).logits.tolist()
         with group.route(names):
             out["route/mixed"] = model(**batch).logits.tolist()
         out["route/names"] = names
@@ -82,6 +85,16 @@ SERVE = textwrap.dedent(
 )
 
 
+def _question_task():
+    """examples/multitask_serving.py's question-vs-statement task (two labels, by word order)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("multitask_serving", REPO_ROOT / "examples" / "multitask_serving.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.question_task
+
+
 def _train(task: str, model_path: str, root: str) -> tuple[list[str], torch.Tensor]:
     """Train LoRA + its own head on one task with DeltaTrainer, save it; return eval texts and their logits."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
@@ -91,10 +104,11 @@ def _train(task: str, model_path: str, root: str) -> tuple[list[str], torch.Tens
     from deltakit.demo.topic_sentiment import make_topic_task
     from deltakit.integrations.trainer import DeltaTrainer
 
-    train, test = (make_task if task == "sentiment" else make_topic_task)(seed=0, n_train=96, n_test=8)
+    makers = {"sentiment": make_task, "topic": make_topic_task, "question": _question_task()}
+    train, test = makers[task](seed=0, n_train=96, n_test=9)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     torch.manual_seed(0)
-    labels = 1 + max(label for _, label in train)  # two sentiment labels; the topic task has more
+    labels = 1 + max(label for _, label in train)  # two for sentiment and question; the topic task has more
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=labels)
     delta = LoraModel(model, modified_modules=["query", "value"], lora_r=8, lora_alpha=16,
                       modules_to_save=["classifier"], name=task)
@@ -118,7 +132,7 @@ def _train(task: str, model_path: str, root: str) -> tuple[list[str], torch.Tens
     return texts, logits
 
 
-@pytest.mark.slow  # the real all-MiniLM-L6-v2, two trainings and a second process
+@pytest.mark.slow  # the real all-MiniLM-L6-v2, three trainings and a second process
 def test_two_tasks_with_heads_train_save_load_serve_and_deploy(tmp_path) -> None:
     from deltakit.demo import real_model_path
     from tests.tolerances import assert_same_function
@@ -129,7 +143,8 @@ def test_two_tasks_with_heads_train_save_load_serve_and_deploy(tmp_path) -> None
     for task in TASKS:
         texts[task], trained[task] = _train(task, model_path, root)
         assert sorted(os.listdir(os.path.join(root, task)))[:2] == ["delta_config.json", "delta_model.safetensors"]
-    assert trained["sentiment"].shape[-1] != trained["topic"].shape[-1]  # two heads of their own sizes
+    assert trained["sentiment"].shape[-1] != trained["topic"].shape[-1]  # heads of their own sizes...
+    assert trained["sentiment"].shape[-1] == trained["question"].shape[-1]  # ...and two of one shape, routed together
     with open(os.path.join(root, "spec.json"), "w") as handle:
         json.dump({"tasks": list(TASKS), "texts": texts}, handle)
 
@@ -151,8 +166,9 @@ def test_two_tasks_with_heads_train_save_load_serve_and_deploy(tmp_path) -> None
     # routed per sample: every row as its own delta (or the bare backbone) computes it alone, to rounding (a routed
     # row runs its delta's modules on a sub-batch)
     mixed = torch.tensor(served["route/mixed"])
+    assert {"sentiment", "question", None} <= set(served["route/names"])
     for row, name in enumerate(served["route/names"]):
-        alone = trained[name][row] if name else torch.tensor(served["bare/first"][row])
+        alone = trained[name][row] if name else torch.tensor(served["bare/mixed"][row])
         assert_same_function(mixed[row], alone, model=reference, note=f"route row {row} ({name})")
     assert_same_function(torch.tensor(served["route/topic"]), trained["topic"], model=reference, note="route/topic")
     refused = served.get("route/refused", "")
