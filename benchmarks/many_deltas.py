@@ -263,8 +263,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ the parent
 def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1,
-        only: list[str] | None = None) -> dict[str, Any]:
-    """Every cell (or the ``only`` ones, ``"zipf/64"`` style) in child processes; ratios from this one run."""
+        only: list[str] | None = None, repeats: int = 1) -> dict[str, Any]:
+    """Every cell (or the ``only`` ones, ``"zipf/64"`` style) in child processes; ratios from this one run.
+
+    Each system needs its own process (its peak RSS is part of the result), so the two systems of a cell cannot
+    share one process's interleaved rounds. With ``repeats`` > 1 a cell runs its pair of processes that many times,
+    alternating which goes first (deltakit, PEFT, then PEFT, deltakit, ...), and the ratios are the medians of the
+    per-pair ratios: a change of machine load between two processes then moves single pairs, not the median.
+    ``runs`` keeps each system's median-throughput run."""
     spec = QUICK if quick else FULL
     root = Path(os.environ.get("DELTAKIT_MANY_DELTAS_STORE", tempfile.gettempdir())) / (
         "deltakit_many_deltas_quick" if quick else "deltakit_many_deltas")
@@ -273,19 +279,27 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1,
     write_store(root, spec)
     log(f"many_deltas: {spec['deltas']} checkpoints under {root} ({time.perf_counter() - start:.1f} s)")
     runs: dict[str, Any] = {}
+    paired: dict[str, list[dict[str, Any]]] = {}
     for traffic_kind in TRAFFIC:
         cells = [m for m in spec["max_active"] if not only or f"{traffic_kind}/{m}" in only]
         if not cells:
             continue
         for m in cells:
+            pairs: list[dict[str, Any]] = []
+            for repeat in range(repeats):
+                pair = {}
+                for system in (("deltakit", "peft") if repeat % 2 == 0 else ("peft", "deltakit")):
+                    key = f"{system}/{traffic_kind}/{m}"
+                    argv = [sys.executable, __file__, "--child", "--system", system, "--traffic", traffic_kind,
+                            "--max-active", str(m), "--store", str(root), "--threads", str(threads)]
+                    pair[system] = common.run_json_child(argv + (["--quick"] if quick else []), timeout=900)
+                    log(f"  {key}: prefill {pair[system]['prefill']['throughput']:.1f} req/s, decode "
+                        f"{pair[system]['decode']['throughput']:.1f} req/s, misses {pair[system]['prefill']['misses']}+"
+                        f"{pair[system]['decode']['misses']}, peak RSS {pair[system]['peak_rss'] / 2**20:.0f} MiB")
+                pairs.append(pair)
             for system in ("deltakit", "peft"):
-                key = f"{system}/{traffic_kind}/{m}"
-                argv = [sys.executable, __file__, "--child", "--system", system, "--traffic", traffic_kind,
-                        "--max-active", str(m), "--store", str(root), "--threads", str(threads)]
-                runs[key] = common.run_json_child(argv + (["--quick"] if quick else []), timeout=900)
-                log(f"  {key}: prefill {runs[key]['prefill']['throughput']:.1f} req/s, decode "
-                    f"{runs[key]['decode']['throughput']:.1f} req/s, misses {runs[key]['prefill']['misses']}+"
-                    f"{runs[key]['decode']['misses']}, peak RSS {runs[key]['peak_rss'] / 2**20:.0f} MiB")
+                runs[f"{system}/{traffic_kind}/{m}"] = median_run([pair[system] for pair in pairs])
+            paired[f"deltakit/{traffic_kind}/{m}"] = pairs
         key = f"resident/{traffic_kind}"
         argv = [sys.executable, __file__, "--child", "--system", "resident", "--traffic", traffic_kind,
                 "--max-active", "0", "--store", str(root), "--threads", str(threads)]
@@ -300,13 +314,28 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1,
         peft = runs[f"peft/{traffic_kind}/{m}"]
         bound = value["serving_rss"] + int(m) * value["mean_delta_bytes"]
         summary[key] = {
-            "prefill_vs_peft": value["prefill"]["throughput"] / peft["prefill"]["throughput"],
-            "decode_vs_peft": value["decode"]["throughput"] / peft["decode"]["throughput"],
+            **paired_ratios(paired[key]),
             "peak_rss_over_bound": value["peak_rss"] / bound,
         }
     return {"spec": {k: v for k, v in spec.items() if k != "config"}, "config": spec["config"], "runs": runs,
             "summary": summary, "wall_s": time.perf_counter() - start,
             "all_resident_bytes": _all_resident(runs, spec)}
+
+
+def median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run whose prefill + decode throughput is the median of ``results`` (the lower median of an even count)."""
+    ordered = sorted(results, key=lambda r: r["prefill"]["throughput"] + r["decode"]["throughput"])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def paired_ratios(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """deltakit / PEFT throughput per phase: the median of the per-pair ratios, and each pair's (``rounds``)."""
+    out: dict[str, Any] = {}
+    for phase in ("prefill", "decode"):
+        ratios = [p["deltakit"][phase]["throughput"] / p["peft"][phase]["throughput"] for p in pairs]
+        out[f"{phase}_vs_peft"] = statistics.median(ratios)
+        out[f"{phase}_vs_peft_rounds"] = ratios
+    return out
 
 
 def _all_resident(runs: dict[str, Any], spec: dict[str, Any]) -> float | None:
@@ -344,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", help="write the results as JSON here")
     parser.add_argument("--only", nargs="*", help="cells to run, e.g. zipf/64 uniform/256 (default: all)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="pairs of processes per cell, alternating which system goes first; ratios are the "
+                             "medians of the pairs' ratios (default 1)")
     args = parser.parse_args(argv)
     if args.child:
         import warnings
@@ -351,7 +383,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore")
         print(json.dumps(child(args)))
         return 0
-    results = run(args.quick, threads=args.threads, only=args.only)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    results = run(args.quick, threads=args.threads, only=args.only, repeats=args.repeats)
     text = json.dumps(results, indent=1, default=str)
     if args.output:
         Path(args.output).write_text(text)
