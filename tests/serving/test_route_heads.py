@@ -61,17 +61,19 @@ def save_labelled(path: pathlib.Path, num_labels: int, seed: int) -> pathlib.Pat
 
 
 # ---------------------------------------------------------------------------------------------- same shapes
-def test_all_rows_on_one_headed_delta_equal_switch_bit_for_bit() -> None:
+def test_all_rows_on_one_headed_delta_equal_switch() -> None:
     model = tiny_bert()
     group = DeltaGroup(model)
     group.add(headed(model, "a", seed=1))
     group.add(headed(model, "b", seed=2))
     alone = switched_logits(group, model, "a")
-    # The segmented path runs a delta's own LoRA on all rows (the operations switch() runs) and the head router
-    # calls the copy on the whole batch: the same computation, so the same bits.
-    with torch.no_grad(), group.route(["a"] * 4, path="segment"):
-        routed = model(IDS).logits
-    assert torch.equal(routed, alone)
+    # The head router calls the copy on the whole batch, as switch() does; the routed LoRA runs its own kernels
+    # (two GEMMs per segment, where the attached site fuses the update): two computations, so a tolerance. They
+    # agreed to the bit on an AVX-512 machine and not with default kernels (the CI's other-CPU pass).
+    for path in ("segment", "gather"):
+        with torch.no_grad(), group.route(["a"] * 4, path=path):
+            routed = model(IDS).logits
+        assert_same_function(routed, alone, model=model, note=path)
     assert not torch.equal(routed, switched_logits(group, model, None))  # the copy (perturbed) did run
 
 
