@@ -74,7 +74,7 @@ def benchmark_model(spec: train_step.ModelSpec, rounds: int, warmup: int, log: C
     batches = train_step.make_batches(spec, template.config.vocab_size)
     prepared = {name: prepare(name, copy.deepcopy(template), spec) for name in VARIANTS}
     del template
-    losses = {name: float(v.model(**batches[0]).loss) for name, v in prepared.items()}  # all start as the backbone
+    losses = train_step.initial_losses(prepared, batches[0])  # all start as the backbone
     steps = {name: (lambda index, v=v: v.step(batches[index % len(batches)])) for name, v in prepared.items()}
     timing = common.run_interleaved(steps, rounds=rounds, warmup=warmup, progress=lambda line: log(f"[{spec.name}] {line}"))
     cpu = timing.times["cpu"]

@@ -123,24 +123,13 @@ def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0) -> t
     return prepared, notes
 
 
-def initial_losses(prepared: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Eval-mode (no dropout) loss of every variant on ``batch``; training mode is restored."""
-    losses = {}
-    for name, variant in prepared.items():
-        variant.model.eval()
-        with torch.no_grad():
-            losses[name] = float(variant.model(**batch).loss)
-        variant.model.train()
-    return losses
-
-
 def benchmark_model(spec: train_step.ModelSpec, rounds: int, warmup: int, log: Callable[[str], None]) -> dict[str, Any]:
     """The training-step part on one model: checks, interleaved timing, paired ratios."""
     template = train_step.build_backbone(spec)
     batches = train_step.make_batches(spec, template.config.vocab_size)
     prepared, notes = prepare(spec, template)
     del template
-    losses = initial_losses(prepared, batches[0])
+    losses = train_step.initial_losses(prepared, batches[0])
     gap = abs(losses["ia3"] - losses["peft_ia3"]) / max(abs(losses["peft_ia3"]), 1e-12)
     if not gap <= LOSS_RTOL:
         notes.append(f"{spec.name}: step-0 loss of deltakit ({losses['ia3']:.7g}) and PEFT ({losses['peft_ia3']:.7g}) "

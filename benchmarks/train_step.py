@@ -434,6 +434,20 @@ def _output_requires_grad(module: nn.Module, args: Any, output: torch.Tensor) ->
     return output.requires_grad_(True)
 
 
+def initial_losses(prepared: dict[str, Any], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Eval-mode (no dropout), no-autograd loss of every variant on ``batch``; training mode is restored.
+
+    For the checks made before timing (the deltas start where they should, two libraries agree).
+    """
+    losses = {}
+    for name, variant in prepared.items():
+        variant.model.eval()
+        with torch.no_grad():
+            losses[name] = float(variant.model(**batch).loss)
+        variant.model.train()
+    return losses
+
+
 def prepare_variant(name: str, backbone: nn.Module, spec: ModelSpec, lr: float = 1e-4, seed: int = 0) -> PreparedVariant:
     """Wrap ``backbone`` (in place) as variant ``name``.
 

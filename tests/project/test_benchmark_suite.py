@@ -220,3 +220,20 @@ def test_an_earlier_train_step_result_can_stand_in(quick, tmp_path) -> None:
     assert code == 0 and set(results["sections"]) == {"train_step", "checkpoint"}
     assert results["sections"]["train_step"] == quick[0]["sections"]["train_step"]
     assert any("not re-run" in note for note in results["notes"])
+
+
+def test_dora_benchmark_checks_its_step_zero_loss_without_autograd() -> None:
+    # It converted a loss that required grad to a float (a UserWarning in every suite run) and measured it with
+    # dropout on; the shared helper evaluates in eval mode under no_grad and restores training mode.
+    import warnings
+
+    from benchmarks import dora, train_step
+
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="Converting a tensor with requires_grad=True")
+            entry = dora.benchmark_model(train_step.MODELS["tiny-bert"], rounds=1, warmup=0, log=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(math.isfinite(loss) for loss in entry["initial_loss"].values())
