@@ -5,10 +5,13 @@ Imported as ``from tests.helpers import ...`` (conftest.py only holds fixtures).
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from pathlib import Path
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -38,6 +41,19 @@ torch.set_num_threads(1)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 VOCAB = 100
+
+
+def load_script(path: Path, name: str) -> ModuleType:
+    """Import the script at ``path`` (an example or a benchmark, not a package module) as module ``name``.
+
+    Registered in ``sys.modules`` as a normal import would be: dataclasses look their module up there.
+    """
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, f"cannot import {path}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_bert(seed: int = 0, hidden: int = 32) -> nn.Module:

@@ -7,7 +7,6 @@ timings on a shared machine are far too noisy for that.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -27,12 +26,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "train_step.py"
 
 
 def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(path, name)
 
 
 @pytest.fixture(scope="module")

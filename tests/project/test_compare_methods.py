@@ -4,24 +4,20 @@ each budget (counts checked against deltakit), summarises the seeds and merges s
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 
 from deltakit import demo
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 EXAMPLE = REPO_ROOT / "examples" / "compare_methods.py"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("compare_methods", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "compare_methods")
 
 
 @pytest.fixture(scope="module")

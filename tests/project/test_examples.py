@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 EXAMPLES = REPO_ROOT / "examples"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as a normal import would (dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", name)
 
 
 def test_quickstart_tiny(capsys) -> None:

@@ -3,22 +3,18 @@ tables are written, and a tiny run never replaces the README's figure."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import REPO_ROOT
+from tests.helpers import REPO_ROOT, load_script
 
 EXAMPLE = REPO_ROOT / "examples" / "structure_search.py"
 
 
 @pytest.fixture(scope="module")
 def ss():
-    spec = importlib.util.spec_from_file_location("structure_search", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "structure_search")
 
 
 @pytest.fixture(scope="module")

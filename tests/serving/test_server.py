@@ -7,7 +7,6 @@ import http.client
 import json
 import pathlib
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,24 +20,13 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
 from deltakit import DeltaGroup  # noqa: E402
-
-from tests.helpers import REPO_ROOT  # noqa: E402
+from tests.helpers import REPO_ROOT, load_script  # noqa: E402
 from tests.tolerances import assert_same_function  # noqa: E402
 
 DELTAS = 12
 
 
-def _load_example() -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("deltakit_example_server", REPO_ROOT / "examples/server/server.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    sys.modules[spec.name] = module  # type: ignore[union-attr]  # (dataclasses look their module up)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-_server = _load_example()
+_server = load_script(REPO_ROOT / "examples/server/server.py", "deltakit_example_server")
 create_app, tiny_setup = _server.create_app, _server.tiny_setup
 
 
