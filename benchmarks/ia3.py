@@ -73,8 +73,10 @@ def _noisy_ones(shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
     return 1 + torch.randn(shape, generator=generator) * NOISE
 
 
-def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0) -> tuple[dict[str, Any], list[str]]:
-    """The three variants on deep copies of ``template``, both deltas holding the same vectors.
+def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0,
+            diagnostics: bool = False) -> tuple[dict[str, Any], list[str]]:
+    """The three variants on deep copies of ``template``, both deltas holding the same vectors (``diagnostics``:
+    also ``folded``, the same vectors folded into the weights by replacing the hosts, see benchmarks/ia3_folded.py).
 
     Returns:
         ``({name: PreparedVariant}, notes)``; a note for every failed check (different modules modified).
@@ -87,6 +89,7 @@ def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0) -> t
     notes: list[str] = []
     prepared = {"frozen": train_step.prepare_variant("frozen", copy.deepcopy(template), spec, seed=seed)}
     backbone = copy.deepcopy(template)
+    pristine = copy.deepcopy(template) if diagnostics else None
     delta = deltakit.IA3Model(backbone)
     delta.freeze_module(exclude=["deltas"])
     trainable = [p for p in delta.parameters() if p.requires_grad]
@@ -100,6 +103,13 @@ def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0) -> t
     backbone.train()
     prepared["ia3"] = train_step.PreparedVariant(
         "ia3", backbone, torch.optim.AdamW(trainable, lr=1e-4), trainable, keep_alive=[delta])
+    if pristine is not None:
+        from benchmarks import ia3_folded
+
+        vectors = ia3_folded.fold_into_copy(pristine, delta)
+        pristine.train()
+        prepared["folded"] = train_step.PreparedVariant(
+            "folded", pristine, torch.optim.AdamW(vectors, lr=1e-4), vectors)
 
     config = IA3Config(target_modules=_exact(names), feedforward_modules=_exact(feedforward))
     model = get_peft_model(copy.deepcopy(template), config)
@@ -123,11 +133,12 @@ def prepare(spec: train_step.ModelSpec, template: nn.Module, seed: int = 0) -> t
     return prepared, notes
 
 
-def benchmark_model(spec: train_step.ModelSpec, rounds: int, warmup: int, log: Callable[[str], None]) -> dict[str, Any]:
+def benchmark_model(spec: train_step.ModelSpec, rounds: int, warmup: int, log: Callable[[str], None],
+                    diagnostics: bool = False) -> dict[str, Any]:
     """The training-step part on one model: checks, interleaved timing, paired ratios."""
     template = train_step.build_backbone(spec)
     batches = train_step.make_batches(spec, template.config.vocab_size)
-    prepared, notes = prepare(spec, template)
+    prepared, notes = prepare(spec, template, diagnostics=diagnostics)
     del template
     losses = train_step.initial_losses(prepared, batches[0])
     gap = abs(losses["ia3"] - losses["peft_ia3"]) / max(abs(losses["peft_ia3"]), 1e-12)
@@ -139,6 +150,10 @@ def benchmark_model(spec: train_step.ModelSpec, rounds: int, warmup: int, log: C
     steps = {name: (lambda index, v=v: v.step(batches[index % len(batches)])) for name, v in prepared.items()}
     timing = common.run_interleaved(steps, rounds=rounds, warmup=warmup, progress=lambda line: log(f"[ia3 {spec.name}] {line}"))
     pairs = [("ia3", "frozen"), ("peft_ia3", "frozen"), ("ia3", "peft_ia3")]
+    if "folded" in prepared:
+        pairs += [("folded", "frozen"), ("ia3", "folded")]
+        if abs(losses["folded"] - losses["ia3"]) > LOSS_RTOL * abs(losses["ia3"]):
+            notes.append(f"{spec.name}: the folded diagnostic's step-0 loss {losses['folded']:.7g} is not deltakit's")
     return {
         "model": spec.description, "batch": spec.batch_size, "seq_len": spec.seq_len, "rounds": rounds,
         "warmup": warmup, "sites": len(prepared["ia3"].trainable),
@@ -255,7 +270,7 @@ def measure_mixed(p: dict[str, Any], log: Callable[[str], None]) -> dict[str, An
 # ------------------------------------------------------------------------------------------------ the section
 def run(quick: bool = False, models: Sequence[str] | None = None, rounds: int | None = None,
         warmup: int | None = None, parts: Sequence[str] = ("train", "mixed"),
-        log: Callable[[str], None] = lambda line: None) -> dict[str, Any]:
+        log: Callable[[str], None] = lambda line: None, diagnostics: bool = False) -> dict[str, Any]:
     """The section: ``train`` per model and ``mixed`` (``--quick``: tiny models, 3 rounds)."""
     names = list(models or (train_step.QUICK_MODELS if quick else train_step.FULL_MODELS))
     section: dict[str, Any] = {"targets": dict(TARGETS), "models": {}, "notes": []}
@@ -263,7 +278,7 @@ def run(quick: bool = False, models: Sequence[str] | None = None, rounds: int | 
         for name in names:
             spec = train_step.MODELS[name]
             entry = benchmark_model(spec, rounds if rounds is not None else (3 if quick else spec.rounds),
-                                    warmup if warmup is not None else spec.warmup, log)
+                                    warmup if warmup is not None else spec.warmup, log, diagnostics)
             section["models"][name] = entry
             section["notes"] += entry["notes"]
     if "mixed" in parts:
@@ -286,7 +301,8 @@ def table(section: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     target = section["targets"]["ia3/frozen"]
     for name, e in section["models"].items():
         r = e["ratios"]
-        rows.append([f"training step, {name} ({e['sites']} sites), base = frozen",
+        folded = f"; vectors folded into the weights {r['folded/frozen']['median']:.3f}" if "folded/frozen" in r else ""
+        rows.append([f"training step, {name} ({e['sites']} sites), base = frozen{folded}",
                      f"{e['median_s']['frozen']:.4f}", f"{r['ia3/frozen']['median']:.3f}",
                      f"{r['peft_ia3/frozen']['median']:.3f}", f"{r['ia3/peft_ia3']['median']:.3f}",
                      f"<= {target}", _met(r["ia3/frozen"]["median"], target)])
@@ -327,11 +343,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--parts", default="train,mixed", help="comma-separated, from train, mixed")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="also time the vectors folded into the weights (benchmarks/ia3_folded.py)")
     args = parser.parse_args(argv)
     common.configure_threads(1)
     models = args.models.split(",") if args.models else None
     section = run(args.quick, models, args.rounds, args.warmup, parts=args.parts.split(","),
-                  log=suite_utils.log_to_stderr(True))
+                  log=suite_utils.log_to_stderr(True), diagnostics=args.diagnostics)
     common.print_rich_table("(IA)^3 (CPU clock, paired median ratios)", *table(section))
     print(json.dumps(common._sanitize(section)))
     return 0

@@ -36,7 +36,9 @@ from ..site import Composition, DeltaSite, factory_kwargs
 from ..structures import detect_model_type, find_config, is_conv1d, linear_dims
 from .common import first_input
 
-__all__ = ["IA3Config", "IA3InputRouter", "IA3InputSite", "IA3Model", "IA3Router", "IA3Site", "scale_features"]
+__all__ = [
+    "IA3Config", "IA3InputRouter", "IA3InputSite", "IA3Model", "IA3Router", "IA3Site", "scale_backward", "scale_features",
+]
 
 FUSED_QKV_CHOICES = ("kv", "all")
 
@@ -77,7 +79,7 @@ def block_rows(width: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(width, 1))
 
 
-def _scale_backward(grad: torch.Tensor, x: torch.Tensor | None, scale: torch.Tensor,
+def scale_backward(grad: torch.Tensor, x: torch.Tensor | None, scale: torch.Tensor,
                     need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``grad * scale`` (if ``need_x``) and ``(grad * x)`` summed over every dimension but the last (if ``x`` is
     given), block by block in one pass over ``grad``.
@@ -103,7 +105,7 @@ def _scale_backward(grad: torch.Tensor, x: torch.Tensor | None, scale: torch.Ten
 
 
 class _ScaleFeatures(torch.autograd.Function):
-    """``x * scale`` over the last dimension, with a one-pass blocked backward (:func:`_scale_backward`)."""
+    """``x * scale`` over the last dimension, with a one-pass blocked backward (:func:`scale_backward`)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,7 +115,7 @@ class _ScaleFeatures(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         x, scale = ctx.saved_tensors
-        return _scale_backward(grad, x if ctx.needs_input_grad[1] else None, scale, ctx.needs_input_grad[0])
+        return scale_backward(grad, x if ctx.needs_input_grad[1] else None, scale, ctx.needs_input_grad[0])
 
 
 def scale_features(x: torch.Tensor, scale: torch.Tensor, *, in_place: bool) -> torch.Tensor:

@@ -351,7 +351,7 @@ def test_peft_files_that_do_not_fit_are_refused_and_change_nothing(tmp_path) -> 
 
 
 def test_blocked_scale_gradient_equals_plain_autograd() -> None:
-    """The training path computes both gradients block by block (deltakit/deltas/ia3.py, _scale_backward): same as
+    """The training path computes both gradients block by block (deltakit/deltas/ia3.py, scale_backward): same as
     autograd's ``x * l`` to rounding, for inputs longer than one block."""
     from deltakit.deltas.ia3 import block_rows, scale_features
 
