@@ -1,7 +1,7 @@
 """Hook plumbing: one dispatcher hook per host module, applying the attached deltas in a stable order.
 
 Several deltas may modify the same host. Each host gets at most one deltakit forward hook (and at most one
-forward pre-hook): a :class:`_Dispatch` object holding entries ``fn`` ordered by ``(delta order, site)`` keys. A delta keeps its
+forward pre-hook): a :class:`Dispatch` object holding entries ``fn`` ordered by ``(delta order, site)`` keys. A delta keeps its
 order key for life, so detaching and re-attaching it puts it back in the same place and the outputs are
 bit-for-bit what they were. When the last entry leaves, the hook itself is removed, so a detached model carries
 no deltakit hook at all. The dispatcher lives only in the host's hook table: nothing global is patched.
@@ -34,7 +34,7 @@ PreFn = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, 
 _EDIT = threading.Lock()
 
 
-class _Dispatch:
+class Dispatch:
     """A forward hook (or pre-hook) that runs the attached delta functions of one host in order."""
 
     def __init__(self, host: nn.Module, pre: bool) -> None:
@@ -90,10 +90,10 @@ class _Dispatch:
         return self.keys.index(key)
 
 
-def _find(host: nn.Module, pre: bool) -> _Dispatch | None:
+def _find(host: nn.Module, pre: bool) -> Dispatch | None:
     table = host._forward_pre_hooks if pre else host._forward_hooks
     for hook in table.values():
-        if isinstance(hook, _Dispatch):
+        if isinstance(hook, Dispatch):
             return hook
     return None
 
@@ -101,7 +101,7 @@ def _find(host: nn.Module, pre: bool) -> _Dispatch | None:
 def add_hook(host: nn.Module, key: tuple[int, int], fn: Any, *, pre: bool = False) -> None:
     """Insert ``fn`` into the host's deltakit (pre-)hook at the position given by ``key``."""
     with _EDIT:
-        dispatch = _find(host, pre) or _Dispatch(host, pre)
+        dispatch = _find(host, pre) or Dispatch(host, pre)
         dispatch.insert(key, fn)
 
 

@@ -23,9 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import sys
-import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -34,12 +31,11 @@ from torch import nn
 
 from .base import ATTACHED, DETACHED, MERGED, DeltaBase
 from .errors import DeltaError, DeltaStateError
-from .heads import check_routed_heads
-from .hooks import _Dispatch, add_hook, hook_keys, remove_hook
-from .routing import (  # noqa: F401 - SiteRouter re-exported
-    _NO_CALLS, PATHS, RouterTable, SiteRouter, _RouterCall, _ThreadState,
-)
-from .site import Composition, DeltaSite
+from .heads import DeltaHeads, HeadRouter, check_routed_heads
+from .hooks import add_hook, hook_keys, remove_hook
+from .routing import PATHS, RouterTable, SiteRouter, _RouterCall, _ThreadState
+from .serving_gate import HELD_BLOCKS, ServingGate
+from .site import Composition, DeltaSite, is_inside
 from .store import DeltaStore, StoredDelta, read_stored
 
 __all__ = ["DeltaGroup", "SiteRouter"]
@@ -51,16 +47,6 @@ class _RouteCall:
     def __init__(self, states: dict[SiteRouter, _RouterCall], budget: _GatherBudget | None) -> None:
         self.states = states
         self.budget = budget
-
-
-class _HeldBlocks(threading.local):
-    """Route blocks the current thread holds over all groups (a thread holding one never waits behind a pending
-    writer of another group, which could otherwise wait for it in turn)."""
-
-    count = 0
-
-
-_HELD = _HeldBlocks()
 
 
 class _GatherBudget:
@@ -76,207 +62,9 @@ class _GatherBudget:
         return True
 
 
-_CALL_IMPL = nn.Module._call_impl.__code__
-
-
-def _outermost_call(frame: Any) -> Any:
-    """The outermost ``nn.Module`` call running in the stack that ends at ``frame`` (its frame), or ``None``.
-
-    Only frame identities and code objects are read: a frame's ``f_locals`` must never be read from another thread
-    (before Python 3.13 that can write into the frame while its thread runs it: seen here as a local variable of
-    the other thread turning into an int)."""
-    outermost = None
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL:
-            outermost = frame
-        frame = frame.f_back
-    return outermost
-
-
-def _still_running(frame: Any, target: Any) -> bool:
-    """Whether the frame object ``target`` is still in the stack that ends at ``frame``."""
-    while frame is not None:
-        if frame is target:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _calls_in(frame: Any, modules: set[int]) -> int:
-    """How many calls of the modules ``modules`` (ids) are running in the stack that ends at ``frame``: the
-    calling thread's own stack only (see :func:`_outermost_call`)."""
-    count = 0
-    while frame is not None:
-        if frame.f_code is _CALL_IMPL and id(frame.f_locals.get("self")) in modules:
-            count += 1
-        frame = frame.f_back
-    return count
-
-
-def _dispatchers(module: nn.Module) -> set[int]:
-    """The deltakit pre-hook dispatchers on ``module`` (ids)."""
-    return {id(h) for h in module._forward_pre_hooks.values() if isinstance(h, _Dispatch)}
-
-
-def _entry_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules a forward of ``model`` starts at: the model, and for encoder-decoder models the encoder, which
-    ``generate()`` calls on its own (duck-typed ``get_encoder()``)."""
-    entries = [model]
-    get_encoder = getattr(model, "get_encoder", None)
-    if callable(get_encoder):
-        try:
-            encoder = get_encoder()
-        except Exception:  # a model whose get_encoder() does not apply to it has no separate entry point
-            encoder = None
-        if isinstance(encoder, nn.Module) and encoder is not model:
-            entries.append(encoder)
-    return entries
-
-
-class _Serving:
-    """A group's concurrency control: who may change its deltas, and when forwards of the backbone may run.
-
-    * A *writer* (``switch``, ``add``, ``load``, ``remove``, and the first ``route()`` block when it must take the
-      switched deltas off) waits until no ``route()`` block of the group is open, then puts a *gate* (a forward
-      pre-hook) on the backbone's entry modules, waits until no forward that started before the gate is still
-      running (found in the threads' stacks), does its work and takes the gate away. Forwards that reach the gate
-      meanwhile wait for it. So a forward sees the group's deltas as they were before or after, never a mix, and
-      between writes the backbone carries no deltakit hook of the group at all (nothing to slow a forward down).
-    * ``route()`` blocks: any number, one per thread; their rows belong to the thread (:class:`_ThreadState`).
-      While blocks are open and the group's switched deltas are off for routing (*strict* routing), the gate stays
-      and refuses forwards of threads without a block (they would silently miss those deltas).
-    """
-
-    def __init__(self, backbone: nn.Module) -> None:
-        self.backbone = backbone
-        self.cond = threading.Condition()
-        self.local = _ThreadState()
-        self.writer: int | None = None  # the thread changing the group's deltas now
-        self.pending = 0  # writers waiting for the blocks to close
-        self.blocks = 0  # open route() blocks, all threads
-        self.strict = False
-        self.reattach: list[DeltaBase] = []  # switched deltas taken off while blocks are open
-        self.parked: set[int] = set()  # threads waiting at the gate
-        self.handles: list[Any] = []
-        self.entries: set[int] = set()
-
-    # -------------------------------------------------------------- the gate
-    def gate(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Forward pre-hook on the entry modules while a writer works or routing is strict."""
-        if self.local.call is not None:
-            return  # this thread routes: its block keeps writers out, and its rows are its own
-        me = threading.get_ident()
-        with self.cond:
-            self._refuse_outside_block()
-            if self.writer is None or self.writer == me:
-                return
-            if _calls_in(sys._getframe(), self.entries) > 1:
-                return  # inside a forward that was already running: the writer waits for that one
-            before = _dispatchers(module)
-            self.parked.add(me)
-            try:
-                while self.writer is not None:
-                    self.cond.wait()
-            finally:
-                self.parked.discard(me)
-                if not self.parked:
-                    self.cond.notify_all()  # the next writer lets the parked forwards through first
-            self._refuse_outside_block()
-            if not _dispatchers(module) <= before:
-                # torch looked this module's pre-hooks up before the gate held the call: a deltakit pre-hook added
-                # meanwhile (a delta hooking the model's entry, e.g. a soft prompt) would be missed.
-                raise DeltaStateError(
-                    f"A delta hooking {type(module).__name__}'s input was attached while this forward waited for "
-                    f"DeltaGroup.switch() in another thread; it could not apply to this call. Call the model again."
-                )
-
-    def _refuse_outside_block(self) -> None:
-        if self.strict and self.blocks:
-            raise DeltaStateError(
-                f"A forward of the backbone ran in a thread with no route() block of this DeltaGroup while a "
-                f"route() block of it is open in another thread: the group's switched delta(s) "
-                f"{[d.name for d in self.reattach]} are taken off while routing, so this forward would silently run "
-                f"without them. Route this thread's batch too (group.route([...])), or run it after the blocks close."
-            )
-
-    def _open_gate(self) -> None:
-        if not self.handles:
-            entries = _entry_modules(self.backbone)
-            self.entries = {id(m) for m in entries}
-            # First among the pre-hooks: user pre-hooks are part of the forward the gate holds back.
-            self.handles = [m.register_forward_pre_hook(self.gate, prepend=True) for m in entries]
-
-    def _close_gate(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def _wait_for_forwards(self) -> None:
-        """Wait until no other thread runs a forward of the backbone that predates the gate.
-
-        The gate is in place, so every forward of the backbone that starts from now on is held there; the ones that
-        may still run are inside a module call that began before. Each other thread's outermost module call of this
-        moment is followed until it returns (or its thread parks at the gate). That may include a call of another
-        model (waited for too: one call, never a stream of them), and it reads no frame's locals (see
-        :func:`_outermost_call`)."""
-        me = threading.get_ident()
-        with self.cond:
-            skip = {me, *self.parked}
-        running = {t: _outermost_call(f) for t, f in sys._current_frames().items() if t not in skip}
-        running = {t: f for t, f in running.items() if f is not None}
-        while running:
-            time.sleep(0.0002)
-            with self.cond:
-                parked = set(self.parked)
-            frames = sys._current_frames()
-            running = {
-                t: f for t, f in running.items() if t not in parked and t in frames and _still_running(frames[t], f)
-            }
-            del frames
-
-    # -------------------------------------------------------------- writers
-    def check_caller(self, action: str) -> None:
-        """Refuse a write from inside this thread's route() block or inside a forward of the backbone (it would
-        wait for itself, or change deltas under its own forward)."""
-        if self.local.call is not None:
-            raise DeltaStateError(f"Cannot {action} inside a DeltaGroup.route() block; leave the block first.")
-        entries = self.entries or {id(m) for m in _entry_modules(self.backbone)}
-        if _calls_in(sys._getframe(), entries):
-            raise DeltaStateError(
-                f"Cannot {action} inside a forward of the backbone (from a hook or a module's forward): the forward "
-                f"would run partly with the old and partly with the new deltas. Do it between forwards."
-            )
-
-    @contextlib.contextmanager
-    def exclusive(self, action: str) -> Iterator[None]:
-        """Run the body as the group's only writer, with no forward of the backbone running (see the class)."""
-        self.check_caller(action)
-        with self.cond:
-            self.pending += 1
-            try:
-                while self.writer is not None or self.blocks or self.parked:
-                    self.cond.wait()
-            finally:
-                self.pending -= 1
-            self.writer = threading.get_ident()
-        try:
-            self._open_gate()
-            self._wait_for_forwards()
-            yield
-        finally:
-            self.release_writer()
-
-    def release_writer(self) -> None:
-        """End this thread's write: no writer, the gate down unless routing keeps it, waiting threads woken."""
-        with self.cond:
-            self.writer = None
-            if not self.strict:
-                self._close_gate()
-            self.cond.notify_all()
-
-
 def _writer(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Run a :class:`DeltaGroup` method as the group's only writer (:meth:`_Serving.exclusive`)."""
+    """Run a :class:`DeltaGroup` method as the group's only writer (:meth:`ServingGate.exclusive
+    <deltakit.serving_gate.ServingGate.exclusive>`)."""
 
     def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(method)
@@ -319,7 +107,7 @@ class DeltaGroup:
         self._deltas: dict[str, DeltaBase] = {}
         self._store = DeltaStore(max_active)
         self._table: RouterTable | None = None
-        self._serving = _Serving(backbone_model)
+        self._serving = ServingGate(backbone_model, _ThreadState())
 
     # -------------------------------------------------------------- membership
 
@@ -669,6 +457,47 @@ class DeltaGroup:
             self._table = table
         return self._table
 
+    def _check_outside(self, active: list[SiteRouter]) -> None:
+        """Refuse a block that attached deltas outside the group would silently disturb (before anything changes)."""
+        self._check_outside_order(active)
+        self._check_outside_heads(active)
+
+    def _check_outside_heads(self, active: list[SiteRouter]) -> None:
+        """A head router replaces its module's output row by row; an attached delta outside the group with its own
+        copy of that module (or of a module holding it) replaces the output too, for every row, and whichever hook
+        runs last decides, silently. Modules the block routes no head on are left to the outside copy."""
+        routed = [router.host_name for router in active if isinstance(router, HeadRouter)]
+        for head in routed:
+            # An outside delta's copies hang on its own backbone root, which holds the head: one of its ancestors.
+            parts = head.split(".")
+            for depth in range(len(parts)):
+                prefix = ".".join(parts[:depth])
+                holder = self.backbone_model.get_submodule(prefix)
+                for child_name, child in holder._modules.items():
+                    if isinstance(child, DeltaHeads) and not self._owns(child):
+                        self._refuse_outside_head(head, prefix, child_name, child)
+
+    def _owns(self, heads: DeltaHeads) -> bool:
+        """Whether ``heads`` are the head copies of one of the group's deltas."""
+        return any(heads is delta.head_container for delta in self._deltas.values())
+
+    @staticmethod
+    def _refuse_outside_head(head: str, prefix: str, child_name: str, heads: DeltaHeads) -> None:
+        """Raise if the outside delta whose copies are ``heads`` (registered as ``prefix.child_name``) copies the
+        routed module ``head`` or a module holding it."""
+        for name in heads.names:
+            copied = f"{prefix}.{name}" if prefix else name
+            if not is_inside(head, {copied}):
+                continue
+            owner = child_name.removesuffix("_heads")
+            holding = "" if copied == head else f", which holds the routed head {head!r}"
+            raise DeltaStateError(
+                f"route(): the delta {owner!r} outside the group is attached with its own copy of {copied!r} "
+                f"(modules_to_save){holding}, and this block routes a task head there per row: its copy would "
+                f"replace the output of every row, so which head a row got would depend on hook order, silently. "
+                f"Detach it (delta.detach()) or add it to the group (group.add(delta))."
+            )
+
     def _check_outside_order(self, active: list[SiteRouter]) -> None:
         """A router applies all its deltas at one place in the host's order; a delta outside the group attached
         on the same host and created between two of them would run on the wrong side of some (unless all of them
@@ -815,7 +644,11 @@ class DeltaGroup:
         head, and rows of deltas without a copy of that module, and ``None`` rows, run the backbone's own. Their
         outputs form one tensor, so the heads the rows of one batch use must have the same shapes (two 6-label
         copies on a backbone built with 2 labels route together and give 6 columns; a 6-label copy next to a
-        2-label head is refused before anything runs: route those rows in separate blocks).
+        2-label head is refused before anything runs: route those rows in separate blocks). A delta outside the
+        group that is attached with its own copy of a head applies that copy to every row, like any outside delta,
+        as long as the block routes no head there (no row's delta has a copy of that module or of one inside it);
+        a block that would route a head there is refused (both would replace the rows' output): detach the
+        outside delta or add it to the group.
 
         Registered deltas that are not materialised are loaded when the block opens (a write: it waits for other
         threads' blocks to close), and the least recently used beyond ``max_active`` are dropped; a batch that
@@ -847,34 +680,32 @@ class DeltaGroup:
                 the rows and shapes), a task head whose output rows cannot be put back into one tensor.
             CheckpointError: a registered checkpoint fails its checks when loaded.
             DeltaStateError: training mode, a merged group delta, nested ``route()`` in one thread, a block opened
-                inside a forward of the backbone while a writer waits.
+                inside a forward of the backbone while a writer waits, an attached delta outside the group whose
+                hooks on a routed module would run on the wrong side of group deltas or replace a routed head.
         """
         serving = self._serving
         if serving.local.call is not None:
             raise DeltaStateError("DeltaGroup.route() blocks cannot be nested.")
         self._check_names(names, gather_cache_mb, path)
         call = self._open(names, float(gather_cache_mb), path)
-        _HELD.count += 1
+        HELD_BLOCKS.count += 1
         try:
             yield self
         finally:
-            _HELD.count -= 1
+            HELD_BLOCKS.count -= 1
             self._close(call)
 
     def _open(self, names: Sequence[str | None], gather_cache_mb: float, path: str) -> _RouteCall:
         serving = self._serving
         used = {n for n in names if n is not None}
         with serving.cond:
-            if serving.writer is not None or (serving.pending and not _HELD.count):
-                serving.check_caller("open a route() block")  # waiting from inside a forward would deadlock
-            while serving.writer is not None or (serving.pending and not _HELD.count):
-                serving.cond.wait()
+            serving.wait_to_open()
             self._check_route_state(names)
             attached = [d for d in self._deltas.values() if d.state == ATTACHED]
             misses = used - self._deltas.keys()
             if not misses and (serving.blocks or not attached):
                 call = self._plan_call(names, gather_cache_mb, path)
-                self._check_outside_order(list(call.states))
+                self._check_outside(list(call.states))
                 self._store.used(used)
                 self._enter(call)
                 return call
@@ -885,7 +716,7 @@ class DeltaGroup:
             self._materialise(misses, keep=used)
             self._check_route_state(names)
             call = self._plan_call(names, gather_cache_mb, path)
-            self._check_outside_order(list(call.states))
+            self._check_outside(list(call.states))
             self._store.used(used - misses)
             attached = [d for d in self._deltas.values() if d.state == ATTACHED]
             with serving.cond:
@@ -917,5 +748,5 @@ class DeltaGroup:
                             delta.attach()
                     finally:
                         if serving.writer is None:
-                            serving._close_gate()
+                            serving.close_gate()
                 serving.cond.notify_all()

@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "deltakit.deltas": 3,
     # 4: features built on deltas
     "deltakit.serving": 4,
+    "deltakit.serving_gate": 4,  # a group's forward gate and writer exclusivity (used by deltakit.serving)
     "deltakit.store": 4,
     "deltakit.auto": 4,
     "deltakit.integrations": 4,

@@ -132,6 +132,74 @@ def test_a_delta_outside_the_group_on_the_head_between_group_deltas_is_refused()
         model(IDS[:2])
 
 
+def outside_headed(model: nn.Module, name: str = "outside", **kwargs) -> LoraModel:
+    """An attached LoRA outside any group with its own perturbed copy of the classifier."""
+    return headed(model, name, seed=9, **kwargs).attach()
+
+
+@pytest.mark.parametrize("outside_first", [False, True], ids=["outside_after", "outside_before"])
+def test_an_outside_delta_with_a_copy_of_a_routed_head_is_refused_and_changes_nothing(outside_first: bool) -> None:
+    # Both the outside delta's head hook and the group's head router replace the classifier's output; which one
+    # decided a row depended on creation order. Before the refusal, with the outside delta created after "a",
+    # the rows of "a" silently came out of the outside delta's classifier copy (its logits, not a's head's).
+    model = tiny_bert()
+    outside = outside_headed(model) if outside_first else None
+    group = DeltaGroup(model)
+    group.add(headed(model, "a", seed=1))
+    outside = outside or outside_headed(model)
+    with torch.no_grad():
+        before = model(IDS).logits
+    state, hooks = snapshot(model), hook_counts(model)
+    refused = r"'outside'.*outside the group.*'classifier'.*Detach it.*add it to the group"
+    with pytest.raises(DeltaStateError, match=refused), group.route(["a", None, "a", None]):
+        pytest.fail("the block must not open")
+    assert_state_equal(model, state)
+    assert hook_counts(model) == hooks
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, before)
+    outside.detach()  # the fix the message names: then the block routes
+    alone = {n: switched_logits(group, model, n) for n in ("a", None)}
+    with torch.no_grad(), group.route(["a", None, "a", None]):
+        assert_rows_alone(model(IDS).logits, ["a", None, "a", None], alone, model)
+
+
+def test_an_outside_copy_of_a_module_holding_a_routed_head_is_refused() -> None:
+    # The outside copy of "head" runs in place of the whole module, so the routed copies of "head.proj" inside the
+    # original would never reach the output.
+    model = _Toy().eval()
+    group = DeltaGroup(model)
+    inner = LoraModel(model, name="a", modified_modules=["body"], lora_r=2, modules_to_save=["head.proj"])
+    perturb(inner, seed=1)
+    group.add(inner.detach())
+    outer = LoraModel(model, name="outer", modified_modules=["body"], lora_r=2, modules_to_save=["head"])
+    perturb(outer, seed=2)
+    with pytest.raises(DeltaStateError, match=r"'outer'.*'head'.*'head\.proj'"), group.route(["a", None]):
+        pytest.fail("the block must not open")
+
+
+def test_an_outside_delta_with_a_head_applies_to_every_row_when_the_block_routes_no_head_there() -> None:
+    model = tiny_bert()
+    group = DeltaGroup(model)
+    group.add(headed(model, "a", seed=1))
+    plain = LoraModel(model, name="plain", lora_r=2)  # no copy of the classifier
+    perturb(plain, seed=3, scale=0.3)
+    group.add(plain.detach())
+    outside = outside_headed(model)
+    # Like any attached delta outside the group, its head runs for every row, switched or routed.
+    alone = {n: switched_logits(group, model, n) for n in ("plain", None)}
+    outside.detach()
+    bare = switched_logits(group, model, None)
+    outside.attach()
+    assert not torch.equal(alone[None], bare)  # its head (and LoRA) did run
+    names = ["plain", None, None, "plain"]
+    for path in ("gather", "segment"):
+        with torch.no_grad(), group.route(names, path=path):
+            assert_rows_alone(model(IDS).logits, names, alone, model)
+    # a row of "a" would route a head on the classifier: refused, whatever the other rows
+    with pytest.raises(DeltaStateError, match="'outside'"), group.route(["plain", "a", None, None]):
+        pytest.fail("the block must not open")
+
+
 # ---------------------------------------------------------------------------------------------- head sizes
 @pytest.fixture
 def labelled(tmp_path: pathlib.Path) -> dict[str, pathlib.Path]:
