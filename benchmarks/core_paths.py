@@ -23,9 +23,9 @@ import time
 
 import torch
 torch.set_num_threads(1)
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel  # noqa: E402 - after the thread count
 
-import deltakit
+import deltakit  # noqa: E402
 
 QUICK = "--quick" in sys.argv
 

@@ -311,7 +311,6 @@ def run(quick: bool, log: Callable[[str], None] = print, threads: int = 1,
         if not key.startswith("deltakit/"):
             continue
         _, traffic_kind, m = key.split("/")
-        peft = runs[f"peft/{traffic_kind}/{m}"]
         bound = value["serving_rss"] + int(m) * value["mean_delta_bytes"]
         summary[key] = {
             **paired_ratios(paired[key]),

@@ -42,7 +42,7 @@ _REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(_REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(_REPO_ROOT))
 
-from benchmarks import common
+from benchmarks import common  # noqa: E402 - after the repository is on sys.path
 
 FULL = dict(config=dict(vocab_size=8000, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
                         num_attention_heads=8, num_key_value_heads=8),

@@ -382,7 +382,8 @@ def measure_settings(p: dict[str, Any], log: Callable[[str], None], notes: list[
                 # peft/deltakit time per round = deltakit/peft throughput; peft/base = that ratio's ceiling.
                 "ratios": suite_utils.ratios(result, [("peft", "deltakit"), ("deltakit", "base"), ("peft", "base")]),
             })
-        del group, model, backbone, caches, dk_cache, peft_cache, base_cache
+        # Free this target set before the next is built (the closures above are only called in this iteration).
+        group = model = backbone = caches = dk_cache = peft_cache = base_cache = None
     return {"deltas": n, "batch": batch, "prompt": seq, "rounds": p["settings_rounds"], "lora_r": LORA_R,
             "points": points}
 

@@ -1,4 +1,4 @@
-"""Delta configurations: one dataclass per delta method, and :class:`AutoDeltaConfig` to build them by name.
+"""Delta configurations: one dataclass per delta method (:class:`deltakit.auto.AutoDeltaConfig` builds them by name).
 
 A method's config dataclass is the one place its hyper-parameters are declared: name, type and default as fields,
 and a one-line doc each in the class docstring's ``Args:`` section. The method's keyword constructor, its signature
@@ -11,14 +11,13 @@ import dataclasses
 import math
 import numbers
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import CheckpointError, DeltaConfigError
 from .registry import CONFIG_REGISTRY
 
-__all__ = ["CONFIG_NAME", "CONFIG_REGISTRY", "AutoDeltaConfig", "DeltaConfig", "field_docs"]
+__all__ = ["CONFIG_NAME", "CONFIG_REGISTRY", "DeltaConfig", "field_docs"]
 
 CONFIG_NAME = "delta_config.json"
 

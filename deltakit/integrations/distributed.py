@@ -337,7 +337,7 @@ def read_delta_checkpoint(
                 f"{path!r} was saved with other hyper-parameters than this delta ("
                 + ", ".join(f"{k}: saved {saved_config.get(k)!r}, here {live_config[k]!r}" for k in differ[:3])
                 + "): its tensors would compute something else here. Create the delta with the saved config "
-                f"(AutoDeltaConfig.from_finetuned(path)) or load it with AutoDeltaModel.from_finetuned."
+                "(AutoDeltaConfig.from_finetuned(path)) or load it with AutoDeltaModel.from_finetuned."
             )
         sites = saved_sites(meta, where, limit=len(delta.modified_modules))
         if sorted(sites) != sorted(delta.modified_modules):

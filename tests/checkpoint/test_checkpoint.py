@@ -10,7 +10,6 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import deltakit.checkpoint as checkpoint
-import deltakit.checkpoint.save
 from deltakit import (
     AutoDeltaConfig,
     AutoDeltaModel,

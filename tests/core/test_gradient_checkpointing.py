@@ -10,7 +10,7 @@ from transformers import ViTConfig, ViTForImageClassification
 
 from deltakit import AdapterModel, BitFitModel, LoraModel
 
-from tests.tolerances import assert_same_function, assert_same_gradients
+from tests.tolerances import assert_same_gradients
 from tests.helpers import hook_counts, perturb, tiny_bert, tiny_llama
 
 METHODS = {"lora": LoraModel, "adapter": AdapterModel, "bitfit": BitFitModel}

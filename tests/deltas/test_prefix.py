@@ -376,7 +376,6 @@ def test_prefix_generation_example_tiny(capsys) -> None:
     """examples/prefix_generation.py --tiny: the frozen random Llama learns to continue the cycle with the prefix
     alone, and folding the MLP away changes no generated token."""
     import importlib.util
-    import pathlib
 
     path = REPO_ROOT / "examples" / "prefix_generation.py"
     spec = importlib.util.spec_from_file_location("prefix_generation", path)
@@ -411,7 +410,6 @@ def test_prefix_benchmark_quick(tmp_path) -> None:
     import importlib.util
     import json
     import math
-    import pathlib
     import sys
 
     path = REPO_ROOT / "benchmarks" / "prefix.py"

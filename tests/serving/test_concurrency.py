@@ -77,7 +77,8 @@ MIXED: dict[str, Callable[[nn.Module, str], Any]] = {
 }
 
 
-PARALLEL: Callable[[nn.Module, str], Any] = lambda m, n: ParallelAdapterModel(m, name=n, bottleneck_dim=4)
+def PARALLEL(m: nn.Module, n: str) -> Any:  # a factory, like the lambdas above
+    return ParallelAdapterModel(m, name=n, bottleneck_dim=4)
 
 
 def _references(group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[Any, torch.Tensor]:

@@ -13,7 +13,7 @@ from deltakit import routing
 
 from tests.helpers import ARCHS, perturb
 from tests.tolerances import assert_same_function
-from tests.serving.test_serving import METHODS, alone_logits, batch_for, make_group
+from tests.serving.test_serving import alone_logits, batch_for, make_group
 
 NAMES = ["b", None, "a", "c", "a", "b", "d", "c"]  # unsorted, repeated, with a bare row
 
