@@ -13,7 +13,9 @@ This module knows nothing of groups: it reads which rows go where from the per-t
 Two ways to apply a router (see :meth:`SiteRouter.forward_hook`): *gather* copies each row's factors out of a
 stack of all slots and runs batched matmuls (one call for all rows; every row pays for the widest delta), and
 *segment* groups the rows by delta and applies each delta's own factors to its rows (one pair of GEMMs per
-delta present: no copy of factors, no padding). The automatic choice compares the two costs (:data:`SEGMENT_COST`).
+delta present: no copy of factors, no padding). The automatic choice compares the two costs: on a call that
+gathers afresh (:data:`SEGMENT_COST`), and on a later call of a block that keeps the gathered factors, where gather
+no longer copies (:data:`KEPT_SEGMENT_COST`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 from .errors import DeltaError, DeltaStateError
 from .site import DeltaSite, factory_kwargs
 
-__all__ = ["SiteRouter", "RouterTable", "PATHS", "SEGMENT_COST"]
+__all__ = ["SiteRouter", "RouterTable", "PATHS", "SEGMENT_COST", "KEPT_SEGMENT_COST"]
 
 #: Routing paths a ``route()`` block may ask for.
 PATHS = ("auto", "gather", "segment")
@@ -39,12 +41,28 @@ PATHS = ("auto", "gather", "segment")
 #: (docs/serving.md, "Gather or segment"): one segment (per module) cost about 19 us, gathering one float32 element
 #: about 0.8 ns, so one segment costs what gathering 22-25k elements does.
 SEGMENT_COST = 25_000
+#: The same trade on a *later* call of a ``route()`` block (the router called before in the block with as many rows,
+#: as ``generate()``'s decoding steps are) whose gathered factors are kept, or will be from this call on (the block's
+#: ``gather_cache_mb`` has room for them; see :meth:`SiteRouter.gather`). Gather then copies nothing: both paths
+#: only read factors, gather every row's padded slot (rows routed to no delta too), segment each present delta's
+#: own factors once, plus a fixed cost per segment; gather's own fixed cost (its batched matmuls, the stack's
+#: freshness check) is about one segment's, which rows not sorted by delta spend again on the sort and scatter.
+#: ``auto`` segments when ``(segments - 1 if the rows are sorted else segments) * KEPT_SEGMENT_COST <= rows *
+#: elements of one slot - elements of the present deltas``. Measured on the 2-core development machine with
+#: benchmarks/routing_crossover.py's cells (decode step, third call of a block, one thread, 9-11 interleaved rounds,
+#: medians; hidden 256/1024/4096, r=8, r=64, mixed 8-64, 1-32 distinct deltas in 8 or 32 rows): a least-squares fit
+#: of segment minus kept-gather time gives 12-14 us per segment (per module), 0.26-0.29 ns per factor element read
+#: (so 48k elements per segment) and gather 11-18 us slower at equal work (one segment); sorting 32 shuffled rows
+#: cost the segmented path 10-30 us more. Over the 124 cells (sorted rows), 35k takes a path within 1.05x of the
+#: faster one in every cell, where 30k or 40k (and any constant without the first segment's discount) miss by
+#: 1.2x somewhere. Larger than SEGMENT_COST: reading an element costs less than copying it.
+KEPT_SEGMENT_COST = 35_000
 
 
 class _RouterCall:
     """One router's state inside one route() block (so inside one thread)."""
 
-    __slots__ = ("slots", "expanded", "captured", "gathered", "segments", "path")
+    __slots__ = ("slots", "expanded", "captured", "gathered", "segments", "path", "seen", "repeat", "decided")
 
     def __init__(self, slots: torch.Tensor, path: str = "auto") -> None:
         self.slots = slots
@@ -55,18 +73,27 @@ class _RouterCall:
         self.gathered: dict[str, tuple[torch.Tensor, torch.Tensor, bool, torch.Tensor | None]] = {}
         # Row count -> the rows' segments (see SiteRouter.segments()).
         self.segments: dict[int, _Segments] = {}
+        # Row counts this router was called with in the block, and whether the current call is a repeat of one (a
+        # later decoding step): what lets gathered factors be kept (SiteRouter.gather()) and counted (_segmented()).
+        self.seen: set[int] = set()
+        self.repeat = False
+        # Row count -> whether ``auto`` segments its later calls: decided once, on the first repeat (the kept
+        # factors it counts on are then kept for the block), so decoding steps pay a dict lookup, not the rule.
+        self.decided: dict[int, bool] = {}
 
 
 class _Segments:
     """The rows of one call grouped by slot: a permutation that sorts them (``None``: already sorted) and, per slot
     present in the router, the ``[start, stop)`` range of its rows in sorted order."""
 
-    __slots__ = ("order", "ranges", "routed")
+    __slots__ = ("order", "ranges", "routed", "elems")
 
-    def __init__(self, order: torch.Tensor | None, ranges: list[tuple[int, int, int]], routed: int) -> None:
+    def __init__(self, order: torch.Tensor | None, ranges: list[tuple[int, int, int]], routed: int,
+                 elems: int) -> None:
         self.order = order
         self.ranges = ranges  # (slot, start, stop)
         self.routed = routed  # rows that go through one of this router's deltas
+        self.elems = elems  # factor elements of the deltas present (what the segmented path reads)
 
 
 class _ThreadState(threading.local):
@@ -162,6 +189,7 @@ class SiteRouter:
         self.params = self._current_params()
         self._ids = list(map(id, self.params))
         self._site_at = dict(zip(self.slot_ids, self.sites))
+        self._elems_at = dict(zip(self.slot_ids, self._elems))
         # Elements one slot holds (the widest site's): what the gather path copies per row.
         self.slot_elems = max(self._elems, default=0)
 
@@ -348,16 +376,18 @@ class SiteRouter:
                 if sorted_values[start] in mine:
                     ranges.append((sorted_values[start], start, i))
                 start = i
-        found = state.segments[n] = _Segments(order, ranges, sum(b - a for _, a, b in ranges))
+        found = state.segments[n] = _Segments(
+            order, ranges, sum(b - a for _, a, b in ranges), sum(self._elems_at[slot] for slot, _, _ in ranges))
         return found
 
     def gather(self, stack: dict[str, torch.Tensor], key: str, slots: torch.Tensor) -> torch.Tensor:
         """``stack[key][slots]``: each row's factors, copied out of the stack.
 
         ``generate()`` calls the model once per token with the same rows, so inside one :meth:`DeltaGroup.route`
-        block the copy is kept from the second identical call on (same stack tensor, same slots, same inference
-        mode) while the block's ``gather_cache_mb`` allows; a single forward pass keeps nothing. A rebuilt stack
-        (changed parameters) is a new tensor and is gathered afresh.
+        block the copy is kept from the second call on (the second identical gather, or the first gather of a
+        call that repeats an earlier one with as many rows, which the segmented path served: same stack tensor,
+        same slots, same inference mode) while the block's ``gather_cache_mb`` allows; a single forward pass keeps
+        nothing. A rebuilt stack (changed parameters) is a new tensor and is gathered afresh.
         """
         source = stack[key]
         call, state = self._local.call, self._state()
@@ -366,17 +396,32 @@ class SiteRouter:
             return source.index_select(0, slots)
         inference = torch.is_inference_mode_enabled()
         entry = state.gathered.get(key)
-        if entry is not None and entry[0] is source and entry[1] is slots and entry[2] == inference:
-            if entry[3] is not None:
-                return entry[3]
-            gathered = source.index_select(0, slots)
-            if budget.take(gathered.nbytes):
-                state.gathered[key] = (source, slots, inference, gathered)
-            return gathered
+        same = entry is not None and entry[0] is source and entry[1] is slots and entry[2] == inference
+        if same and entry[3] is not None:  # type: ignore[index]
+            return entry[3]  # type: ignore[index]
         gathered = source.index_select(0, slots)
-        if not source.requires_grad:
+        if source.requires_grad:
+            return gathered
+        if (same or state.repeat) and budget.take(gathered.nbytes):
+            state.gathered[key] = (source, slots, inference, gathered)
+        elif not same:
             state.gathered[key] = (source, slots, inference, None)  # seen once: keep it if it comes again
         return gathered
+
+    def _keeps_gathered(self, state: _RouterCall, n: int) -> bool:
+        """Whether a gather of ``n`` rows at this call copies nothing, or copies for the last time: each gathered
+        factor is kept already, or the block's budget has room to keep them (from this call on, see
+        :meth:`gather`; the second decoding step then pays the copy once for all later ones, where waiting for the
+        copy to be kept before counting it would need a gather that ``auto`` may never run)."""
+        kept = [entry[3] for entry in state.gathered.values()]
+        if kept and all(k is not None and k.shape[0] == n for k in kept):
+            return True
+        call = self._local.call
+        budget = None if call is None else call.budget
+        if budget is None or not self.params:
+            return False
+        itemsize = self._target().get("dtype", self.params[0].dtype).itemsize
+        return n * self.slot_elems * itemsize <= budget.left
 
     def _check_mode(self, module: nn.Module) -> None:
         if module.training:
@@ -396,8 +441,22 @@ class SiteRouter:
             return False
         if state.path == "segment":
             return True
-        plan = self.segments(state, output.shape[0])
-        return len(plan.ranges) * SEGMENT_COST <= plan.routed * self.slot_elems
+        n = output.shape[0]
+        if not state.repeat:
+            plan = self.segments(state, n)
+            return len(plan.ranges) * SEGMENT_COST <= plan.routed * self.slot_elems
+        decided = state.decided.get(n)
+        if decided is None:
+            plan = self.segments(state, n)
+            if self._keeps_gathered(state, n):
+                # Kept factors: gather reads every row's padded slot (rows to no delta too), segment its deltas once;
+                # sorted rows spare the segmented path the one segment's worth gather costs beyond its reads.
+                extra = len(plan.ranges) - (plan.order is None)
+                decided = extra * KEPT_SEGMENT_COST <= n * self.slot_elems - plan.elems
+            else:
+                decided = len(plan.ranges) * SEGMENT_COST <= plan.routed * self.slot_elems
+            state.decided[n] = decided
+        return decided
 
     def apply_segments(self, state: _RouterCall, args: tuple[Any, ...], kwargs: dict[str, Any],
                        output: torch.Tensor) -> torch.Tensor:
@@ -431,11 +490,14 @@ class SiteRouter:
         if state is None:
             return output
         self._check_mode(host)
+        first = state.captured if self.source is not None else (args[0] if args else next(iter(kwargs.values())))
+        n = first.shape[0] if isinstance(first, torch.Tensor) else None
+        state.repeat = n in state.seen
+        state.seen.add(n)  # type: ignore[arg-type]
         if self._segmented(state, args, kwargs, output):
             self.calls["segment"] += 1
             return self.apply_segments(state, args, kwargs, output)
         self.calls["gather"] += 1
-        first = state.captured if self.source is not None else (args[0] if args else next(iter(kwargs.values())))
         stack = self.stack()
         slots = self.rows(first.shape[0], next(iter(stack.values())).device)
         return self.apply(stack, slots, args, kwargs, output)

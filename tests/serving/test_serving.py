@@ -281,7 +281,7 @@ def test_route_kept_factors_follow_parameter_changes_inside_the_block() -> None:
     group = make_group(model, [("a", "lora"), ("b", "adapter")])
     names = ["a", "b"]
     batch = batch_for(arch, 2)
-    with torch.no_grad(), group.route(names):
+    with torch.no_grad(), group.route(names, path="gather"):  # auto may segment later calls (one delta per router)
         model(**batch)
         before = model(**batch).logits
         assert _kept(group) > 0
@@ -363,7 +363,7 @@ def test_route_gather_cache_without_limit() -> None:
     model = arch.build()
     group = make_group(model, [("a", "lora"), ("b", "adapter")])
     batch = batch_for(arch, 2)
-    with torch.no_grad(), group.route(["a", "b"], gather_cache_mb=float("inf")):
+    with torch.no_grad(), group.route(["a", "b"], gather_cache_mb=float("inf"), path="gather"):
         first = model(**batch).logits
         second = model(**batch).logits
         assert _kept(group) > 0
