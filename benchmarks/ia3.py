@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -268,12 +269,19 @@ def measure_mixed(p: dict[str, Any], log: Callable[[str], None]) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------------ the section
+def malloc_env() -> dict[str, str]:
+    """glibc's allocator settings from the environment (``MALLOC_*``), recorded with the figures: whether freed
+    activations go back to the OS decides how much of a step is page faults (docs/methods/ia3.md)."""
+    return {k: os.environ[k] for k in sorted(os.environ) if k.startswith("MALLOC_")}
+
+
 def run(quick: bool = False, models: Sequence[str] | None = None, rounds: int | None = None,
         warmup: int | None = None, parts: Sequence[str] = ("train", "mixed"),
         log: Callable[[str], None] = lambda line: None, diagnostics: bool = False) -> dict[str, Any]:
     """The section: ``train`` per model and ``mixed`` (``--quick``: tiny models, 3 rounds)."""
     names = list(models or (train_step.QUICK_MODELS if quick else train_step.FULL_MODELS))
-    section: dict[str, Any] = {"targets": dict(TARGETS), "models": {}, "notes": []}
+    section: dict[str, Any] = {"targets": dict(TARGETS), "models": {}, "notes": [],
+                               "malloc_env": malloc_env()}
     if "train" in parts:
         for name in names:
             spec = train_step.MODELS[name]
