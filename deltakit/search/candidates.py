@@ -8,6 +8,7 @@ parameters the selected structure will have, nothing estimated.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +31,15 @@ class CandidateSet:
         method: A registered delta type (``"lora"``, ``"bitfit"``, ...) or a delta class.
         modules: Module name patterns, in the ``modified_modules`` syntax (role names work).
         settings: The method's hyper-parameters (``{"lora_r": 1}``); ``modified_modules`` is set per candidate.
+        lr: Peak learning rate of this set's deltas during :meth:`~deltakit.search.StructureSearch.fit` (default:
+            ``fit``'s ``lr``). Methods differ by orders of magnitude: VeRA trains scaling vectors on frozen random
+            projections and wants rates near 1e-1 where LoRA wants 1e-3 to 1e-2.
     """
 
     method: str | type[DeltaBase]
     modules: Sequence[str]
     settings: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
 
     @property
     def delta_class(self) -> type[DeltaBase]:
@@ -97,6 +102,13 @@ def check_candidate_sets(candidate_sets: Any) -> list[CandidateSet]:
                 f"modified_modules (the positions come from modules=), got {item.settings!r:.120}."
             )
         item.delta_class  # noqa: B018 - raises for an unknown method
+        lr = item.lr
+        number = isinstance(lr, (int, float)) and not isinstance(lr, bool)
+        if lr is not None and not (number and math.isfinite(lr) and lr > 0):
+            raise DeltaConfigError(
+                f"candidates[{k}].lr must be a positive number (this set's peak learning rate) or None (fit's lr), "
+                f"got {lr!r}."
+            )
     return list(candidate_sets)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..base import DeltaBase
 from ..config import DeltaConfig
 from ..errors import DeltaConfigError, DeltaError, UnsupportedModuleError
-from ..site import Composition, DeltaSite
+from ..site import Composition, DeltaSite, SharedParameters
 
 #: Bisection stops once the expected size is this close to the budget (in parameters), or after MAX_BISECTION
 #: halvings of the interval (float64 runs out of distinct midpoints long before).
@@ -141,13 +141,24 @@ class GatedSite(DeltaSite):
         return torch.lerp(output, changed, gate)
 
 
+def shared_parameter_count(delta: DeltaBase) -> int:
+    """Scalars in the parameters ``delta`` shares between its sites (0 without any, or when the shared module holds
+    only buffers, like VeRA's frozen projections)."""
+    return 0 if delta.shared is None else sum(p.numel() for p in delta.shared.parameters())
+
+
 def check_gateable(delta: DeltaBase) -> None:
     """Refuse a candidate method whose sites cannot be scaled by a gate (before anything is attached)."""
     where = f"{type(delta).__name__} (delta type {delta.delta_type!r})"
-    if delta.shared is not None:
+    # Shared *trainable* parameters (Compacter's rules) belong to no one site: a site's size would not be its own,
+    # and closing its gate would not take its share out of the structure. Shared frozen state (VeRA's random
+    # projections, buffers regenerated from a seed) is neither trained nor counted: a gate on one site scales that
+    # site's update, computed from the site's own vectors, and nothing else.
+    if shared_parameter_count(delta) > 0:
         raise UnsupportedModuleError(
-            f"{where} shares parameters between its sites (like Compacter's rules), so one site's size and gate are "
-            f"not its own; use a method with per-site parameters as a search candidate."
+            f"{where} shares trainable parameters between its sites (like Compacter's rules), so one site's size and "
+            f"gate are not its own; use a method with per-site parameters as a search candidate (frozen shared "
+            f"state, like VeRA's projections, is fine)."
         )
     for site in delta.sites:
         cls = type(site.module)
@@ -189,6 +200,11 @@ class GatedDelta(DeltaBase, register_type=False):
     def match_sites(self) -> list[tuple[str, nn.Module]]:
         """The inner delta's hosts (already resolved and checked when it was built)."""
         return [(site.name, site.host) for site in self.inner.sites]
+
+    def build_shared(self, matches: list[tuple[str, nn.Module]]) -> SharedParameters | None:
+        """The inner delta's frozen shared state (VeRA's projections), registered on the backbone root while the
+        search is attached, so that ``model.to(...)`` / ``.half()`` move it with the sites that read it."""
+        return self.inner.shared
 
     def build_site(self, name: str, host: nn.Module) -> DeltaSite:
         return self._wrap[name]

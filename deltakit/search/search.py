@@ -137,7 +137,7 @@ class StructureSearch:
         DeltaConfigError: Empty or malformed candidates, an unknown method, a budget below the smallest candidate
             or covering all of them, bad temperatures.
         ModuleMatchError: A pattern matches no module. UnsupportedModuleError: a method that cannot be gated
-            (shared parameters, call rewrites, cross-module inputs). Raised before anything is attached.
+            (shared trainable parameters, call rewrites, cross-module inputs). Raised before anything is attached.
     """
 
     def __init__(
@@ -231,6 +231,7 @@ class StructureSearch:
         """Train the deltas and the gates together: each step samples gates, calls ``loss_fn(step)`` (which runs
         the model on that step's batch and returns the loss) and takes one AdamW step for the deltas (and
         ``extra_parameters``, e.g. a classifier head; linear warm-up and decay) and one Adam step for the gates.
+        Each candidate set's deltas train at its ``CandidateSet.lr`` when it has one, the rest at ``lr``.
 
         Dropout and the gate samples are drawn from generators seeded by ``seed``: the same seed and the same
         ``loss_fn`` give the same search.
@@ -251,10 +252,11 @@ class StructureSearch:
             raise DeltaConfigError(f"fit(steps=...) must be a positive int, got {steps!r}.")
         if isinstance(open_steps, bool) or not isinstance(open_steps, int) or not 0 <= open_steps < steps:
             raise DeltaConfigError(f"fit(open_steps=...) must be an int in [0, steps), got {open_steps!r}.")
-        params = [*self.delta_parameters(), *extra_parameters]
-        for p in params:
-            p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        groups = self._parameter_groups(lr, list(extra_parameters))
+        for group in groups:
+            for p in group["params"]:
+                p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
         gate_optimizer = torch.optim.Adam(self.gate_parameters(), lr=gate_lr)
         warmup = max(1, steps // 10)
         schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -283,6 +285,19 @@ class StructureSearch:
             self.backbone_model.train(was_training)
             self.fix_gates(self.probabilities().float())
         return losses
+
+    def _parameter_groups(self, lr: float, extra: list[nn.Parameter]) -> list[dict[str, Any]]:
+        """One optimizer group per candidate set (its own ``lr`` when it has one), the extra parameters at ``lr``.
+
+        An extra parameter that is also a delta's stays in the delta's group (a tensor may be in one group only).
+        """
+        groups = [
+            {"params": list(delta.parameters()), "lr": lr if cs.lr is None else float(cs.lr)}
+            for cs, delta in zip(self.candidate_sets, self.gated)
+        ]
+        seen = {id(p) for g in groups for p in g["params"]}
+        extra = [p for p in dict.fromkeys(extra) if id(p) not in seen]
+        return [g for g in [*groups, {"params": extra, "lr": lr}] if g["params"]]
 
     # ---------------------------------------------------------------- the result
     def select(self) -> Structure:
