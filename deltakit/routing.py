@@ -402,6 +402,11 @@ class SiteRouter:
         gathered = source.index_select(0, slots)
         if source.requires_grad:
             return gathered
+        if entry is not None and entry[3] is not None:
+            # The kept copy (other rows, a rebuilt stack, the other inference mode) is replaced below and freed:
+            # its bytes go back to the block's budget, or a block alternating row counts would run out of budget
+            # while keeping next to nothing.
+            budget.give(entry[3].nbytes)
         if (same or state.repeat) and budget.take(gathered.nbytes):
             state.gathered[key] = (source, slots, inference, gathered)
         elif not same:

@@ -61,6 +61,10 @@ class _GatherBudget:
         self.left -= nbytes
         return True
 
+    def give(self, nbytes: int) -> None:
+        """Return the bytes of a kept copy that is dropped."""
+        self.left += nbytes
+
 
 def _writer(action: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Run a :class:`DeltaGroup` method as the group's only writer (:meth:`ServingGate.exclusive
@@ -478,8 +482,15 @@ class DeltaGroup:
                         self._refuse_outside_head(head, prefix, child_name, child)
 
     def _owns(self, heads: DeltaHeads) -> bool:
-        """Whether ``heads`` are the head copies of one of the group's deltas."""
-        return any(heads is delta.head_container for delta in self._deltas.values())
+        """Whether ``heads`` are the head copies of one of the group's deltas, or of a member of one: a switched
+        composite's members hold their own copies, and the block takes the composite off like any switched delta."""
+        pending = list(self._deltas.values())
+        while pending:
+            delta = pending.pop()
+            if heads is delta.head_container:
+                return True
+            pending.extend(getattr(delta, "members", ()))
+        return False
 
     @staticmethod
     def _refuse_outside_head(head: str, prefix: str, child_name: str, heads: DeltaHeads) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from transformers import BertForSequenceClassification
 
 from deltakit import DeltaError, DeltaGroup, DeltaStateError, LoraModel
+from deltakit.composite import CompositeDelta
 from tests.helpers import VOCAB, assert_state_equal, hook_counts, perturb, snapshot, tiny_bert, tiny_gpt2
 from tests.tolerances import assert_same_function
 
@@ -386,3 +387,21 @@ def test_a_head_returning_several_tensors_is_refused_when_rows_must_be_merged() 
             model(x)
     with torch.no_grad():  # the block closed cleanly: the bare model runs
         model(x)
+
+
+def test_a_switched_composite_with_a_head_copy_is_the_group_s_own_not_an_outside_delta() -> None:
+    # The composite is in the group; the block takes it off like any switched delta. Its member's head copy was
+    # taken for an outside delta's (only the composite itself was looked at) and the block was refused, naming
+    # the member as "outside the group".
+    model = tiny_bert()
+    group = DeltaGroup(model)
+    group.add(headed(model, "a", seed=1))
+    member = LoraModel(model, name="member", lora_r=2, modules_to_save=["classifier"])
+    perturb(member, seed=4, scale=0.3)
+    group.add(CompositeDelta([member.detach()], name="comp"))
+    names = ["a", None, "a", None]
+    alone = {n: switched_logits(group, model, n) for n in ("a", None)}
+    group.switch("comp")
+    with torch.no_grad(), group.route(names):
+        assert_rows_alone(model(IDS).logits, names, alone, model)
+    assert member.state == "attached"  # put back when the block closed

@@ -134,3 +134,23 @@ def test_generate_segments_the_prompt_and_gathers_the_decoding_steps(monkeypatch
             alone = model.generate(**{k: v[i : i + 1] for k, v in batch.items()}, **kw)
         assert torch.equal(routed[i], alone[0])  # greedy tokens (each step's logits agree to rounding)
     group.switch(None)
+
+
+def test_kept_factors_dropped_for_other_rows_give_their_budget_back() -> None:
+    # A block calls the model with 2 rows and with 2 x 2 rows (each sample twice, as generate() expands for
+    # num_beams) in turn: each call keeps its gathered copy and drops the other size's. The dropped copy's bytes
+    # stayed charged to the block's gather_cache_mb, so the budget ran out while almost nothing was kept (and the
+    # auto rule, which had counted on kept factors, then paid a fresh copy on every call).
+    arch = ARCHS["llama"]
+    model = arch.build().eval()
+    group = lora_group(model, "ab")
+    small, large = batch_for(arch, 2), batch_for(arch, 4)
+    with torch.no_grad(), group.route(["a", "b"], path="gather", gather_cache_mb=1):
+        for _ in range(3):
+            model(**small)
+            model(**large)
+        budget = group._serving.local.call.budget
+        held = sum(entry[3].nbytes for r in group._routers or [] for entry in r._state().gathered.values()
+                   if entry[3] is not None)
+        assert held > 0
+        assert budget.left == 2**20 - held
