@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
+from .base import UNLOADED
 from .config import check_finite_number, check_int
-from .deltas.lora import LoraConfig, LoraEmbeddingSite, LoraModel, LoraSite
+from .deltas.lora import LoraConfig, LoraConvSite, LoraEmbeddingSite, LoraModel, LoraSite
 from .errors import DeltaConfigError, DeltaError
 
 __all__ = ["COMBINATION_METHODS", "combine_loras"]
@@ -130,9 +131,21 @@ def _check_deltas(deltas: Any) -> list[LoraModel]:
             raise DeltaError(
                 f"combine_loras combines LoRA deltas only; deltas[{i}] is a {type(delta).__name__}."
             )
+        if delta.state == UNLOADED:
+            # Its update is in the backbone's weights already: a combination on that backbone would apply it twice.
+            raise DeltaError(
+                f"combine_loras: deltas[{i}] ({delta._describe()}) was merge_and_unload()ed, so its update is part "
+                f"of the backbone's weights now and a combination including it would apply it twice. Load its "
+                f"checkpoint onto a fresh backbone and combine there."
+            )
         for site in delta.sites:
             module = site.module
             names = sorted(n for n, _ in module.named_parameters())
+            if isinstance(module, LoraConvSite):
+                raise DeltaError(
+                    f"combine_loras does not combine LoRA on convolutions yet: deltas[{i}] has a LoraConvSite at "
+                    f"{site.name!r}. Combine deltas whose modified_modules are Linear, Conv1D or Embedding layers."
+                )
             if type(module) not in (LoraSite, LoraEmbeddingSite) or names != ["lora_A", "lora_B"]:
                 raise DeltaError(
                     f"combine_loras combines plain LoRA (out + s B A x); deltas[{i}] holds a {type(module).__name__} "
@@ -166,11 +179,33 @@ def _check_same_sites(first: LoraModel, other: LoraModel, index: int) -> None:
     )
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    """``math.isfinite`` that calls an int too large for a float (``10**400``) not finite instead of raising."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _check_finite_sources(deltas: list[LoraModel]) -> None:
+    """Refuse sources holding NaN or inf factors (a diverged training run): every method would spread them into
+    the result, and the SVD methods would fail inside LAPACK."""
+    for i, delta in enumerate(deltas):
+        for site in delta.sites:
+            for pname in ("lora_A", "lora_B"):
+                if not torch.isfinite(getattr(site.module, pname)).all():
+                    raise DeltaError(
+                        f"combine_loras: deltas[{i}] ({delta._describe()}) holds NaN or inf values in {pname} at "
+                        f"{site.name!r}, so any combination with it would be non-finite. Leave it out, or combine "
+                        f"an earlier checkpoint of it."
+                    )
+
+
 def _check_weights(weights: Any, count: int) -> list[float]:
     if not isinstance(weights, (list, tuple)) or len(weights) != count:
         raise DeltaError(f"combine_loras needs one weight per delta ({count}), got {weights!r:.80}.")
     for i, w in enumerate(weights):
-        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not _is_finite(w):
             raise DeltaError(
                 f"combine_loras: weights[{i}] must be a finite number (negative ones subtract a delta), got {w!r}."
             )
@@ -267,10 +302,15 @@ def _site_factors(
     else:
         # The dense updates in the layout of the host's weight (out x in for a Linear, in x out for a Conv1D, rows x
         # dim for an Embedding), as PEFT merges them: DARE's random drops then fall on the same entries.
-        updates = [s * (b_i @ a_i) for a_i, b_i, s in pairs]
+        # torch's SVD (and quantile) have no float16 / bfloat16 kernels, and a half-precision product would round
+        # the update before the factorisation: half-precision sources are worked on in float32.
+        work = torch.promote_types(pairs[0][0].dtype, torch.float32)
+        updates = [s * (b_i.to(work) @ a_i.to(work)) for a_i, b_i, s in pairs]
         if host_layout_transposed:
             updates = [u.T for u in updates]
         full = _merge(updates, weights, kind, density, sign_method, generator)
+        if not torch.isfinite(full).all():
+            raise OverflowError  # the caller reports it, with the site (LAPACK would fail on it, less clearly)
         b, a = _truncate(full.T if host_layout_transposed else full, rank, svd_clamp)
     return _pad_rank(a, b, rank)
 
@@ -333,12 +373,15 @@ def combine_loras(
         A detached :class:`~deltakit.LoraModel` with ``lora_r`` = the new rank and ``lora_alpha = lora_r``.
 
     Raises:
-        DeltaError: No deltas, a delta that is not plain LoRA, deltas on different backbones or modules, a weight
-            that is not finite, unequal ranks for a method that needs them; the sources and the model are unchanged.
+        DeltaError: No deltas, a delta that is not plain LoRA (or a LoRA on a convolution), a delta spent by
+            ``merge_and_unload()``, deltas on different backbones or modules, a weight that is not finite, a source
+            holding NaN or inf, combined factors that overflow their dtype, unequal ranks for a method that needs
+            them; the sources and the model are unchanged.
         DeltaConfigError: Unknown method, or an option out of range or given to a method that does not use it.
     """
     deltas = _check_deltas(deltas)
     weights = _check_weights(weights, len(deltas))
+    _check_finite_sources(deltas)
     density, sign_method = _check_options(method, rank, density, majority_sign_method, svd_clamp, seed)
     new_rank = _new_rank(deltas, method, rank)
     first = deltas[0]
@@ -372,9 +415,22 @@ def combine_loras(
                 for m in sources
             ]
             transposed = isinstance(sources[0], LoraEmbeddingSite) or bool(sources[0].transposed)
-            a, b = _site_factors(
-                pairs, weights, method, new_rank, density, sign_method, svd_clamp, generator, transposed
-            )
-            target.module.lora_A.copy_(a)
-            target.module.lora_B.copy_(b)
+            try:
+                a, b = _site_factors(
+                    pairs, weights, method, new_rank, density, sign_method, svd_clamp, generator, transposed
+                )
+                target.module.lora_A.copy_(a)
+                target.module.lora_B.copy_(b)  # in the result's dtype, which may be narrower than the sources'
+                finite = bool(torch.isfinite(target.module.lora_A).all() and torch.isfinite(target.module.lora_B).all())
+            except OverflowError:
+                finite = False
+            if not finite:
+                # The sources are finite (checked): the weights (or DARE's 1 / density) overflow the factors' dtype.
+                stored = target.module.lora_A.dtype
+                dare_note = "" if density is None else f", density {density:g}"
+                raise DeltaError(
+                    f"combine_loras(method={method!r}): the combined factors at {target.name!r} overflow their dtype "
+                    f"(computed in {dtype}, stored in {stored}; weights {weights}{dare_note}). Use smaller weights (or "
+                    f"a larger density), or cast the deltas to float32 first. Nothing was changed."
+                )
     return combined

@@ -154,6 +154,14 @@ def check_positive_int(config: DeltaConfig, name: str, high: int = MAX_SIZE) -> 
     setattr(config, name, check_int(config, name, high=high))
 
 
+def _is_finite(value: numbers.Real) -> bool:
+    """``math.isfinite``, false (not OverflowError) for an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def check_finite_number(
     config: object,
     name: str,
@@ -174,7 +182,7 @@ def check_finite_number(
     """
     value = getattr(config, name) if value is None and not isinstance(config, str) else value
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = number and math.isfinite(value) and low <= value <= high
+    ok = number and _is_finite(value) and low <= value <= high
     ok = ok and (not positive or value > 0) and (not nonzero or value != 0)
     if not ok:
         kind = "a finite number"

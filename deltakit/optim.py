@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .base import DeltaBase
+from .composite import CompositeDelta
 from .config import check_finite_number
 from .deltas.lora import LoraEmbeddingSite
 from .errors import DeltaError
@@ -95,6 +96,17 @@ class _Collected:
                 self.params[id(param)] = (name, param)
 
 
+def _with_members(deltas: list[DeltaBase]) -> list[DeltaBase]:
+    """The deltas and, for a :class:`~deltakit.CompositeDelta`, its members (recursively): a composite holds no
+    sites itself, so while detached its LoRA factors' roles can only be read from its members' sites."""
+    found: list[DeltaBase] = []
+    for delta in deltas:
+        found.append(delta)
+        if isinstance(delta, CompositeDelta):
+            found.extend(_with_members(list(delta.members)))
+    return found
+
+
 def _collect(target: Any) -> _Collected:
     """What ``target`` trains: a delta's own parameters and the backbone tensors its ``freeze_module`` kept
     trainable; for several deltas, all of theirs; for a model, every parameter with ``requires_grad``."""
@@ -109,7 +121,7 @@ def _collect(target: Any) -> _Collected:
             f"LoRA+ needs a delta (LoraModel), a list of deltas or a model with LoRA attached, got "
             f"{type(target).__name__}: {target!r:.80}."
         )
-    for delta in deltas:
+    for delta in _with_members(deltas):
         # The sites, whether attached or not; then the backbone (for the trainable tensors it owns).
         for site in delta.sites:
             found.add_owners(site.module)

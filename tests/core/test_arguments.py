@@ -52,6 +52,8 @@ CASES: list[tuple[str, Callable[[nn.Module], Any], type[Exception], str]] = [
     # LoRA
     ("lora_alpha=inf", lambda m: LoraModel(m, lora_alpha=math.inf), DeltaConfigError, "lora_alpha must be a finite"),
     ("lora_alpha=nan", lambda m: LoraModel(m, lora_alpha=math.nan), DeltaConfigError, "lora_alpha must be a finite"),
+    # An int too large for a float: math.isfinite raised OverflowError (not a deltakit error)
+    ("lora_alpha=10**400", lambda m: LoraModel(m, lora_alpha=10**400), DeltaConfigError, "lora_alpha must be a finite"),
     ("lora_alpha=1e308", lambda m: LoraModel(m, lora_alpha=1e308), DeltaConfigError, f"<= {MAX_SCALE:g}"),
     ("lora_alpha=0", lambda m: LoraModel(m, lora_alpha=0), DeltaConfigError, "> 0"),
     ("lora_alpha='16'", lambda m: LoraModel(m, lora_alpha="16"), DeltaConfigError, "lora_alpha"),
