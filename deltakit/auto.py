@@ -26,12 +26,17 @@ def _transformers_class(class_name: str, where: str) -> type:
     """A model class transformers exports, by name (a checkpoint never makes deltakit import anything else)."""
     import transformers
 
-    cls = getattr(transformers, class_name, None)
-    if not isinstance(cls, type) or not hasattr(cls, "from_pretrained"):
+    try:
+        cls = getattr(transformers, class_name, None)
+    except ImportError:  # transformers' lazy module imports the class's file, which may need a missing package
+        cls = None
+    # A model, nothing else: AutoTokenizer / AutoConfig / a processor also have from_pretrained, and loading one would
+    # read files the checkpoint names and then fail far from the cause.
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
         raise CheckpointError(
             f"{where!r} records the base model class {class_name!r}, which is not a model class of transformers "
-            f"{transformers.__version__}. Pass model_class=<the class> (or build the backbone yourself and use "
-            f"AutoDeltaModel.from_finetuned(path, backbone_model=...))."
+            f"{transformers.__version__} (or needs a package that is not installed). Pass model_class=<the class> "
+            f"(or build the backbone yourself and use AutoDeltaModel.from_finetuned(path, backbone_model=...))."
         )
     return cls
 
@@ -103,15 +108,32 @@ def load_base_model(
                 kwargs.pop(key, None)  # the caller's own choice of labels wins as a whole
     try:
         return cls.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE")
-        hint = (" The hub is off (HF_HUB_OFFLINE): a hub id loads only from the local cache." if offline else "")
-        raise CheckpointError(
-            f"Cannot load the base model {name!r} that {where!r} records ({cls.__name__}.from_pretrained: "
-            f"{str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__}).{hint} A relative path is taken "
-            f"from the working directory ({os.getcwd()!r}). Pass base_model_name_or_path=<a local copy> to load it "
-            f"from elsewhere."
-        ) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # chained, not swallowed: transformers raises many types (RuntimeError, ImportError, ...)
+        raise _base_model_error(exc, name, cls, where) from exc
+
+
+def _base_model_error(exc: Exception, name: str, cls: type, where: str) -> CheckpointError:
+    """Why ``cls.from_pretrained(name)`` failed for the checkpoint at ``where``, and what to pass instead."""
+    text = str(exc).strip()
+    first = next((line for line in text.splitlines() if line.strip()), type(exc).__name__)[:300]
+    if "ignore_mismatched_sizes" in text:
+        # The backbone was built with other head sizes than the saved base (from_pretrained(..., num_labels=3,
+        # ignore_mismatched_sizes=True)), which the record cannot tell.
+        return CheckpointError(
+            f"Cannot load the base model {name!r} that {where!r} records as a {cls.__name__} with the recorded head "
+            f"sizes: its saved weights have other sizes ({first}). If the backbone was built with "
+            f"ignore_mismatched_sizes=True, pass it again: from_pretrained(path, ignore_mismatched_sizes=True)."
+        )
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE")
+    hint = (" The hub is off (HF_HUB_OFFLINE): a hub id loads only from the local cache." if offline else "")
+    return CheckpointError(
+        f"Cannot load the base model {name!r} that {where!r} records ({cls.__name__}.from_pretrained: "
+        f"{type(exc).__name__}: {first}).{hint} A relative path is taken from the working directory "
+        f"({os.getcwd()!r}). Pass base_model_name_or_path=<a local copy> to load it from elsewhere, or "
+        f"model_class=<the class> if the recorded class is wrong."
+    )
 
 
 def _from_pretrained(

@@ -181,7 +181,8 @@ def resize_heads(heads: DeltaHeads, shapes: dict[str, list[int]], owner: str) ->
             continue
         module_name, _, pname = key.rpartition(".")
         module = heads.get_submodule(module_name)
-        ok = isinstance(module, nn.Linear) and (
+        # at least one output: a 0-label head loads, then every logits tensor is empty and fails far from here
+        ok = isinstance(module, nn.Linear) and len(shape) >= 1 and shape[0] > 0 and (
             (pname == "weight" and len(shape) == 2 and shape[1] == module.in_features)
             or (pname == "bias" and len(shape) == 1)
         )
@@ -189,7 +190,7 @@ def resize_heads(heads: DeltaHeads, shapes: dict[str, list[int]], owner: str) ->
             raise DeltaError(
                 f"{owner}: the head tensor {key!r} has the size {list(shape)} in the checkpoint and "
                 f"{list(current[key].shape)} in this backbone; only the number of outputs of a Linear head (e.g. the "
-                f"labels of a classifier) may differ. Load into the model the delta was trained on."
+                f"labels of a classifier, at least one) may differ. Load into the model the delta was trained on."
             )
         changes.append((module, shape[0]))
     outputs: dict[int, set[int]] = {}

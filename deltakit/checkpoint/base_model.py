@@ -9,16 +9,22 @@ module, and the config entries a task head needs to be rebuilt with the right sh
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 
 from .meta_fields import field_error, short
 
-__all__ = ["HEAD_CONFIG_KEYS", "base_model_record", "check_base_model"]
+__all__ = ["HEAD_CONFIG_KEYS", "PROBLEM_TYPES", "base_model_record", "check_base_model"]
 
 #: Config entries of a task model that shape its head or its loss: what rebuilding it needs besides the weights.
 HEAD_CONFIG_KEYS = ("num_labels", "id2label", "label2id", "problem_type")
+
+#: The values transformers' task heads understand for ``config.problem_type`` (any other fails only at the loss).
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+_LABEL_ID = re.compile(r"-?(0|[1-9][0-9]{0,17})")  # as str(int) writes it: "01" and "1" would be one label
 
 
 def base_model_record(backbone: nn.Module) -> dict[str, Any] | None:
@@ -73,10 +79,19 @@ def check_base_model(meta: dict[str, Any], where: str) -> None:
         isinstance(v, int) and not isinstance(v, bool) for v in head["label2id"].values()
     ):
         raise field_error(where, "base_model", "has config.label2id with a value that is not an integer")
-    if head.get("id2label") is not None and not all(k.lstrip("-").isdigit() for k in head["id2label"]):
-        raise field_error(where, "base_model", "has config.id2label with a key that is not an integer")
+    # ASCII digits only, and short: str.isdigit() accepts "²", and int() refuses it or a 5,000-digit key.
+    bad_key = next((k for k in head.get("id2label") or {} if not _LABEL_ID.fullmatch(k)), None)
+    if bad_key is not None:
+        raise field_error(where, "base_model", f"has config.id2label with the key {short(bad_key)}, not an integer")
     labels = head.get("num_labels")
     if labels is not None and (not isinstance(labels, int) or isinstance(labels, bool) or not 0 < labels < 2**31):
         raise field_error(where, "base_model", f"has config.num_labels {short(labels)}, not a positive integer")
-    if head.get("problem_type") is not None and not isinstance(head["problem_type"], str):
-        raise field_error(where, "base_model", f"has config.problem_type {short(head['problem_type'])}")
+    if labels is not None and head.get("id2label") is not None and labels != len(head["id2label"]):
+        # base_model_record writes both from one config; the loader would silently build len(id2label) labels
+        raise field_error(
+            where, "base_model", f"has config.num_labels {labels} and {len(head['id2label'])} entries in id2label"
+        )
+    if head.get("problem_type") is not None and head["problem_type"] not in PROBLEM_TYPES:
+        raise field_error(
+            where, "base_model", f"has config.problem_type {short(head['problem_type'])}, not one of {PROBLEM_TYPES}"
+        )

@@ -824,7 +824,15 @@ def split_heads(
         parts = key.split(".")
         saved = next(".".join(parts[:i]) for i in range(1, len(parts)) if _peft_wraps(".".join(parts[:i]), patterns))
         saved_heads.setdefault(saved, {})[key[len(saved) + 1 :]] = tensor
-    here = {resolve_module(saved, names, adapter.path): saved for saved in saved_heads}
+    here: dict[str, str] = {}
+    for saved in saved_heads:
+        head = resolve_module(saved, names, adapter.path)
+        if head in here:  # two sets of values for one module ("pooler.dense", "bert.pooler.dense"): one was lost
+            raise CheckpointError(
+                f"{adapter.file!r} holds tensors for {here[head]!r} and {saved!r}, which both name the module "
+                f"{head!r} of this backbone: two copies of one module; the file was edited or made for another model."
+            )
+        here[head] = saved
     order = {n: i for i, n in enumerate(names)}
     for head, saved in here.items():
         overlap = [s for s in sites if s == head or s.startswith(head + ".") or head.startswith(s + ".")]
