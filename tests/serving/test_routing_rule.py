@@ -19,7 +19,7 @@ from deltakit import routing
 
 from tests.helpers import ARCHS, perturb
 from tests.tolerances import assert_same_function
-from tests.serving.test_serving import alone_logits, batch_for
+from tests.serving.test_serving import alone_logits, batch_for, routed_paths
 
 DISTINCT = ["a", "b", "c", "d"]  # every row its own delta: as many segments as rows
 
@@ -35,19 +35,14 @@ def lora_group(model: nn.Module, names: str = "abcd", rank: int = 4) -> DeltaGro
     return group
 
 
-def paths(group: DeltaGroup) -> dict[str, int]:
-    """Routed calls so far by path, over every router of the group."""
-    return {k: sum(r.calls[k] for r in group._routers or []) for k in ("gather", "segment")}
-
-
 def calls_by_path(group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor], times: int) -> tuple[
         list[dict[str, int]], list[torch.Tensor]]:
     """Run ``times`` forwards in the open block: each call's routed calls by path, and its logits."""
     counts, outputs = [], []
     for _ in range(times):
-        before = paths(group)
+        before = routed_paths(group)
         outputs.append(model(**batch).logits)
-        after = paths(group)
+        after = routed_paths(group)
         counts.append({k: after[k] - before[k] for k in after})
     return counts, outputs
 
@@ -127,7 +122,7 @@ def test_generate_segments_the_prompt_and_gathers_the_decoding_steps(monkeypatch
     with torch.no_grad(), group.route(DISTINCT):
         routed = model.generate(**batch, **kw)
     routers = len(group._routers or [])
-    assert paths(group) == {"segment": routers, "gather": 3 * routers}  # the prompt, then 3 decoding steps
+    assert routed_paths(group) == {"segment": routers, "gather": 3 * routers}  # the prompt, then 3 decoding steps
     for i, name in enumerate(DISTINCT):
         group.switch(name)
         with torch.no_grad():

@@ -13,7 +13,7 @@ from deltakit import routing
 
 from tests.helpers import ARCHS, perturb
 from tests.tolerances import assert_same_function
-from tests.serving.test_serving import alone_logits, batch_for, make_group
+from tests.serving.test_serving import alone_logits, batch_for, make_group, routed_paths
 
 NAMES = ["b", None, "a", "c", "a", "b", "d", "c"]  # unsorted, repeated, with a bare row
 
@@ -28,10 +28,6 @@ def lora_group(model: nn.Module, ranks: tuple[int, ...] = (2, 8, 16, 32)) -> Del
     return group
 
 
-def _paths(group: DeltaGroup) -> dict[str, int]:
-    return {k: sum(r.calls[k] for r in group._routers or []) for k in ("gather", "segment")}
-
-
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2", "bert"])
 @pytest.mark.parametrize("inference", [False, True])
 def test_segment_path_equals_each_row_alone_with_mixed_ranks(arch_name: str, inference: bool) -> None:
@@ -42,7 +38,7 @@ def test_segment_path_equals_each_row_alone_with_mixed_ranks(arch_name: str, inf
     context = torch.inference_mode if inference else torch.no_grad
     with context(), group.route(NAMES, path="segment"):
         segmented = model(**batch).logits
-    assert _paths(group)["segment"] > 0 and _paths(group)["gather"] == 0
+    assert routed_paths(group)["segment"] > 0 and routed_paths(group)["gather"] == 0
     assert all(r._stack is None for r in group._routers or [])  # no stack, so no padding to rank 32
     with torch.no_grad(), group.route(NAMES, path="gather"):
         gathered = model(**batch).logits
@@ -113,20 +109,20 @@ def test_auto_follows_the_cost_rule(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad(), group.route(["a", "a", "a", "a"]):
         model(**batch)
     monkeypatch.setattr(routing, "SEGMENT_COST", 4 * max(slot_elems) + 1)
-    before = _paths(group)
+    before = routed_paths(group)
     with torch.no_grad(), group.route(["a", "a", "a", "a"]):
         model(**batch)
-    after = _paths(group)
+    after = routed_paths(group)
     assert after["gather"] > before["gather"] and after["segment"] == before["segment"]
     # Two segments of 2 rows each, same rows: twice the segment cost for the same gather cost.
     monkeypatch.setattr(routing, "SEGMENT_COST", 2 * min(slot_elems))
-    before = _paths(group)
+    before = routed_paths(group)
     with torch.no_grad(), group.route(["a", "b", "b", "a"]):
         model(**batch)
-    after = _paths(group)
+    after = routed_paths(group)
     assert after["segment"] > before["segment"]
     monkeypatch.setattr(routing, "SEGMENT_COST", 2 * max(slot_elems) + 1)
-    before = _paths(group)
+    before = routed_paths(group)
     with torch.no_grad(), group.route(["a", "b", "b", "a"]):
         model(**batch)
-    assert _paths(group)["segment"] == before["segment"]
+    assert routed_paths(group)["segment"] == before["segment"]

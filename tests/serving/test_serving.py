@@ -70,6 +70,11 @@ def rows(batch: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
     return {k: v[i : i + 1] for k, v in batch.items()}
 
 
+def routed_paths(group: DeltaGroup) -> dict[str, int]:
+    """Routed calls so far by path (gather / segment), over every router of the group."""
+    return {k: sum(r.calls[k] for r in group._routers or []) for k in ("gather", "segment")}
+
+
 def alone_logits(
     group: DeltaGroup, model: nn.Module, batch: dict[str, torch.Tensor], names: list[Any]
 ) -> list[torch.Tensor]:
